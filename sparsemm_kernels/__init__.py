@@ -1,0 +1,32 @@
+"""sparsemm_kernels: GPU kernels for sparse and modality-aware transformer layers.
+
+Every routed layer is plan -> one grouped GEMM -> combine:
+
+* :func:`group_plan` sorts rows by group id on the device (no host sync) into a reusable :class:`GroupPlan`;
+* :func:`grouped_mm` / :func:`grouped_linear` / :func:`modality_linear` run one grouped GEMM over all groups;
+* :mod:`sparsemm_kernels.nn` holds drop-in modules (:class:`~sparsemm_kernels.nn.MoTLinear`, ...).
+
+Backends (``backend=`` or ``SPARSEMM_BACKEND``): see :mod:`sparsemm_kernels.backend`.
+"""
+
+from sparsemm_kernels import nn
+from sparsemm_kernels.backend import BACKENDS, BackendUnavailableError, available_backends, select_backend
+from sparsemm_kernels.ops.grouped_linear import grouped_linear, grouped_mm
+from sparsemm_kernels.ops.modality_linear import modality_linear
+from sparsemm_kernels.plan import GroupPlan, group_plan
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "GroupPlan",
+    "__version__",
+    "available_backends",
+    "group_plan",
+    "grouped_linear",
+    "grouped_mm",
+    "modality_linear",
+    "nn",
+    "select_backend",
+]

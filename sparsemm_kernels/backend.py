@@ -1,0 +1,126 @@
+"""Which implementation runs an op: the backend registry.
+
+Backends:
+
+* ``cuda``   - the extension's CUDA kernels (``sparsemm_kernels._C`` built with nvcc); CUDA tensors.
+* ``triton`` - Triton kernels; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` (slow, for tests).
+* ``cpu``    - the extension's C++ kernels; CPU tensors.
+* ``torch``  - plain PyTorch (``sparsemm_kernels.reference``): any device, any float dtype including
+  float64. It is the reference every kernel is tested against and the fallback.
+
+Rule: automatic selection walks the op's priority list for the tensors' device and silently takes the first
+backend that can run; a backend forced with ``backend=`` or ``SPARSEMM_BACKEND`` either runs or raises
+:class:`BackendUnavailableError` listing every reason it cannot. To add a backend: give it a ``_reasons_*``
+function, add it to ``_PRIORITY`` of the ops it implements, and dispatch to it in the op's file.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from sparsemm_kernels import _ext
+from sparsemm_kernels.utils.device import has_triton, is_interpreting
+
+BACKENDS = ("cuda", "triton", "cpu", "torch")
+
+# Per op and device type: the backends in the order automatic selection tries them (fastest first).
+# Triton on CPU is the interpreter: correct but slow, so it is never chosen automatically there.
+_PRIORITY: dict[str, dict[str, tuple[str, ...]]] = {
+    "group_plan": {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")},
+    "grouped_mm": {"cuda": ("triton", "torch"), "cpu": ("torch", "cpu")},
+}
+_ALL_IMPLEMENTED: dict[str, tuple[str, ...]] = {
+    "group_plan": ("cuda", "triton", "cpu", "torch"),
+    "grouped_mm": ("triton", "cpu", "torch"),
+}
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_CPU_GEMM_DTYPES = (torch.float32, torch.float64)
+
+
+class BackendUnavailableError(RuntimeError):
+    """A forced backend cannot run the requested op on the given inputs; the message says why."""
+
+
+def _reasons_triton(op: str, device: torch.device, dtype: torch.dtype) -> list[str]:
+    reasons = []
+    if not has_triton():
+        reasons.append("the `triton` package is not installed")
+    if device.type == "cpu" and not is_interpreting():
+        reasons.append("triton runs CPU tensors only under TRITON_INTERPRET=1 (set before import)")
+    elif device.type not in ("cpu", "cuda"):
+        reasons.append(f"triton does not run on {device.type} tensors")
+    if op == "grouped_mm" and dtype not in _TRITON_DTYPES:
+        reasons.append(f"the triton grouped GEMM supports float16, bfloat16 and float32, not {dtype}")
+    return reasons
+
+
+def _reasons_cuda(op: str, device: torch.device, dtype: torch.dtype) -> list[str]:
+    reasons = []
+    if not _ext.is_available():
+        reasons.append(_ext.unavailable_reason())
+    elif not _ext.has_cuda_ops():
+        reasons.append("sparsemm_kernels._C was built without CUDA kernels (no nvcc at build time)")
+    if device.type != "cuda":
+        reasons.append(f"the cuda backend needs CUDA tensors, got {device.type}")
+    return reasons
+
+
+def _reasons_cpu(op: str, device: torch.device, dtype: torch.dtype) -> list[str]:
+    reasons = []
+    if not _ext.is_available():
+        reasons.append(_ext.unavailable_reason())
+    if device.type != "cpu":
+        reasons.append(f"the cpu backend needs CPU tensors, got {device.type}")
+    if op == "grouped_mm" and dtype not in _CPU_GEMM_DTYPES:
+        reasons.append(f"the C++ grouped GEMM supports float32 and float64, not {dtype}")
+    return reasons
+
+
+_REASONS = {
+    "cuda": _reasons_cuda,
+    "triton": _reasons_triton,
+    "cpu": _reasons_cpu,
+    "torch": lambda op, device, dtype: [],
+}
+
+
+def unsupported_reasons(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> list[str]:
+    """Why ``backend`` cannot run ``op`` on tensors of ``device``/``dtype`` (empty when it can)."""
+    if backend not in _ALL_IMPLEMENTED[op]:
+        return [f"`{op}` has no {backend} implementation (implemented: {', '.join(_ALL_IMPLEMENTED[op])})"]
+    return _REASONS[backend](op, device, dtype)
+
+
+def available_backends(op: str, device: torch.device | str, dtype: torch.dtype) -> list[str]:
+    """The backends that can run ``op`` here, in automatic-selection order then the rest."""
+    device = torch.device(device)
+    order = list(_PRIORITY[op].get(device.type, ("torch",)))
+    order += [b for b in _ALL_IMPLEMENTED[op] if b not in order]
+    return [b for b in order if not unsupported_reasons(op, b, device, dtype)]
+
+
+def select_backend(op: str, device: torch.device, dtype: torch.dtype, requested: str | None = None) -> str:
+    """Pick the backend for one call of ``op``.
+
+    ``requested`` (the op's ``backend=`` argument) wins over the ``SPARSEMM_BACKEND`` environment
+    variable; ``None`` or ``"auto"`` means automatic selection.
+    """
+    if requested is None:
+        requested = os.environ.get("SPARSEMM_BACKEND", "") or "auto"
+    if not isinstance(requested, str):
+        raise TypeError(f"`backend` must be a string, got {type(requested).__name__}")
+    if requested == "auto":
+        for name in _PRIORITY[op].get(device.type, ("torch",)):
+            if not unsupported_reasons(op, name, device, dtype):
+                return name
+        return "torch"
+    if requested not in BACKENDS:
+        raise ValueError(f"`backend` must be one of {', '.join(BACKENDS)} or 'auto', got {requested!r}")
+    reasons = unsupported_reasons(op, requested, device, dtype)
+    if reasons:
+        raise BackendUnavailableError(
+            f"backend {requested!r} cannot run {op} on {device.type} {dtype}: " + "; ".join(reasons)
+        )
+    return requested

@@ -1,0 +1,1 @@
+"""Triton kernels. ``TRITON_INTERPRET=1`` must be set before these modules are imported to run on CPU."""

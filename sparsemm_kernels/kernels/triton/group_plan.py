@@ -1,0 +1,71 @@
+"""Stable counting sort of group ids in two launches: per-chunk histograms, then a stable scatter.
+
+Pipeline: ``_chunk_histogram_kernel`` counts each chunk's ids per group -> an exclusive scan over chunks and
+groups (two ``cumsum`` on the device) gives every (chunk, group) its first output slot ->
+``_chunk_scatter_kernel`` writes each row to ``slot + rank among earlier rows of its group in the chunk``.
+Ranks come from a prefix sum inside the chunk, so the sort is stable and uses no atomics.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from sparsemm_kernels.utils.device import is_interpreting
+
+
+@triton.jit
+def _chunk_histogram_kernel(ids_ptr, hist_ptr, n, G, BLOCK: tl.constexpr, G_POW2: tl.constexpr):
+    """hist[c, g] = #{i in chunk c : ids[i] == g}. Grid: (cdiv(n, BLOCK),)."""
+    c = tl.program_id(0).to(tl.int64)
+    offs = c * BLOCK + tl.arange(0, BLOCK)
+    ids = tl.load(ids_ptr + offs, mask=offs < n, other=-1).to(tl.int64)
+    gidx = tl.arange(0, G_POW2)
+    onehot = (ids[:, None] == gidx[None, :]).to(tl.int64)
+    tl.store(hist_ptr + c * G + gidx, tl.sum(onehot, 0), mask=gidx < G)
+
+
+@triton.jit
+def _chunk_scatter_kernel(ids_ptr, base_ptr, out_ptr, n, G, BLOCK: tl.constexpr, G_POW2: tl.constexpr):
+    """out[base[c, ids[i]] + rank_i] = i, rank_i = #{j < i in chunk c : ids[j] == ids[i]}. Grid: (cdiv(n, BLOCK),)."""
+    c = tl.program_id(0).to(tl.int64)
+    offs = c * BLOCK + tl.arange(0, BLOCK)
+    ids = tl.load(ids_ptr + offs, mask=offs < n, other=-1).to(tl.int64)
+    gidx = tl.arange(0, G_POW2)
+    onehot = (ids[:, None] == gidx[None, :]).to(tl.int64)
+    rank = tl.cumsum(onehot, 0) - onehot
+    base = tl.load(base_ptr + c * G + gidx, mask=gidx < G, other=0)
+    slot = tl.sum(onehot * (rank + base[None, :]), 1)
+    valid = (ids >= 0) & (ids < G)  # out-of-range ids are left out (the op layer reports them)
+    tl.store(out_ptr + slot, offs, mask=valid)
+
+
+_MAX_GROUPS = 4096
+
+
+def group_plan_triton(ids: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stable sort of ``ids (n,)`` int32/int64 into ``num_groups`` groups.
+
+    Returns ``(sorted_to_orig (n,), counts (G,), offsets (G+1,))``, int64, on ``ids.device``. Supports up to
+    4096 groups (the one-hot tile of a chunk is ``BLOCK x next_pow2(G)``).
+    """
+    if num_groups > _MAX_GROUPS:
+        raise ValueError(f"`num_groups` must be <= {_MAX_GROUPS} for the triton group_plan, got {num_groups}")
+    n = ids.numel()
+    g_pow2 = max(triton.next_power_of_2(num_groups), 2)
+    # Keep the chunk's one-hot tile near 16K elements; the interpreter prefers fewer, larger programs.
+    block = max(16, min(1024, (1 << 16 if is_interpreting() else 1 << 14) // g_pow2))
+    chunks = triton.cdiv(n, block)
+    sorted_to_orig = torch.empty(n, device=ids.device, dtype=torch.int64)
+    if n == 0:
+        zeros = torch.zeros(num_groups, device=ids.device, dtype=torch.int64)
+        return sorted_to_orig, zeros, torch.zeros(num_groups + 1, device=ids.device, dtype=torch.int64)
+    hist = torch.empty((chunks, num_groups), device=ids.device, dtype=torch.int64)
+    _chunk_histogram_kernel[(chunks,)](ids, hist, n, num_groups, BLOCK=block, G_POW2=g_pow2)
+    counts = hist.sum(0)
+    offsets = torch.zeros(num_groups + 1, device=ids.device, dtype=torch.int64)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    base = (hist.cumsum(0) - hist) + offsets[:-1]
+    _chunk_scatter_kernel[(chunks,)](ids, base, sorted_to_orig, n, num_groups, BLOCK=block, G_POW2=g_pow2)
+    return sorted_to_orig, counts, offsets

@@ -1,0 +1,87 @@
+"""MoTLinear: one ``nn.Linear`` per modality, applied to mixed-modality tokens in one grouped GEMM."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from sparsemm_kernels.ops.modality_linear import modality_linear
+from sparsemm_kernels.plan import GroupPlan
+from sparsemm_kernels.utils.checks import check_positive_int
+
+
+class MoTLinear(nn.Module):
+    """Modality-untied linear layer (Mixture-of-Transformers): token ``i`` uses ``weight[m_i]``.
+
+    Args:
+        in_features, out_features: as ``nn.Linear``.
+        num_modalities: ``M``, the number of weight copies.
+        bias: add a per-modality bias.
+        device, dtype: parameter factory kwargs.
+        backend: force a backend for this module's ops (default: automatic).
+
+    Parameters:
+        weight: ``(M, out_features, in_features)``; bias: ``(M, out_features)`` or None. Each modality is
+        initialised independently exactly as ``nn.Linear`` initialises its weight and bias.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        num_modalities: int,
+        bias: bool = False,
+        device=None,
+        dtype=None,
+        *,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        check_positive_int(in_features, "in_features")
+        check_positive_int(out_features, "out_features")
+        check_positive_int(num_modalities, "num_modalities")
+        factory = {"device": device, "dtype": dtype}
+        self.in_features = in_features
+        self.out_features = out_features
+        self.num_modalities = num_modalities
+        self.backend = backend
+        self.weight = nn.Parameter(torch.empty(num_modalities, out_features, in_features, **factory))
+        self.bias = nn.Parameter(torch.empty(num_modalities, out_features, **factory)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Per modality, the ``nn.Linear`` initialisation: kaiming-uniform(a=sqrt(5)) weight, uniform bias."""
+        bound = 1.0 / math.sqrt(self.in_features)
+        for m in range(self.num_modalities):
+            nn.init.kaiming_uniform_(self.weight[m], a=math.sqrt(5))
+            if self.bias is not None:
+                nn.init.uniform_(self.bias[m], -bound, bound)
+
+    def forward(self, x: torch.Tensor, modality_ids: torch.Tensor, plan: GroupPlan | None = None) -> torch.Tensor:
+        """x: ``(..., in_features)``; modality_ids: ``x.shape[:-1]`` ints in ``[0, M)``; plan: optional
+        reusable :class:`GroupPlan` of ``modality_ids``. Returns ``(..., out_features)``."""
+        return modality_linear(x, modality_ids, self.weight, self.bias, plan, backend=self.backend)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, num_modalities: int, *, backend: str | None = None) -> MoTLinear:
+        """A MoTLinear whose every modality starts as a copy of the dense ``linear``."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"`linear` must be an nn.Linear, got {type(linear).__name__}")
+        w = linear.weight
+        module = cls(
+            linear.in_features, linear.out_features, num_modalities, bias=linear.bias is not None,
+            device=w.device, dtype=w.dtype, backend=backend,
+        )
+        with torch.no_grad():
+            module.weight.copy_(w.detach().unsqueeze(0).expand_as(module.weight))
+            if linear.bias is not None:
+                module.bias.copy_(linear.bias.detach().unsqueeze(0).expand_as(module.bias))
+        return module
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"num_modalities={self.num_modalities}, bias={self.bias is not None}"
+        )

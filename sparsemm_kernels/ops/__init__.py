@@ -1,0 +1,1 @@
+"""Differentiable primitives: one autograd Function and its functional form per file."""

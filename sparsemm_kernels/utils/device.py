@@ -1,0 +1,31 @@
+"""Lazy device facts. Nothing here touches a GPU at import time (CPU-only machines must import cleanly)."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+
+def is_interpreting() -> bool:
+    """True when Triton kernels run in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+
+
+@functools.lru_cache(maxsize=None)
+def has_triton() -> bool:
+    """True when the ``triton`` package can be imported."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def has_cuda() -> bool:
+    """True when torch sees at least one CUDA device."""
+    return torch.cuda.is_available()
+
+
+@functools.lru_cache(maxsize=None)
+def capability(index: int = 0) -> tuple[int, int]:
+    """Compute capability of CUDA device ``index``, looked up once and cached."""
+    return torch.cuda.get_device_capability(index)

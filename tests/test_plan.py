@@ -1,0 +1,79 @@
+"""group_plan: a stable counting sort on every backend, checked against its invariants and the reference."""
+
+import pytest
+import torch
+
+import sparsemm_kernels as smk
+from sparsemm_kernels.backend import unsupported_reasons
+from sparsemm_kernels.reference import group_plan_ref
+
+BACKENDS = ["cuda", "triton", "cpu", "torch"]
+CASES = [
+    (0, 3),       # no rows
+    (1, 1),       # one row, one group
+    (17, 1),      # one group takes all
+    (50, 64),     # many groups, most empty
+    (1000, 3),    # the MoT case: a few modalities
+    (2049, 7),    # a chunk boundary and one past
+]
+
+
+def _run(backend, device, ids, g):
+    reasons = unsupported_reasons("group_plan", backend, torch.device(device), ids.dtype)
+    if reasons:
+        pytest.skip("; ".join(reasons))
+    return smk.group_plan(ids.to(device), g, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64], ids=str)
+@pytest.mark.parametrize("n,g", CASES)
+def test_plan_invariants_and_reference(n, g, id_dtype, backend, device):
+    ids = torch.randint(0, g, (n,), dtype=id_dtype)
+    if n > 10:
+        ids[ids == g - 1] = 0  # force an empty last group
+    plan = _run(backend, device, ids, g)
+    s, counts, offsets = (t.cpu() for t in (plan.sorted_to_orig, plan.counts, plan.offsets))
+    assert plan.num_rows == n and plan.num_groups == g
+    assert s.dtype == counts.dtype == offsets.dtype == torch.int64
+    assert torch.equal(torch.sort(s).values, torch.arange(n)), "sorted_to_orig must be a permutation"
+    assert torch.equal(counts, torch.bincount(ids.long(), minlength=g))
+    assert offsets[0] == 0 and offsets[-1] == n and torch.equal(offsets[1:] - offsets[:-1], counts)
+    for grp in range(g):
+        rows = s[offsets[grp] : offsets[grp + 1]]
+        assert (ids[rows] == grp).all()
+        assert (rows[1:] > rows[:-1]).all(), "stable: original order kept inside a group"
+    ref = group_plan_ref(ids, g)
+    assert torch.equal(s, ref[0]) and torch.equal(offsets, ref[2])
+    inv = plan.orig_to_sorted.cpu()
+    assert torch.equal(s[inv], torch.arange(n))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_plan_of_2d_ids_flattens(backend, device):
+    ids = torch.tensor([[2, 0, 1], [0, 2, 2]])
+    plan = _run(backend, device, ids, 3)
+    assert plan.sorted_to_orig.cpu().tolist() == [1, 3, 2, 0, 4, 5]
+    assert plan.offsets.cpu().tolist() == [0, 2, 3, 6]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch", "triton"])
+@pytest.mark.parametrize("bad", [-1, 3, 100])
+def test_out_of_range_ids_raise(backend, bad):
+    ids = torch.tensor([0, 1, bad, 2])
+    reasons = unsupported_reasons("group_plan", backend, torch.device("cpu"), ids.dtype)
+    if reasons:
+        pytest.skip("; ".join(reasons))
+    with pytest.raises(ValueError, match="group_ids"):
+        smk.group_plan(ids, 3, backend=backend)
+
+
+def test_bad_arguments_raise_named_errors():
+    with pytest.raises(TypeError, match="group_ids"):
+        smk.group_plan(torch.tensor([0.0, 1.0]), 2)
+    with pytest.raises(TypeError, match="group_ids"):
+        smk.group_plan([0, 1], 2)
+    with pytest.raises(ValueError, match="num_groups"):
+        smk.group_plan(torch.tensor([0]), 0)
+    with pytest.raises(TypeError, match="num_groups"):
+        smk.group_plan(torch.tensor([0]), 2.0)
