@@ -13,7 +13,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# CUDA runs carry the `gpu` mark, so `pytest -m gpu` on a GPU machine selects exactly them.
+DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -41,6 +42,4 @@ def _seed_and_poison():
 
 @pytest.fixture(params=DEVICES)
 def device(request):
-    if request.param == "cuda":
-        request.applymarker(pytest.mark.gpu)
     return torch.device(request.param)
