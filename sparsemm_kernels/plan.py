@@ -91,9 +91,9 @@ def group_plan(
 
             sorted_to_orig, counts, offsets, first_bad = group_plan_cpu(ids, num_groups)
             if first_bad >= 0 and mode != "off":
+                bad = ids[first_bad]  # CPU ids: reading one costs nothing
                 raise ValueError(
-                    f"`group_ids` must hold ids in [0, {num_groups}); found {int(ids[first_bad])} "
-                    f"at flat index {first_bad}"
+                    f"`group_ids` must hold ids in [0, {num_groups}); found {int(bad)} at flat index {first_bad}"
                 )
         elif name == "cuda":
             from sparsemm_kernels.kernels.cuda import group_plan_cuda

@@ -45,6 +45,7 @@ def _locate_row_tile(offsets_ptr, tile, G, G_POW2: tl.constexpr, BLOCK_M: tl.con
 
 
 @triton.autotune(configs=grouped_gemm_configs(), key=["K", "J", "stride_ak", "stride_bk", "GATHER_A", "SCATTER_C"])
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
 def _grouped_gemm_kernel(
     # inputs
@@ -60,6 +61,7 @@ def _grouped_gemm_kernel(
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     # tiles
     BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
     """C[c_r, j] = sum_k A[a_r, k] * B[g, k, j] + bias[g, j] for sorted positions r of group g.
 
@@ -91,9 +93,13 @@ def _grouped_gemm_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
     k_tiles = tl.where(first_row < group_end, tl.cdiv(K, BLOCK_K), 0)
     for kt in range(0, k_tiles):
-        k_left = K - kt * BLOCK_K
-        a = tl.load(a_ptrs, mask=row_mask[:, None] & (offs_k[None, :] < k_left), other=0.0)
-        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & j_mask[None, :], other=0.0)
+        if EVEN_K:  # no K mask: the common model sizes are multiples of the tile
+            a = tl.load(a_ptrs, mask=row_mask[:, None], other=0.0)
+            b = tl.load(b_ptrs, mask=j_mask[None, :], other=0.0)
+        else:
+            k_left = K - kt * BLOCK_K
+            a = tl.load(a_ptrs, mask=row_mask[:, None] & (offs_k[None, :] < k_left), other=0.0)
+            b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & j_mask[None, :], other=0.0)
         if UPCAST:  # the interpreter's bf16 dot is wrong; see platform-notes
             a = a.to(tl.float32)
             b = b.to(tl.float32)

@@ -1,0 +1,48 @@
+# sparsemm_kernels — every target sets itself up on a fresh CPU-only machine: it creates .venv if missing,
+# installs the CPU build of torch (pinned: an unpinned torch pulls a multi-GB CUDA build) and the tools,
+# then builds the extension in place.
+#
+#   make test       the whole CPU test suite (Triton kernels under TRITON_INTERPRET=1)
+#   make report     the main job: the grouped-GEMM benchmark on this machine, printing a table
+#   make bench      pytest-benchmark microbenchmarks
+#   make lint       ruff
+#   make gpu-check  on a GPU machine: build, CUDA tests, GPU benchmarks (uses the python3 there, installs nothing)
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.deps-installed
+BUILT  := $(VENV)/.ext-built
+DEPS   := torch==2.13.0 triton==3.9.0 numpy pytest pytest-benchmark pybind11 ninja setuptools wheel ruff
+
+.PHONY: test report bench lint build gpu-check clean
+
+$(STAMP): Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check $(DEPS)
+	touch $@
+
+$(BUILT): $(STAMP) setup.py $(shell find csrc -type f 2>/dev/null)
+	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(BUILT)
+
+test: $(BUILT)
+	$(PY) -m ruff check sparsemm_kernels tests benchmarks
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider tests benchmarks/test_bench_smoke.py
+
+report: $(BUILT)
+	$(PY) -m benchmarks.bench_grouped_gemm
+
+bench: $(BUILT)
+	$(PY) -m pytest -q -p no:cacheprovider benchmarks/test_bench_smoke.py --benchmark-only
+
+lint: $(STAMP)
+	$(PY) -m ruff check sparsemm_kernels tests benchmarks
+
+gpu-check:
+	bash benchmarks/gpu_check.sh
+
+clean:
+	rm -rf build *.egg-info sparsemm_kernels/*.so $(BUILT)

@@ -1,0 +1,267 @@
+"""Launchers for the extension's C++ CPU ops: check -> allocate -> call ``sparsemm_kernels._C``.
+
+The C++ side trusts what it is given (pointers, strides, row indices), so every shape, dtype, device and
+index-range check happens here, on CPU tensors where reading values costs no device sync. No autograd here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sparsemm_kernels import _ext
+from sparsemm_kernels.utils.checks import check_dim, check_int_tensor, check_positive_int, check_tensor
+
+_GEMM_DTYPES = (torch.float32, torch.float64)
+
+
+def group_plan_cpu(ids: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Stable counting sort of group ids (C++).
+
+    Args:
+        ids: ``(n,)`` int32 | int64 CPU tensor (any shape is flattened); ids should lie in ``[0, num_groups)``.
+        num_groups: ``G >= 1``.
+
+    Returns:
+        ``sorted_to_orig (n,) int64`` (original index of each row, group by group, increasing within a group),
+        ``counts (G,) int64``, ``offsets (G+1,) int64`` (``offsets[0] = 0``, ``offsets[G] = n``), and the
+        index of the first id outside ``[0, G)`` or ``-1``. When that index is ``>= 0`` the three tensors are
+        incomplete and must not be used; the caller raises.
+    """
+    c = _ext.require()
+    check_int_tensor(ids, "ids")
+    _check_cpu(ids, "ids")
+    check_positive_int(num_groups, "num_groups")
+    ids = ids.reshape(-1).contiguous()
+    n = ids.numel()
+    sorted_to_orig = torch.empty(n, dtype=torch.int64)
+    counts = torch.empty(num_groups, dtype=torch.int64)
+    offsets = torch.empty(num_groups + 1, dtype=torch.int64)
+    first_bad = c.group_plan_cpu(
+        ids.data_ptr(), _ext.dtype_code(ids.dtype), n, num_groups,
+        sorted_to_orig.data_ptr(), counts.data_ptr(), offsets.data_ptr(),
+    )  # fmt: skip
+    return sorted_to_orig, counts, offsets, int(first_bad)
+
+
+def grouped_gemm_cpu(
+    a: torch.Tensor,
+    w: torch.Tensor,
+    offsets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
+    gather_a: bool = False,
+    scatter_c: bool = False,
+    transpose_w: bool = False,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Grouped GEMM (C++): for each group ``g`` and sorted position ``r`` in ``[offsets[g], offsets[g+1])``::
+
+        C[cr] = A[ar] @ W[g]^T (+ bias[g])     transpose_w=False (forward; A has K columns, C has N)
+        C[cr] = A[ar] @ W[g]   (+ bias[g])     transpose_w=True  (dX;      A has N columns, C has K)
+
+    with ``ar = rows[r] if gather_a else r`` and ``cr = rows[r] if scatter_c else r``.
+
+    Args:
+        a: ``(Ta, K or N)`` float32 | float64 CPU.
+        w: ``(G, N, K)`` same dtype (nn.Linear layout per group); any strides.
+        offsets: ``(G+1,)`` int64, non-decreasing from ``offsets[0] >= 0``; ``M = offsets[G] - offsets[0]``.
+        bias: optional ``(G, N)`` (or ``(G, K)`` with ``transpose_w``), same dtype.
+        rows: ``(>= offsets[G],)`` int64, needed by ``gather_a``/``scatter_c``; gathered ids lie in
+            ``[0, Ta)``, scattered ids in ``[0, Tc)`` and are distinct (each output row has one writer).
+        out: optional ``(Tc, N or K)`` output with unit column stride, written in place and returned. Rows
+            no group writes are left untouched. Must not overlap ``a``.
+
+    Returns:
+        ``out``, or a new ``(Tc, N or K)`` tensor with ``Tc = len(rows)`` for gather-only and ``Tc = Ta``
+        otherwise; its rows that no group writes (only when ``M < Tc``) are zero.
+    """
+    c = _ext.require()
+    a = _check_gemm_operand(a, "a")
+    check_tensor(w, "w")
+    check_dim(w, 3, "w", "(G, N, K)")
+    _check_like(a, "a", w, "w")
+    num_groups, n_dim, k_dim = w.shape
+    # B[g, k, j] of the C++ op: k runs over A's columns, j over C's columns.
+    if transpose_w:
+        k_dim, j_dim, b_stride_k, b_stride_j = n_dim, k_dim, w.stride(1), w.stride(2)
+    else:
+        j_dim, b_stride_k, b_stride_j = n_dim, w.stride(2), w.stride(1)
+    if a.shape[1] != k_dim:
+        raise ValueError(
+            f"`a` must have {k_dim} columns to multiply `w` of shape {tuple(w.shape)} "
+            f"(transpose_w={transpose_w}), got shape {tuple(a.shape)}"
+        )
+    offsets = _check_offsets(offsets, num_groups)
+    start, end = int(offsets[0]), int(offsets[-1])
+    if (gather_a or scatter_c) and rows is None:
+        raise ValueError("`rows` is required when gather_a or scatter_c is set")
+    if rows is not None:
+        rows = _check_rows(rows, end)
+    if out is None:
+        tc = rows.shape[0] if (gather_a and not scatter_c) else a.shape[0]
+        alloc = torch.empty if end - start == tc else torch.zeros
+        out = alloc(tc, j_dim, dtype=a.dtype)
+    else:
+        _check_out(out, a, j_dim)
+    tc = out.shape[0]
+    if not gather_a and end > a.shape[0]:
+        raise ValueError(f"`offsets` ends at {end} but `a` has only {a.shape[0]} rows")
+    if not scatter_c and end > tc:
+        raise ValueError(f"`offsets` ends at {end} but the output has only {tc} rows")
+    if gather_a:
+        _check_row_range(rows[start:end], a.shape[0], "rows", "rows of `a`")
+    if scatter_c:
+        _check_row_range(rows[start:end], tc, "rows", "output rows")
+        if end > start and int(torch.bincount(rows[start:end], minlength=tc).max()) > 1:
+            raise ValueError("`rows` must not repeat an output row when scatter_c is set (one writer per row)")
+    bias_ptr, bias_stride = 0, 0
+    if bias is not None:
+        check_tensor(bias, "bias")
+        _check_like(a, "a", bias, "bias")
+        if tuple(bias.shape) != (num_groups, j_dim):
+            raise ValueError(f"`bias` must have shape {(num_groups, j_dim)}, got {tuple(bias.shape)}")
+        bias = _unit_col_stride(bias)
+        bias_ptr, bias_stride = bias.data_ptr(), bias.stride(0)
+    c.grouped_gemm_cpu(
+        # A: pointer, row stride
+        a.data_ptr(), a.stride(0),
+        # B = W viewed as [G, k, j]
+        w.data_ptr(), w.stride(0), b_stride_k, b_stride_j,
+        # bias: pointer, group stride (0 = none)
+        bias_ptr, bias_stride,
+        # C: pointer, row stride
+        out.data_ptr(), out.stride(0),
+        # plan
+        offsets.data_ptr(), rows.data_ptr() if rows is not None else 0, gather_a, scatter_c,
+        # sizes, dtype
+        num_groups, k_dim, j_dim, _ext.dtype_code(a.dtype),
+    )  # fmt: skip
+    return out
+
+
+def grouped_gemm_dw_cpu(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    offsets: torch.Tensor,
+    *,
+    rows: torch.Tensor | None = None,
+    gathered: bool = False,
+    compute_dbias: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Weight (and bias) gradient of the grouped GEMM (C++)::
+
+        dW[g] = sum_{r in group g} dY[rr]^T X[rr]      (N, K)
+        db[g] = sum_{r in group g} dY[rr]              (N,)
+
+    with ``rr = rows[r] if gathered else r``, rows summed in increasing ``r`` (bitwise reproducible).
+
+    Args:
+        dy: ``(T, N)`` float32 | float64 CPU.
+        x: ``(T, K)`` same dtype.
+        offsets: ``(G+1,)`` int64, non-decreasing from ``offsets[0] >= 0``, ``offsets[G] <= T`` unless
+            ``gathered``.
+        rows: ``(>= offsets[G],)`` int64 with values in ``[0, T)``; required when ``gathered``.
+
+    Returns:
+        ``dw (G, N, K)`` and ``dbias (G, N)`` (or ``None`` unless ``compute_dbias``), in ``dy``'s dtype; an
+        empty group's gradients are exactly zero.
+    """
+    c = _ext.require()
+    dy = _check_gemm_operand(dy, "dy")
+    x = _check_gemm_operand(x, "x")
+    _check_like(dy, "dy", x, "x")
+    if x.shape[0] != dy.shape[0]:
+        raise ValueError(f"`x` must have as many rows as `dy` ({dy.shape[0]}), got shape {tuple(x.shape)}")
+    check_tensor(offsets, "offsets")
+    num_groups = offsets.shape[0] - 1 if offsets.dim() == 1 else -1
+    if num_groups < 0:
+        raise ValueError(f"`offsets` must be 1-D of length G+1 >= 1, got shape {tuple(offsets.shape)}")
+    offsets = _check_offsets(offsets, num_groups)
+    start, end = int(offsets[0]), int(offsets[-1])
+    t, n_dim, k_dim = dy.shape[0], dy.shape[1], x.shape[1]
+    if gathered:
+        if rows is None:
+            raise ValueError("`rows` is required when gathered is set")
+        rows = _check_rows(rows, end)
+        _check_row_range(rows[start:end], t, "rows", "rows of `dy`/`x`")
+    elif end > t:
+        raise ValueError(f"`offsets` ends at {end} but `dy` and `x` have only {t} rows")
+    dw = torch.empty(num_groups, n_dim, k_dim, dtype=dy.dtype)
+    dbias = torch.empty(num_groups, n_dim, dtype=dy.dtype) if compute_dbias else None
+    c.grouped_gemm_dw_cpu(
+        dy.data_ptr(), dy.stride(0), x.data_ptr(), x.stride(0),
+        dw.data_ptr(), dbias.data_ptr() if dbias is not None else 0,
+        offsets.data_ptr(), rows.data_ptr() if gathered else 0, gathered,
+        num_groups, n_dim, k_dim, _ext.dtype_code(dy.dtype),
+    )  # fmt: skip
+    return dw, dbias
+
+
+def _check_cpu(t: torch.Tensor, name: str) -> None:
+    if t.device.type != "cpu":
+        raise ValueError(f"`{name}` must be a CPU tensor for the C++ kernels, got device {t.device}")
+
+
+def _unit_col_stride(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its rows are contiguous (any row stride), else a contiguous copy."""
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
+
+
+def _check_gemm_operand(t: torch.Tensor, name: str) -> torch.Tensor:
+    check_tensor(t, name)
+    if t.dtype not in _GEMM_DTYPES:
+        raise TypeError(f"`{name}` must be float32 or float64 for the C++ grouped GEMM, got {t.dtype}")
+    _check_cpu(t, name)
+    check_dim(t, 2, name, "(rows, columns)")
+    return _unit_col_stride(t)
+
+
+def _check_like(ref: torch.Tensor, ref_name: str, t: torch.Tensor, name: str) -> None:
+    if t.dtype != ref.dtype:
+        raise TypeError(f"`{name}` has dtype {t.dtype} but `{ref_name}` has dtype {ref.dtype}; they must match")
+    _check_cpu(t, name)
+
+
+def _check_offsets(offsets: torch.Tensor, num_groups: int) -> torch.Tensor:
+    check_tensor(offsets, "offsets")
+    if offsets.dtype != torch.int64:
+        raise TypeError(f"`offsets` must be int64, got {offsets.dtype}")
+    _check_cpu(offsets, "offsets")
+    if tuple(offsets.shape) != (num_groups + 1,):
+        raise ValueError(f"`offsets` must have shape (G+1,) = ({num_groups + 1},), got {tuple(offsets.shape)}")
+    offsets = offsets.contiguous()
+    if int(offsets[0]) < 0:
+        raise ValueError(f"`offsets` must start at >= 0, got offsets[0]={int(offsets[0])}")
+    if bool((offsets[1:] < offsets[:-1]).any()):
+        raise ValueError(f"`offsets` must be non-decreasing, got {offsets}")
+    return offsets
+
+
+def _check_rows(rows: torch.Tensor, end: int) -> torch.Tensor:
+    check_tensor(rows, "rows")
+    if rows.dtype != torch.int64:
+        raise TypeError(f"`rows` must be int64, got {rows.dtype}")
+    _check_cpu(rows, "rows")
+    if rows.dim() != 1 or rows.shape[0] < end:
+        raise ValueError(f"`rows` must be 1-D with at least offsets[G]={end} entries, got {tuple(rows.shape)}")
+    return rows.contiguous()
+
+
+def _check_row_range(used: torch.Tensor, limit: int, name: str, what: str) -> None:
+    if used.numel() and (int(used.min()) < 0 or int(used.max()) >= limit):
+        raise ValueError(
+            f"`{name}` must index {what} in [0, {limit}), got values in [{int(used.min())}, {int(used.max())}]"
+        )
+
+
+def _check_out(out: torch.Tensor, a: torch.Tensor, j_dim: int) -> None:
+    check_tensor(out, "out")
+    _check_like(a, "a", out, "out")
+    check_dim(out, 2, "out", "(rows, columns)")
+    if out.shape[1] != j_dim:
+        raise ValueError(f"`out` must have {j_dim} columns, got shape {tuple(out.shape)}")
+    if j_dim > 1 and out.stride(1) != 1:
+        raise ValueError(f"`out` must have unit column stride (it is written in place), got {out.stride()}")
+    if out.shape[0] > 1 and out.stride(0) < j_dim:
+        raise ValueError(f"`out` rows must not overlap (row stride >= {j_dim}), got strides {out.stride()}")
