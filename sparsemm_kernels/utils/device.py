@@ -14,7 +14,7 @@ def is_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def has_triton() -> bool:
     """True when the ``triton`` package can be imported."""
     return importlib.util.find_spec("triton") is not None
@@ -25,7 +25,7 @@ def has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def capability(index: int = 0) -> tuple[int, int]:
     """Compute capability of CUDA device ``index``, looked up once and cached."""
     return torch.cuda.get_device_capability(index)
