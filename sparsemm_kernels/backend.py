@@ -30,10 +30,14 @@ BACKENDS = ("cuda", "triton", "cpu", "torch")
 _PRIORITY: dict[str, dict[str, tuple[str, ...]]] = {
     "group_plan": {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")},
     "grouped_mm": {"cuda": ("triton", "torch"), "cpu": ("torch", "cpu")},
+    "modality_norm": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
+    "swiglu": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
 }
 _ALL_IMPLEMENTED: dict[str, tuple[str, ...]] = {
     "group_plan": ("cuda", "triton", "cpu", "torch"),
     "grouped_mm": ("triton", "cpu", "torch"),
+    "modality_norm": ("triton", "torch"),
+    "swiglu": ("triton", "torch"),
 }
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _CPU_GEMM_DTYPES = (torch.float32, torch.float64)
@@ -51,8 +55,8 @@ def _reasons_triton(op: str, device: torch.device, dtype: torch.dtype) -> list[s
         reasons.append("triton runs CPU tensors only under TRITON_INTERPRET=1 (set before import)")
     elif device.type not in ("cpu", "cuda"):
         reasons.append(f"triton does not run on {device.type} tensors")
-    if op == "grouped_mm" and dtype not in _TRITON_DTYPES:
-        reasons.append(f"the triton grouped GEMM supports float16, bfloat16 and float32, not {dtype}")
+    if op != "group_plan" and dtype not in _TRITON_DTYPES:
+        reasons.append(f"the triton {op} kernels support float16, bfloat16 and float32, not {dtype}")
     return reasons
 
 
