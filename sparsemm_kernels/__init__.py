@@ -4,6 +4,8 @@ Every routed layer is plan -> one grouped GEMM -> combine:
 
 * :func:`group_plan` sorts rows by group id on the device (no host sync) into a reusable :class:`GroupPlan`;
 * :func:`grouped_mm` / :func:`grouped_linear` / :func:`modality_linear` run one grouped GEMM over all groups;
+* :func:`modality_rms_norm` / :func:`modality_layer_norm` / :func:`swiglu` are the fused per-row pieces of a
+  Mixture-of-Transformers block;
 * :mod:`sparsemm_kernels.nn` holds drop-in modules (:class:`~sparsemm_kernels.nn.MoTLinear`, ...).
 
 Backends (``backend=`` or ``SPARSEMM_BACKEND``): see :mod:`sparsemm_kernels.backend`.
@@ -13,6 +15,8 @@ from sparsemm_kernels import nn
 from sparsemm_kernels.backend import BACKENDS, BackendUnavailableError, available_backends, select_backend
 from sparsemm_kernels.ops.grouped_linear import grouped_linear, grouped_mm
 from sparsemm_kernels.ops.modality_linear import modality_linear
+from sparsemm_kernels.ops.norms import modality_layer_norm, modality_rms_norm
+from sparsemm_kernels.ops.swiglu import swiglu
 from sparsemm_kernels.plan import GroupPlan, group_plan
 
 __version__ = "0.1.0"
@@ -26,7 +30,10 @@ __all__ = [
     "group_plan",
     "grouped_linear",
     "grouped_mm",
+    "modality_layer_norm",
     "modality_linear",
+    "modality_rms_norm",
     "nn",
     "select_backend",
+    "swiglu",
 ]

@@ -53,8 +53,8 @@ def test_grouped_linear_bad_plan():
     [
         (torch.tensor([[0, 1, 2], [0, 0, 1]]), ValueError, "modality_ids"),  # shape != x.shape[:-1]
         (torch.zeros(2, 3), TypeError, "modality_ids"),                      # float ids
-        (torch.tensor([[0, 1, 2]]), ValueError, "group_ids"),                # id 2 out of range for M=2
-        (torch.tensor([[0, -1, 1]]), ValueError, "group_ids"),               # negative id
+        (torch.tensor([[0, 1, 2]]), ValueError, "modality_ids"),             # id 2 out of range for M=2
+        (torch.tensor([[0, -1, 1]]), ValueError, "modality_ids"),            # negative id
     ],
 )
 def test_modality_linear_bad_ids(ids, exc, name):

@@ -92,8 +92,7 @@ def grouped_gemm_cpu(
             f"`a` must have {k_dim} columns to multiply `w` of shape {tuple(w.shape)} "
             f"(transpose_w={transpose_w}), got shape {tuple(a.shape)}"
         )
-    offsets = _check_offsets(offsets, num_groups)
-    start, end = int(offsets[0]), int(offsets[-1])
+    offsets, start, end = _check_offsets(offsets, num_groups)
     if (gather_a or scatter_c) and rows is None:
         raise ValueError("`rows` is required when gather_a or scatter_c is set")
     if rows is not None:
@@ -177,8 +176,7 @@ def grouped_gemm_dw_cpu(
     num_groups = offsets.shape[0] - 1 if offsets.dim() == 1 else -1
     if num_groups < 0:
         raise ValueError(f"`offsets` must be 1-D of length G+1 >= 1, got shape {tuple(offsets.shape)}")
-    offsets = _check_offsets(offsets, num_groups)
-    start, end = int(offsets[0]), int(offsets[-1])
+    offsets, start, end = _check_offsets(offsets, num_groups)
     t, n_dim, k_dim = dy.shape[0], dy.shape[1], x.shape[1]
     if gathered:
         if rows is None:
@@ -223,7 +221,8 @@ def _check_like(ref: torch.Tensor, ref_name: str, t: torch.Tensor, name: str) ->
     _check_cpu(t, name)
 
 
-def _check_offsets(offsets: torch.Tensor, num_groups: int) -> torch.Tensor:
+def _check_offsets(offsets: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, int, int]:
+    """Contiguous int64 ``offsets`` with its first and last values (CPU: reading them costs no sync)."""
     check_tensor(offsets, "offsets")
     if offsets.dtype != torch.int64:
         raise TypeError(f"`offsets` must be int64, got {offsets.dtype}")
@@ -231,11 +230,12 @@ def _check_offsets(offsets: torch.Tensor, num_groups: int) -> torch.Tensor:
     if tuple(offsets.shape) != (num_groups + 1,):
         raise ValueError(f"`offsets` must have shape (G+1,) = ({num_groups + 1},), got {tuple(offsets.shape)}")
     offsets = offsets.contiguous()
-    if int(offsets[0]) < 0:
-        raise ValueError(f"`offsets` must start at >= 0, got offsets[0]={int(offsets[0])}")
+    start, end = int(offsets[0]), int(offsets[-1])  # sync-ok: CPU tensor
+    if start < 0:
+        raise ValueError(f"`offsets` must start at >= 0, got offsets[0]={start}")
     if bool((offsets[1:] < offsets[:-1]).any()):
         raise ValueError(f"`offsets` must be non-decreasing, got {offsets}")
-    return offsets
+    return offsets, start, end
 
 
 def _check_rows(rows: torch.Tensor, end: int) -> torch.Tensor:

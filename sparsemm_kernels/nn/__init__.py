@@ -1,5 +1,16 @@
 """Drop-in ``torch.nn`` modules whose forward reads like the papers' equations."""
 
+from sparsemm_kernels.nn.mot import DenseBlock, MoTAttention, MoTBlock, MoTFeedForward, MoTTransformer
 from sparsemm_kernels.nn.mot_linear import MoTLinear
+from sparsemm_kernels.nn.norms import MoTLayerNorm, MoTRMSNorm
 
-__all__ = ["MoTLinear"]
+__all__ = [
+    "DenseBlock",
+    "MoTAttention",
+    "MoTBlock",
+    "MoTFeedForward",
+    "MoTLayerNorm",
+    "MoTLinear",
+    "MoTRMSNorm",
+    "MoTTransformer",
+]

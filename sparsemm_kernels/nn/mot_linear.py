@@ -12,6 +12,16 @@ from sparsemm_kernels.plan import GroupPlan
 from sparsemm_kernels.utils.checks import check_positive_int
 
 
+def init_per_modality_(weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """Initialise each ``weight[m] (out, in)`` (and ``bias[m]``) independently, exactly as ``nn.Linear`` does."""
+    bound = 1.0 / math.sqrt(weight.shape[-1])
+    with torch.no_grad():
+        for m in range(weight.shape[0]):
+            nn.init.kaiming_uniform_(weight[m], a=math.sqrt(5))
+            if bias is not None:
+                nn.init.uniform_(bias[m], -bound, bound)
+
+
 class MoTLinear(nn.Module):
     """Modality-untied linear layer (Mixture-of-Transformers): token ``i`` uses ``weight[m_i]``.
 
@@ -53,11 +63,7 @@ class MoTLinear(nn.Module):
 
     def reset_parameters(self) -> None:
         """Per modality, the ``nn.Linear`` initialisation: kaiming-uniform(a=sqrt(5)) weight, uniform bias."""
-        bound = 1.0 / math.sqrt(self.in_features)
-        for m in range(self.num_modalities):
-            nn.init.kaiming_uniform_(self.weight[m], a=math.sqrt(5))
-            if self.bias is not None:
-                nn.init.uniform_(self.bias[m], -bound, bound)
+        init_per_modality_(self.weight, self.bias)
 
     def forward(self, x: torch.Tensor, modality_ids: torch.Tensor, plan: GroupPlan | None = None) -> torch.Tensor:
         """x: ``(..., in_features)``; modality_ids: ``x.shape[:-1]`` ints in ``[0, M)``; plan: optional

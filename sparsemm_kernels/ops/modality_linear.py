@@ -6,7 +6,13 @@ import torch
 
 from sparsemm_kernels.ops.grouped_linear import grouped_linear
 from sparsemm_kernels.plan import GroupPlan, group_plan
-from sparsemm_kernels.utils.checks import check_dim, check_float_tensor, check_int_tensor
+from sparsemm_kernels.utils.checks import (
+    check_dim,
+    check_float_tensor,
+    check_ids_in_range,
+    check_int_tensor,
+    validation_mode,
+)
 
 
 def modality_linear(
@@ -45,6 +51,8 @@ def modality_linear(
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if plan is None:
-        plan = group_plan(modality_ids, weight.shape[0], backend=backend, validate=validate)
+        mode = validation_mode(validate, modality_ids.device)
+        check_ids_in_range(modality_ids, weight.shape[0], "modality_ids", mode)
+        plan = group_plan(modality_ids, weight.shape[0], backend=backend, validate=False)
     out = grouped_linear(x2, weight, plan, bias, backend=backend)
     return out.reshape(*lead, weight.shape[1])

@@ -14,11 +14,14 @@ def grouped_mm_ref(
     gets an exactly-zero weight gradient. Reads ``offsets`` on the host.
     """
     bounds = offsets.tolist()
+    # unbind: one backward node for all groups (indexing weight[g] per group would build G full-size grads)
+    weights = weight.unbind(0)
+    biases = bias.unbind(0) if bias is not None else None
     pieces = []
-    for g in range(weight.shape[0]):
-        y = x[bounds[g] : bounds[g + 1]] @ weight[g].t()
-        if bias is not None:
-            y = y + bias[g]
+    for g, w in enumerate(weights):
+        y = x[bounds[g] : bounds[g + 1]] @ w.t()
+        if biases is not None:
+            y = y + biases[g]
         pieces.append(y)
     if not pieces:
         return x.new_zeros(x.shape[0], weight.shape[1])

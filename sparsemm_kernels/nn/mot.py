@@ -1,0 +1,356 @@
+"""Mixture-of-Transformers layers: every non-embedding weight untied by modality, attention global.
+
+Each token ``i`` of modality ``m_i`` uses ``W^{m_i}`` in every projection, norm and FFN; attention is one
+softmax over the whole mixed sequence. All modality-specific matmuls of a layer share one
+:class:`~sparsemm_kernels.plan.GroupPlan` (built once per forward by :class:`MoTTransformer`) and each is a
+single grouped GEMM over all modalities. With ``num_modalities=1`` the same modules run plain dense ops
+(``F.linear``, ``F.rms_norm``): that is the dense baseline, with the same parameter names.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsemm_kernels.nn.mot_linear import init_per_modality_
+from sparsemm_kernels.nn.norms import MoTLayerNorm, MoTRMSNorm
+from sparsemm_kernels.ops.attention import apply_rotary, attention_mask, rotary_cos_sin, sdpa
+from sparsemm_kernels.ops.grouped_linear import grouped_linear
+from sparsemm_kernels.ops.swiglu import swiglu
+from sparsemm_kernels.plan import GroupPlan, group_plan
+from sparsemm_kernels.utils.checks import (
+    check_float_tensor,
+    check_ids_in_range,
+    check_int_tensor,
+    check_positive_int,
+    validation_mode,
+)
+
+_NORMS = {"rms": MoTRMSNorm, "layer": MoTLayerNorm}
+_PLACEMENTS = ("post", "pre")
+
+
+def _modality_weight(num_modalities: int, out_features: int, in_features: int, factory: dict) -> nn.Parameter:
+    return nn.Parameter(torch.empty(num_modalities, out_features, in_features, **factory))
+
+
+def _check_tokens(x: torch.Tensor, modality_ids: torch.Tensor | None, num_modalities: int, dim: int) -> None:
+    check_float_tensor(x, "x")
+    if x.shape[-1] != dim:
+        raise ValueError(f"`x` must have last dimension {dim}, got shape {tuple(x.shape)}")
+    if modality_ids is None:
+        if num_modalities > 1:
+            raise ValueError(f"`modality_ids` is required with num_modalities={num_modalities}")
+        return
+    check_int_tensor(modality_ids, "modality_ids")
+    if tuple(modality_ids.shape) != tuple(x.shape[:-1]):
+        raise ValueError(
+            f"`modality_ids` must have shape x.shape[:-1] = {tuple(x.shape[:-1])}, got {tuple(modality_ids.shape)}"
+        )
+
+
+def _resolve_plan(modality_ids, num_modalities: int, plan: GroupPlan | None, backend) -> GroupPlan | None:
+    """The plan to route with: the caller's, or a new one; None for the dense (one-modality) path."""
+    if num_modalities == 1:
+        return None
+    if plan is None:
+        check_ids_in_range(modality_ids, num_modalities, "modality_ids", validation_mode(None, modality_ids.device))
+        return group_plan(modality_ids, num_modalities, backend=backend, validate=False)
+    if not isinstance(plan, GroupPlan):
+        raise TypeError(f"`plan` must be a GroupPlan, got {type(plan).__name__}")
+    if plan.num_groups != num_modalities or plan.num_rows != modality_ids.numel():
+        raise ValueError(
+            f"`plan` routes {plan.num_rows} rows into {plan.num_groups} groups, but `modality_ids` has "
+            f"{modality_ids.numel()} tokens and the layer {num_modalities} modalities"
+        )
+    return plan
+
+
+def _linear(x2d: torch.Tensor, weight: torch.Tensor, plan: GroupPlan | None, backend) -> torch.Tensor:
+    if plan is None:  # one modality: a plain dense matmul
+        return F.linear(x2d, weight[0])
+    return grouped_linear(x2d, weight, plan, backend=backend)
+
+
+class MoTAttention(nn.Module):
+    """Modality-untied attention projections around one global attention.
+
+    ``q, k, v = x W_{Q,K,V}^{m}`` from one grouped GEMM over the concatenated weights; optional per-head
+    QK RMSNorm per modality; rotary embeddings from ``position_ids`` (default ``0..S-1``; ``rope_theta=None``
+    disables them); ``softmax(q k^T / sqrt(d_h) + mask) v`` over all tokens (grouped-query when
+    ``n_kv_heads < n_heads``); output ``o W_O^{m}``.
+
+    Parameters: ``wq (M, H*d_h, dim)``, ``wk, wv (M, H_kv*d_h, dim)``, ``wo (M, dim, H*d_h)``; with
+    ``qk_norm``, submodules ``q_norm, k_norm`` (:class:`MoTRMSNorm`, weight ``(M, d_h)``).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        num_modalities: int,
+        n_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        qk_norm: bool = False,
+        norm_eps: float = 1e-5,
+        rope_theta: float | None = 10000.0,
+        device=None,
+        dtype=None,
+        *,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        for v, name in ((dim, "dim"), (n_heads, "n_heads"), (num_modalities, "num_modalities")):
+            check_positive_int(v, name)
+        n_kv_heads = n_heads if n_kv_heads is None else check_positive_int(n_kv_heads, "n_kv_heads")
+        if n_heads % n_kv_heads:
+            raise ValueError(f"`n_kv_heads`={n_kv_heads} must divide `n_heads`={n_heads}")
+        if head_dim is None:
+            if dim % n_heads:
+                raise ValueError(f"`dim`={dim} must be divisible by `n_heads`={n_heads} (or pass head_dim)")
+            head_dim = dim // n_heads
+        check_positive_int(head_dim, "head_dim")
+        if rope_theta is not None and head_dim % 2:
+            raise ValueError(f"rotary embeddings need an even `head_dim`, got {head_dim}")
+        factory = {"device": device, "dtype": dtype}
+        self.dim, self.n_heads, self.n_kv_heads, self.head_dim = dim, n_heads, n_kv_heads, head_dim
+        self.num_modalities, self.rope_theta, self.backend = num_modalities, rope_theta, backend
+        self.wq = _modality_weight(num_modalities, n_heads * head_dim, dim, factory)
+        self.wk = _modality_weight(num_modalities, n_kv_heads * head_dim, dim, factory)
+        self.wv = _modality_weight(num_modalities, n_kv_heads * head_dim, dim, factory)
+        self.wo = _modality_weight(num_modalities, dim, n_heads * head_dim, factory)
+        self.q_norm = MoTRMSNorm(head_dim, num_modalities, norm_eps, backend=backend, **factory) if qk_norm else None
+        self.k_norm = MoTRMSNorm(head_dim, num_modalities, norm_eps, backend=backend, **factory) if qk_norm else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Each modality's projections initialised like ``nn.Linear``; QK-norm weights to one."""
+        for w in (self.wq, self.wk, self.wv, self.wo):
+            init_per_modality_(w)
+        for norm in (self.q_norm, self.k_norm):
+            if norm is not None:
+                norm.reset_parameters()
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        modality_ids: torch.Tensor | None,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = True,
+        position_ids: torch.Tensor | None = None,
+        plan: GroupPlan | None = None,
+        span_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: ``(B, S, dim)``; modality_ids: ``(B, S)`` (None allowed with one modality).
+
+        attn_mask: bool (True = attend) or additive float, broadcastable to ``(B, H, S, S)``, combined with
+        the causal mask when ``is_causal``; span_ids: ``(B, S)`` ints for the Transfusion hybrid mask (0 =
+        text, equal positive ids = one image span, bidirectional inside); position_ids: ``(B, S)`` or ``(S,)``.
+        Returns the branch output ``(B, S, dim)`` (no residual).
+        """
+        _check_tokens(x, modality_ids, self.num_modalities, self.dim)
+        if x.dim() != 3:
+            raise ValueError(f"`x` must be (B, S, dim), got shape {tuple(x.shape)}")
+        B, S, _ = x.shape
+        H, Hkv, dh = self.n_heads, self.n_kv_heads, self.head_dim
+        plan = _resolve_plan(modality_ids, self.num_modalities, plan, self.backend)
+        w_qkv = torch.cat([self.wq, self.wk, self.wv], dim=1)
+        qkv = _linear(x.reshape(B * S, self.dim), w_qkv, plan, self.backend)
+        q, k, v = qkv.split([H * dh, Hkv * dh, Hkv * dh], dim=-1)
+        q, k, v = q.view(B, S, H, dh), k.view(B, S, Hkv, dh), v.view(B, S, Hkv, dh)
+        if self.q_norm is not None:
+            q = self.q_norm(q, modality_ids)
+            k = self.k_norm(k, modality_ids)
+        if self.rope_theta is not None:
+            if position_ids is None:
+                position_ids = torch.arange(S, device=x.device)
+            position_ids = position_ids.expand(B, S)
+            cos, sin = rotary_cos_sin(position_ids, dh, self.rope_theta, q.dtype)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        mask, causal = attention_mask(B, S, x.device, attn_mask, is_causal, span_ids)
+        o = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, causal)
+        o = o.transpose(1, 2).reshape(B * S, H * dh)
+        return _linear(o, self.wo, plan, self.backend).view(B, S, self.dim)
+
+
+class MoTFeedForward(nn.Module):
+    """Per-modality SwiGLU: ``(silu(x W1^{m}ᵀ) ⊙ x W3^{m}ᵀ) W2^{m}ᵀ``.
+
+    ``W1, W3`` run as one grouped GEMM over their concatenation, then one fused SwiGLU kernel (forward and
+    backward), then the ``W2`` grouped GEMM. Parameters: ``w1, w3 (M, hidden, dim)``, ``w2 (M, dim, hidden)``.
+    """
+
+    def __init__(
+        self, dim: int, hidden_dim: int, num_modalities: int, device=None, dtype=None, *, backend: str | None = None
+    ) -> None:
+        super().__init__()
+        for v, name in ((dim, "dim"), (hidden_dim, "hidden_dim"), (num_modalities, "num_modalities")):
+            check_positive_int(v, name)
+        factory = {"device": device, "dtype": dtype}
+        self.dim, self.hidden_dim, self.num_modalities, self.backend = dim, hidden_dim, num_modalities, backend
+        self.w1 = _modality_weight(num_modalities, hidden_dim, dim, factory)
+        self.w3 = _modality_weight(num_modalities, hidden_dim, dim, factory)
+        self.w2 = _modality_weight(num_modalities, dim, hidden_dim, factory)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Each modality's W1, W2, W3 initialised like ``nn.Linear``."""
+        for w in (self.w1, self.w3, self.w2):
+            init_per_modality_(w)
+
+    def forward(
+        self, x: torch.Tensor, modality_ids: torch.Tensor | None, plan: GroupPlan | None = None
+    ) -> torch.Tensor:
+        """x: ``(..., dim)``; modality_ids: ``x.shape[:-1]``. Returns ``(..., dim)``."""
+        _check_tokens(x, modality_ids, self.num_modalities, self.dim)
+        plan = _resolve_plan(modality_ids, self.num_modalities, plan, self.backend)
+        x2 = x.reshape(-1, self.dim)
+        gate_up = _linear(x2, torch.cat([self.w1, self.w3], dim=1), plan, self.backend)
+        h = swiglu(gate_up, backend=self.backend)
+        return _linear(h, self.w2, plan, self.backend).view(x.shape)
+
+
+class MoTBlock(nn.Module):
+    """A Mixture-of-Transformers block.
+
+    ``norm_placement="post"`` (the paper's, as in Chameleon): ``h = x + attn_norm(attn(x))``,
+    ``y = h + ffn_norm(ffn(h))``. ``"pre"``: ``h = x + attn(attn_norm(x))``, ``y = h + ffn(ffn_norm(h))``.
+    Every norm, projection and FFN is per modality; the plan is shared by all of them.
+    Submodules: ``attn`` (:class:`MoTAttention`), ``ffn`` (:class:`MoTFeedForward`), ``attn_norm``,
+    ``ffn_norm`` (:class:`MoTRMSNorm` for ``norm="rms"``, :class:`MoTLayerNorm` for ``norm="layer"``).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        hidden_dim: int,
+        num_modalities: int,
+        norm: str = "rms",
+        norm_placement: str = "post",
+        qk_norm: bool = False,
+        n_kv_heads: int | None = None,
+        norm_eps: float = 1e-5,
+        head_dim: int | None = None,
+        rope_theta: float | None = 10000.0,
+        device=None,
+        dtype=None,
+        *,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        if norm not in _NORMS:
+            raise ValueError(f"`norm` must be one of {sorted(_NORMS)}, got {norm!r}")
+        if norm_placement not in _PLACEMENTS:
+            raise ValueError(f"`norm_placement` must be one of {_PLACEMENTS}, got {norm_placement!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.dim, self.num_modalities, self.backend = dim, num_modalities, backend
+        self.norm, self.norm_placement = norm, norm_placement
+        self.attn = MoTAttention(
+            dim, n_heads, num_modalities, n_kv_heads, head_dim, qk_norm, norm_eps, rope_theta,
+            backend=backend, **factory,
+        )
+        self.ffn = MoTFeedForward(dim, hidden_dim, num_modalities, backend=backend, **factory)
+        self.attn_norm = _NORMS[norm](dim, num_modalities, norm_eps, backend=backend, **factory)
+        self.ffn_norm = _NORMS[norm](dim, num_modalities, norm_eps, backend=backend, **factory)
+
+    def forward(
+        self, x: torch.Tensor, modality_ids: torch.Tensor | None, plan: GroupPlan | None = None, **attention_kwargs
+    ) -> torch.Tensor:
+        """x: ``(B, S, dim)``; modality_ids: ``(B, S)``; plan: a reusable plan of ``modality_ids``;
+        ``attention_kwargs`` go to :meth:`MoTAttention.forward` (attn_mask, is_causal, position_ids,
+        span_ids). Returns ``(B, S, dim)``."""
+        _check_tokens(x, modality_ids, self.num_modalities, self.dim)
+        plan = _resolve_plan(modality_ids, self.num_modalities, plan, self.backend)
+        ids = modality_ids
+        if self.norm_placement == "post":
+            h = x + self.attn_norm(self.attn(x, ids, plan=plan, **attention_kwargs), ids)
+            return h + self.ffn_norm(self.ffn(h, ids, plan=plan), ids)
+        h = x + self.attn(self.attn_norm(x, ids), ids, plan=plan, **attention_kwargs)
+        return h + self.ffn(self.ffn_norm(h, ids), ids, plan=plan)
+
+    @classmethod
+    def from_dense(cls, block: MoTBlock, num_modalities: int, *, backend: str | None = None) -> MoTBlock:
+        """A MoT block whose every modality starts as a copy of the dense (one-modality) ``block``."""
+        if not isinstance(block, MoTBlock) or block.num_modalities != 1:
+            raise TypeError("`block` must be a dense block (DenseBlock or MoTBlock with num_modalities=1)")
+        attn = block.attn
+        ref = next(block.parameters())
+        new = cls(
+            block.dim, attn.n_heads, block.ffn.hidden_dim, num_modalities, block.norm, block.norm_placement,
+            attn.q_norm is not None, attn.n_kv_heads, block.attn_norm.eps, attn.head_dim, attn.rope_theta,
+            device=ref.device, dtype=ref.dtype, backend=backend,
+        )
+        dense = dict(block.named_parameters())
+        with torch.no_grad():
+            for name, p in new.named_parameters():
+                p.copy_(dense[name].expand_as(p))
+        return new
+
+
+class DenseBlock(MoTBlock):
+    """The dense transformer block: :class:`MoTBlock` with one modality, running plain dense ops.
+
+    Same parameter names and shapes (a modality axis of 1); ``forward(x, modality_ids=None, ...)``.
+    """
+
+    def __init__(self, dim: int, n_heads: int, hidden_dim: int, **kwargs) -> None:
+        super().__init__(dim, n_heads, hidden_dim, 1, **kwargs)
+
+    def forward(self, x, modality_ids=None, plan=None, **attention_kwargs):  # noqa: D102
+        return super().forward(x, None, None, **attention_kwargs)
+
+
+class MoTTransformer(nn.Module):
+    """A small Mixture-of-Transformers language model: shared token embedding and LM head, a stack of
+    :class:`MoTBlock`, a per-modality final norm. The modality plan is built **once** per forward and handed to
+    every layer. ``num_modalities=1`` gives the dense model.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int,
+        n_layers: int,
+        n_heads: int,
+        hidden_dim: int,
+        num_modalities: int,
+        n_kv_heads: int | None = None,
+        norm: str = "rms",
+        norm_placement: str = "post",
+        qk_norm: bool = False,
+        norm_eps: float = 1e-5,
+        rope_theta: float | None = 10000.0,
+        device=None,
+        dtype=None,
+        *,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        check_positive_int(vocab_size, "vocab_size")
+        check_positive_int(n_layers, "n_layers")
+        factory = {"device": device, "dtype": dtype}
+        self.num_modalities, self.backend = num_modalities, backend
+        self.embed = nn.Embedding(vocab_size, dim, **factory)
+        self.layers = nn.ModuleList(
+            MoTBlock(
+                dim, n_heads, hidden_dim, num_modalities, norm, norm_placement, qk_norm, n_kv_heads, norm_eps,
+                rope_theta=rope_theta, backend=backend, **factory,
+            )
+            for _ in range(n_layers)
+        )
+        self.norm = _NORMS[norm](dim, num_modalities, norm_eps, backend=backend, **factory)
+        self.lm_head = nn.Linear(dim, vocab_size, bias=False, **factory)
+
+    def forward(self, tokens: torch.Tensor, modality_ids: torch.Tensor | None = None, **attention_kwargs):
+        """tokens, modality_ids: ``(B, S)`` ints. Returns logits ``(B, S, vocab_size)``."""
+        check_int_tensor(tokens, "tokens")
+        if tokens.dim() != 2:
+            raise ValueError(f"`tokens` must be (B, S), got shape {tuple(tokens.shape)}")
+        h = self.embed(tokens)
+        _check_tokens(h, modality_ids, self.num_modalities, h.shape[-1])
+        plan = _resolve_plan(modality_ids, self.num_modalities, None, self.backend)
+        for layer in self.layers:
+            h = layer(h, modality_ids, plan=plan, **attention_kwargs)
+        return self.lm_head(self.norm(h, modality_ids))

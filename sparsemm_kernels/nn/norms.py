@@ -1,0 +1,163 @@
+"""MoTRMSNorm / MoTLayerNorm: one norm per modality, applied to mixed-modality tokens in one fused kernel."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sparsemm_kernels.ops.norms import modality_layer_norm, modality_rms_norm
+from sparsemm_kernels.utils.checks import check_positive_int
+
+
+def _resolve_ids(x: torch.Tensor, modality_ids: torch.Tensor | None, num_modalities: int) -> torch.Tensor:
+    """``modality_ids`` as given; with one modality, None means every row is modality 0."""
+    if modality_ids is not None:
+        return modality_ids
+    if num_modalities > 1:
+        raise ValueError(f"`modality_ids` is required with num_modalities={num_modalities}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"`x` must be a torch.Tensor, got {type(x).__name__}")
+    return torch.zeros(x.shape[:-1], dtype=torch.int32, device=x.device)
+
+
+def _single_dim(norm: nn.Module, kind: str) -> int:
+    """The one normalised dim of a dense ``norm`` with an elementwise affine weight."""
+    shape = tuple(norm.normalized_shape)
+    if len(shape) != 1:
+        raise ValueError(f"`norm` must normalise over one dim, got normalized_shape={shape}")
+    if norm.weight is None:
+        raise ValueError(f"`norm` must have elementwise_affine=True (a {kind} weight to copy)")
+    return shape[0]
+
+
+class MoTRMSNorm(nn.Module):
+    """Modality-untied RMSNorm (Mixture-of-Transformers): token ``i`` uses ``weight[m_i]``.
+
+    ``y = x / sqrt(mean_d(x^2) + eps) * weight[m]`` over the last dim, statistics in float32.
+
+    Args:
+        dim: the normalised size ``D`` (``d_h`` for QK-norm).
+        num_modalities: ``M``, the number of weight copies.
+        eps: added to the mean square.
+        device, dtype: parameter factory kwargs.
+        backend: force a backend for this module's op (default: automatic).
+
+    Parameters:
+        weight: ``(M, dim)``, initialised to ones.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_modalities: int,
+        eps: float = 1e-5,
+        device=None,
+        dtype=None,
+        *,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        check_positive_int(dim, "dim")
+        check_positive_int(num_modalities, "num_modalities")
+        self.dim = dim
+        self.num_modalities = num_modalities
+        self.eps = eps
+        self.backend = backend
+        self.weight = nn.Parameter(torch.empty(num_modalities, dim, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Every modality's weight to one, as ``nn.RMSNorm``."""
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor, modality_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """x: ``(..., dim)`` with modality_ids ``x.shape[:-1]``, or ``(..., H, dim)`` with modality_ids
+        ``x.shape[:-2]`` (per-head QK-norm); ids in ``[0, M)``, None allowed with one modality.
+        Returns ``x.shape`` in x's dtype."""
+        ids = _resolve_ids(x, modality_ids, self.num_modalities)
+        return modality_rms_norm(x, ids, self.weight, self.eps, backend=self.backend)
+
+    @classmethod
+    def from_norm(cls, norm: nn.RMSNorm, num_modalities: int, *, backend: str | None = None) -> MoTRMSNorm:
+        """A MoTRMSNorm whose every modality starts as a copy of the dense ``norm`` (``eps=None`` becomes
+        ``torch.finfo(weight.dtype).eps``, what ``nn.RMSNorm`` uses then)."""
+        if not isinstance(norm, nn.RMSNorm):
+            raise TypeError(f"`norm` must be an nn.RMSNorm, got {type(norm).__name__}")
+        dim = _single_dim(norm, "RMSNorm")
+        w = norm.weight
+        eps = norm.eps if norm.eps is not None else torch.finfo(w.dtype).eps
+        module = cls(dim, num_modalities, eps, device=w.device, dtype=w.dtype, backend=backend)
+        with torch.no_grad():
+            module.weight.copy_(w.detach().unsqueeze(0).expand_as(module.weight))
+        return module
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, num_modalities={self.num_modalities}, eps={self.eps}"
+
+
+class MoTLayerNorm(nn.Module):
+    """Modality-untied LayerNorm: token ``i`` uses ``weight[m_i]`` and ``bias[m_i]``.
+
+    ``y = (x - mean_d(x)) / sqrt(var_d(x) + eps) * weight[m] + bias[m]`` (biased variance, as ``nn.LayerNorm``).
+
+    Args:
+        dim, num_modalities, eps, device, dtype, backend: as :class:`MoTRMSNorm`.
+        bias: learn a per-modality bias.
+
+    Parameters:
+        weight: ``(M, dim)`` initialised to ones; bias: ``(M, dim)`` initialised to zeros, or None.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_modalities: int,
+        eps: float = 1e-5,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        check_positive_int(dim, "dim")
+        check_positive_int(num_modalities, "num_modalities")
+        factory = {"device": device, "dtype": dtype}
+        self.dim = dim
+        self.num_modalities = num_modalities
+        self.eps = eps
+        self.backend = backend
+        self.weight = nn.Parameter(torch.empty(num_modalities, dim, **factory))
+        self.bias = nn.Parameter(torch.empty(num_modalities, dim, **factory)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Weights to one and biases to zero for every modality, as ``nn.LayerNorm``."""
+        nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor, modality_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Shapes as :meth:`MoTRMSNorm.forward`. Returns ``x.shape`` in x's dtype."""
+        ids = _resolve_ids(x, modality_ids, self.num_modalities)
+        return modality_layer_norm(x, ids, self.weight, self.bias, self.eps, backend=self.backend)
+
+    @classmethod
+    def from_norm(cls, norm: nn.LayerNorm, num_modalities: int, *, backend: str | None = None) -> MoTLayerNorm:
+        """A MoTLayerNorm whose every modality starts as a copy of the dense ``norm`` (with or without bias)."""
+        if not isinstance(norm, nn.LayerNorm):
+            raise TypeError(f"`norm` must be an nn.LayerNorm, got {type(norm).__name__}")
+        dim = _single_dim(norm, "LayerNorm")
+        w = norm.weight
+        module = cls(
+            dim, num_modalities, norm.eps, bias=norm.bias is not None, device=w.device, dtype=w.dtype,
+            backend=backend,
+        )
+        with torch.no_grad():
+            module.weight.copy_(w.detach().unsqueeze(0).expand_as(module.weight))
+            if norm.bias is not None:
+                module.bias.copy_(norm.bias.detach().unsqueeze(0).expand_as(module.bias))
+        return module
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, num_modalities={self.num_modalities}, eps={self.eps}, bias={self.bias is not None}"

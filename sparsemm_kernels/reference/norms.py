@@ -1,0 +1,51 @@
+"""Reference per-modality RMSNorm / LayerNorm: each token's row (or each of its heads) uses ``weight[m]``."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _gathered(param: torch.Tensor, x: torch.Tensor, modality_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``param[ids]`` shaped to broadcast against ``x``: ``(..., D)``, or ``(..., 1, D)`` for per-head ids."""
+    rows = param[modality_ids].to(dtype)
+    return rows.unsqueeze(-2) if modality_ids.dim() == x.dim() - 2 else rows
+
+
+def _stats_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def modality_rms_norm_ref(
+    x: torch.Tensor, modality_ids: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5
+) -> torch.Tensor:
+    """``y = x / sqrt(mean_d(x^2) + eps) * weight[m]`` over the last dim of ``x``.
+
+    ``x (..., D)`` with ``modality_ids`` of shape ``x.shape[:-1]`` (one modality per row), or ``x (..., H, D)``
+    with ``modality_ids`` of shape ``x.shape[:-2]`` (every head of a token uses its modality); ``weight (M, D)``.
+    Statistics in float32 (float64 for float64 input); returns ``x``'s dtype.
+    """
+    dt = _stats_dtype(x)
+    xf = x.to(dt)
+    rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+    return (xf * rstd * _gathered(weight, x, modality_ids, dt)).to(x.dtype)
+
+
+def modality_layer_norm_ref(
+    x: torch.Tensor,
+    modality_ids: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """``y = (x - mean_d(x)) / sqrt(var_d(x) + eps) * weight[m] + bias[m]`` (biased variance, as nn.LayerNorm).
+
+    Shapes as :func:`modality_rms_norm_ref`; ``bias (M, D)`` or None.
+    """
+    dt = _stats_dtype(x)
+    xf = x.to(dt)
+    xc = xf - xf.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(xc.square().mean(-1, keepdim=True) + eps)
+    y = xc * rstd * _gathered(weight, x, modality_ids, dt)
+    if bias is not None:
+        y = y + _gathered(bias, x, modality_ids, dt)
+    return y.to(x.dtype)

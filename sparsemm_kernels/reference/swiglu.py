@@ -1,0 +1,23 @@
+"""SwiGLU activation in plain PyTorch: the truth the Triton kernels are tested against, and the ``torch`` backend."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def swiglu_ref(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(a) * b`` with ``a, b = gate_up[..., :H], gate_up[..., H:]`` and ``silu(a) = a * sigmoid(a)``.
+
+    Args:
+        gate_up: ``(..., 2H)`` any float dtype; the gate ``a = x W1^T`` then the up projection ``b = x W3^T``.
+
+    Returns:
+        ``(..., H)`` in ``gate_up``'s dtype, differentiable through ordinary autograd. float16/bfloat16 are
+        computed in float32 (as the kernels do); float32 and float64 are computed in their own precision.
+    """
+    compute = torch.float32 if gate_up.dtype in (torch.float16, torch.bfloat16) else gate_up.dtype
+    h = gate_up.shape[-1] // 2
+    g = gate_up.to(compute)
+    a, b = g[..., :h], g[..., h:]
+    return (F.silu(a) * b).to(gate_up.dtype)
