@@ -51,7 +51,11 @@ def _check_tokens(x: torch.Tensor, modality_ids: torch.Tensor | None, num_modali
 
 
 def _resolve_plan(modality_ids, num_modalities: int, plan: GroupPlan | None, backend) -> GroupPlan | None:
-    """The plan to route with: the caller's, or a new one; None for the dense (one-modality) path."""
+    """The plan to route with: the caller's, or a new one; None for the dense (one-modality) path.
+
+    Ids are range-checked here when the plan is built, once per forward; a caller's plan vouches for the ids
+    it was built from (every kernel clamps or bounds its indices, so even a wrong plan reads no stray memory).
+    """
     if num_modalities == 1:
         return None
     if plan is None:
@@ -159,9 +163,9 @@ class MoTAttention(nn.Module):
         qkv = _linear(x.reshape(B * S, self.dim), w_qkv, plan, self.backend)
         q, k, v = qkv.split([H * dh, Hkv * dh, Hkv * dh], dim=-1)
         q, k, v = q.view(B, S, H, dh), k.view(B, S, Hkv, dh), v.view(B, S, Hkv, dh)
-        if self.q_norm is not None:
-            q = self.q_norm(q, modality_ids)
-            k = self.k_norm(k, modality_ids)
+        if self.q_norm is not None:  # ids were checked when the plan was built
+            q = self.q_norm(q, modality_ids, validate=False)
+            k = self.k_norm(k, modality_ids, validate=False)
         if self.rope_theta is not None:
             if position_ids is None:
                 position_ids = torch.arange(S, device=x.device)
@@ -264,11 +268,18 @@ class MoTBlock(nn.Module):
         _check_tokens(x, modality_ids, self.num_modalities, self.dim)
         plan = _resolve_plan(modality_ids, self.num_modalities, plan, self.backend)
         ids = modality_ids
+
+        def attn_norm(t):  # ids were checked when the plan was built
+            return self.attn_norm(t, ids, validate=False)
+
+        def ffn_norm(t):
+            return self.ffn_norm(t, ids, validate=False)
+
         if self.norm_placement == "post":
-            h = x + self.attn_norm(self.attn(x, ids, plan=plan, **attention_kwargs), ids)
-            return h + self.ffn_norm(self.ffn(h, ids, plan=plan), ids)
-        h = x + self.attn(self.attn_norm(x, ids), ids, plan=plan, **attention_kwargs)
-        return h + self.ffn(self.ffn_norm(h, ids), ids, plan=plan)
+            h = x + attn_norm(self.attn(x, ids, plan=plan, **attention_kwargs))
+            return h + ffn_norm(self.ffn(h, ids, plan=plan))
+        h = x + self.attn(attn_norm(x), ids, plan=plan, **attention_kwargs)
+        return h + self.ffn(ffn_norm(h), ids, plan=plan)
 
     @classmethod
     def from_dense(cls, block: MoTBlock, num_modalities: int, *, backend: str | None = None) -> MoTBlock:
@@ -353,4 +364,4 @@ class MoTTransformer(nn.Module):
         plan = _resolve_plan(modality_ids, self.num_modalities, None, self.backend)
         for layer in self.layers:
             h = layer(h, modality_ids, plan=plan, **attention_kwargs)
-        return self.lm_head(self.norm(h, modality_ids))
+        return self.lm_head(self.norm(h, modality_ids, validate=False))

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sparsemm_kernels.ops.norms import modality_layer_norm, modality_rms_norm
-from sparsemm_kernels.utils.checks import check_positive_int
+from sparsemm_kernels.utils.checks import check_float_tensor, check_positive_int, check_same_dtype
 
 
 def _resolve_ids(x: torch.Tensor, modality_ids: torch.Tensor | None, num_modalities: int) -> torch.Tensor:
@@ -18,6 +19,15 @@ def _resolve_ids(x: torch.Tensor, modality_ids: torch.Tensor | None, num_modalit
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"`x` must be a torch.Tensor, got {type(x).__name__}")
     return torch.zeros(x.shape[:-1], dtype=torch.int32, device=x.device)
+
+
+def _dense_input(x, dim: int, weight: torch.Tensor) -> torch.Tensor:
+    """Checks for the one-modality path, which runs torch's dense norm directly."""
+    check_float_tensor(x, "x")
+    if x.dim() < 1 or x.shape[-1] != dim:
+        raise ValueError(f"`x` must have last dimension {dim}, got shape {tuple(x.shape)}")
+    check_same_dtype("x", x, "weight", weight)
+    return x
 
 
 def _single_dim(norm: nn.Module, kind: str) -> int:
@@ -70,12 +80,17 @@ class MoTRMSNorm(nn.Module):
         """Every modality's weight to one, as ``nn.RMSNorm``."""
         nn.init.ones_(self.weight)
 
-    def forward(self, x: torch.Tensor, modality_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, modality_ids: torch.Tensor | None = None, *, validate: bool | None = None
+    ) -> torch.Tensor:
         """x: ``(..., dim)`` with modality_ids ``x.shape[:-1]``, or ``(..., H, dim)`` with modality_ids
-        ``x.shape[:-2]`` (per-head QK-norm); ids in ``[0, M)``, None allowed with one modality.
+        ``x.shape[:-2]`` (per-head QK-norm); ids in ``[0, M)``. With one modality the ids are not needed and
+        the dense ``F.rms_norm`` runs. ``validate``: as in :func:`~sparsemm_kernels.modality_rms_norm`.
         Returns ``x.shape`` in x's dtype."""
+        if self.num_modalities == 1:
+            return F.rms_norm(_dense_input(x, self.dim, self.weight), (self.dim,), self.weight[0], self.eps)
         ids = _resolve_ids(x, modality_ids, self.num_modalities)
-        return modality_rms_norm(x, ids, self.weight, self.eps, backend=self.backend)
+        return modality_rms_norm(x, ids, self.weight, self.eps, backend=self.backend, validate=validate)
 
     @classmethod
     def from_norm(cls, norm: nn.RMSNorm, num_modalities: int, *, backend: str | None = None) -> MoTRMSNorm:
@@ -137,10 +152,18 @@ class MoTLayerNorm(nn.Module):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
-    def forward(self, x: torch.Tensor, modality_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Shapes as :meth:`MoTRMSNorm.forward`. Returns ``x.shape`` in x's dtype."""
+    def forward(
+        self, x: torch.Tensor, modality_ids: torch.Tensor | None = None, *, validate: bool | None = None
+    ) -> torch.Tensor:
+        """Shapes, the one-modality dense path and ``validate`` as :meth:`MoTRMSNorm.forward`.
+        Returns ``x.shape`` in x's dtype."""
+        if self.num_modalities == 1:
+            bias = self.bias[0] if self.bias is not None else None
+            return F.layer_norm(_dense_input(x, self.dim, self.weight), (self.dim,), self.weight[0], bias, self.eps)
         ids = _resolve_ids(x, modality_ids, self.num_modalities)
-        return modality_layer_norm(x, ids, self.weight, self.bias, self.eps, backend=self.backend)
+        return modality_layer_norm(
+            x, ids, self.weight, self.bias, self.eps, backend=self.backend, validate=validate
+        )
 
     @classmethod
     def from_norm(cls, norm: nn.LayerNorm, num_modalities: int, *, backend: str | None = None) -> MoTLayerNorm:

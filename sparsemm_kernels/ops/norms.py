@@ -74,7 +74,7 @@ def _check_param(p, name: str, x: torch.Tensor, num_modalities: int | None) -> N
         raise ValueError(f"`{name}` has {p.shape[0]} rows but `weight` has M = {num_modalities}")
 
 
-def _check_operands(x, modality_ids, weight, bias, eps) -> float:
+def _check_operands(x, modality_ids, weight, bias, eps, validate) -> float:
     check_float_tensor(x, "x")
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"`x` must be (..., D) with D >= 1, got shape {tuple(x.shape)}")
@@ -90,7 +90,7 @@ def _check_operands(x, modality_ids, weight, bias, eps) -> float:
     if bias is not None:
         _check_param(bias, "bias", x, weight.shape[0])
     eps = _check_eps(eps)
-    check_ids_in_range(modality_ids, weight.shape[0], "modality_ids", validation_mode(None, modality_ids.device))
+    check_ids_in_range(modality_ids, weight.shape[0], "modality_ids", validation_mode(validate, modality_ids.device))
     return eps
 
 
@@ -124,6 +124,7 @@ def modality_rms_norm(
     eps: float = 1e-5,
     *,
     backend: str | None = None,
+    validate: bool | None = None,
 ) -> torch.Tensor:
     """Per-modality RMSNorm: ``y = x / sqrt(mean_d(x^2) + eps) * weight[m]`` over the last dim.
 
@@ -140,13 +141,16 @@ def modality_rms_norm(
         weight: ``(M, D)``, same dtype and device as ``x``.
         eps: positive float added to the mean square.
         backend: see :mod:`sparsemm_kernels.backend`; default: the fastest for the device.
+        validate: how the id range is checked (see :func:`sparsemm_kernels.group_plan`); ``False`` for ids
+            already checked (the MoT layers check once per forward). Kernels clamp ids either way, so a bad
+            id never reads outside ``weight``.
 
     Returns:
         ``x.shape`` in ``x``'s dtype. Statistics in float32 (float64 for float64 input). Differentiable in
         ``x`` and ``weight``; the weight gradient of a modality absent from the batch is exactly zero, and
         the triton backend reduces it without atomics (bitwise reproducible).
     """
-    eps = _check_operands(x, modality_ids, weight, None, eps)
+    eps = _check_operands(x, modality_ids, weight, None, eps, validate)
     if _select(x, backend) == "torch":
         return modality_rms_norm_ref(x, modality_ids, weight, eps)
     return _apply(x, modality_ids, weight, None, eps, True)
@@ -160,17 +164,18 @@ def modality_layer_norm(
     eps: float = 1e-5,
     *,
     backend: str | None = None,
+    validate: bool | None = None,
 ) -> torch.Tensor:
     """Per-modality LayerNorm: ``y = (x - mean_d(x)) / sqrt(var_d(x) + eps) * weight[m] + bias[m]``.
 
     The variance is biased (divides by ``D``), as in ``nn.LayerNorm``. Shapes, ids, dtypes and backends as in
-    :func:`modality_rms_norm`; ``bias`` is ``(M, D)`` or None.
+    :func:`modality_rms_norm`; ``bias`` is ``(M, D)`` or None; ``validate`` as there.
 
     Returns:
         ``x.shape`` in ``x``'s dtype; differentiable in ``x``, ``weight`` and ``bias`` (exact zeros for a
         modality absent from the batch).
     """
-    eps = _check_operands(x, modality_ids, weight, bias, eps)
+    eps = _check_operands(x, modality_ids, weight, bias, eps, validate)
     if _select(x, backend) == "torch":
         return modality_layer_norm_ref(x, modality_ids, weight, bias, eps)
     return _apply(x, modality_ids, weight, bias, eps, False)

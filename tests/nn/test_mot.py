@@ -79,11 +79,11 @@ def _check_block_vs_ref(module, ref_module, ref_fn, x, ids, kw):
         assert_close_verbose(p.grad, ref_params[name].grad, torch.float32, f"d{name}")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def _case_id(case):
     return f"M{case[0]}-{case[1]}-" + ("-".join(f"{k}={v}" for k, v in case[2].items()) or "default")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", BLOCK_CASES, ids=_case_id)
 def test_block_matches_mask_loop_reference(case, backend):
     _skip(backend)

@@ -34,7 +34,7 @@ def _modality_norm_fwd_kernel(
     # outputs
     y_ptr, mean_ptr, rstd_ptr,
     # sizes
-    D, eps,
+    D, M, eps,
     # strides
     stride_xt, stride_xh, stride_xd, stride_wm, stride_bm,
     # modes
@@ -54,7 +54,8 @@ def _modality_norm_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     tok = row // ROWS_PER_ID
     head = row % ROWS_PER_ID
-    m = tl.load(ids_ptr + tok).to(tl.int64)
+    # Clamped so a bad id (reported by the op's asynchronous check) can never read outside `weight`.
+    m = tl.minimum(tl.maximum(tl.load(ids_ptr + tok).to(tl.int64), 0), M - 1)
     cols = tl.arange(0, BLOCK_D)
     col_mask = cols < D
 
@@ -84,7 +85,7 @@ def _modality_norm_bwd_kernel(
     # outputs
     dx_ptr, dw_part_ptr, db_part_ptr,
     # sizes
-    R, D, rows_per_program,
+    R, D, M, rows_per_program,
     # strides
     stride_xt, stride_xh, stride_xd, stride_dyt, stride_dyh, stride_dyd, stride_wm,
     # modes
@@ -119,7 +120,7 @@ def _modality_norm_bwd_kernel(
     for row in range(row_start, row_end):
         tok = row // ROWS_PER_ID
         head = row % ROWS_PER_ID
-        m = tl.load(ids_ptr + tok).to(tl.int64)
+        m = tl.minimum(tl.maximum(tl.load(ids_ptr + tok).to(tl.int64), 0), M - 1)
         # A row is needed by the dx pass (chunk 0) and by its own modality chunk; others load nothing.
         active = (m >= m_lo) & (m < m_lo + M_BLOCK)
         if COMPUTE_DX:
@@ -227,7 +228,7 @@ def modality_norm_fwd(
     _modality_norm_fwd_kernel[(R,)](
         x, ids, weight, bias if bias is not None else _dummy(x),
         y, mean if mean is not None else rstd, rstd,
-        D, float(eps),
+        D, weight.shape[0], float(eps),
         x.stride(0), x.stride(1), x.stride(2), weight.stride(0), bias.stride(0) if bias is not None else 0,
         IS_RMS=is_rms, HAS_BIAS=bias is not None, ROWS_PER_ID=H,
         BLOCK_D=block_d, num_warps=_num_warps(block_d),
@@ -281,7 +282,7 @@ def modality_norm_bwd(
         x, dy, ids, weight, mean if mean is not None else rstd, rstd,
         dx if dx is not None else _dummy(x), dw_part if dw_part is not None else _dummy(rstd),
         db_part if db_part is not None else _dummy(rstd),
-        R, D, rows_per_program,
+        R, D, M, rows_per_program,
         x.stride(0), x.stride(1), x.stride(2), dy.stride(0), dy.stride(1), dy.stride(2), weight.stride(0),
         IS_RMS=is_rms, COMPUTE_DX=compute_dx, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db, ROWS_PER_ID=H,
         M_BLOCK=m_block, BLOCK_D=block_d, num_warps=_num_warps(max(block_d, m_block * block_d // 2)),
