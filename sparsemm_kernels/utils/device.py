@@ -29,3 +29,21 @@ def has_cuda() -> bool:
 def capability(index: int = 0) -> tuple[int, int]:
     """Compute capability of CUDA device ``index``, looked up once and cached."""
     return torch.cuda.get_device_capability(index)
+
+
+def on_first_tensor_device(launcher):
+    """Run a kernel launcher with its first tensor argument's CUDA device current.
+
+    Triton launches on the *current* device, so a tensor on ``cuda:1`` while ``cuda:0`` is current would
+    otherwise run on the wrong GPU.
+    """
+
+    @functools.wraps(launcher)
+    def wrapped(*args, **kwargs):
+        t = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if t is None or t.device.type != "cuda":
+            return launcher(*args, **kwargs)
+        with torch.cuda.device(t.device):
+            return launcher(*args, **kwargs)
+
+    return wrapped

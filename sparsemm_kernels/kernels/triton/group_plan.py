@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sparsemm_kernels.utils.device import is_interpreting
+from sparsemm_kernels.utils.device import is_interpreting, on_first_tensor_device
 
 
 @triton.jit
@@ -44,6 +44,7 @@ def _chunk_scatter_kernel(ids_ptr, base_ptr, out_ptr, n, G, BLOCK: tl.constexpr,
 _MAX_GROUPS = 4096
 
 
+@on_first_tensor_device
 def group_plan_triton(ids: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stable sort of ``ids (n,)`` int32/int64 into ``num_groups`` groups.
 

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from sparsemm_kernels.kernels.triton.configs import grouped_gemm_configs, grouped_gemm_dw_configs
-from sparsemm_kernels.utils.device import is_interpreting
+from sparsemm_kernels.utils.device import is_interpreting, on_first_tensor_device
 
 
 @triton.jit
@@ -184,6 +184,7 @@ def _dummy(t: torch.Tensor) -> torch.Tensor:
     return t.new_empty(1)
 
 
+@on_first_tensor_device
 def grouped_gemm(
     a: torch.Tensor,
     w: torch.Tensor,
@@ -236,6 +237,7 @@ def grouped_gemm(
     return out
 
 
+@on_first_tensor_device
 def grouped_gemm_dw(
     dy: torch.Tensor,
     x: torch.Tensor,

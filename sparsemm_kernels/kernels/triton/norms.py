@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sparsemm_kernels.utils.device import on_first_tensor_device
+
 # A row is one register block; beyond this a row no longer fits (the torch backend has no limit).
 MAX_FUSED_D = 65536
 # Elements of the per-program dW partial ([M_BLOCK, BLOCK_D] fp32) kept in registers, and the most modalities
@@ -194,6 +196,7 @@ def _dummy(t: torch.Tensor) -> torch.Tensor:
     return t.new_empty(1)
 
 
+@on_first_tensor_device
 def modality_norm_fwd(
     x: torch.Tensor,
     ids: torch.Tensor,
@@ -236,6 +239,7 @@ def modality_norm_fwd(
     return y, mean, rstd
 
 
+@on_first_tensor_device
 def modality_norm_bwd(
     dy: torch.Tensor,
     x: torch.Tensor,

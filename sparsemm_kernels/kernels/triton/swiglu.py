@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sparsemm_kernels.utils.device import is_interpreting
+from sparsemm_kernels.utils.device import is_interpreting, on_first_tensor_device
 
 
 @triton.jit
@@ -109,6 +109,7 @@ def _rows(t: torch.Tensor, cols: int) -> torch.Tensor:
     return t
 
 
+@on_first_tensor_device
 def swiglu_fwd(gate_up: torch.Tensor) -> torch.Tensor:
     """``silu(gate_up[..., :H]) * gate_up[..., H:]``.
 
@@ -137,6 +138,7 @@ def swiglu_fwd(gate_up: torch.Tensor) -> torch.Tensor:
     return y
 
 
+@on_first_tensor_device
 def swiglu_bwd(gate_up: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     """Gradient of :func:`swiglu_fwd` with respect to ``gate_up``.
 
