@@ -17,7 +17,6 @@ Providers (:data:`PROVIDERS`), each computing ``out (T, N)`` from ``x (T, K)`` a
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import sys
 import time
@@ -34,7 +33,6 @@ from sparsemm_kernels.backend import select_backend, unsupported_reasons
 from sparsemm_kernels.reference import grouped_linear_ref, grouped_mm_ref
 
 OP = "grouped_gemm"
-CLI_MODES = {"forward": "forward", "full": "forward+backward"}
 
 
 class Skip(Exception):
@@ -210,24 +208,11 @@ def _measure(p: Provider, case: Case, mode: str, time_fn) -> dict:
 
 
 def _parse(argv):
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_grouped_gemm", description=__doc__.split("\n")[0])
-    ap.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
-    ap.add_argument("--dtype", choices=tuple(harness.DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
-    ap.add_argument("--quick", action="store_true", help="a few shapes only")
-    ap.add_argument("--modes", default="forward,full", help="comma list of: forward, full (= forward+backward)")
-    ap.add_argument("--providers", default=None, help="comma list (default: all for the device)")
-    ap.add_argument("--out", default=str(harness.REPO / "benchmarks" / "results"), help="directory for .md/.json")
-    ap.add_argument("--time-budget", type=float, default=None, help="start no new shape after this many seconds")
-    ap.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="CPU threads for torch and the C++ backend (default 1: stable on a shared machine; 0: leave defaults)",
+    ap = harness.cli_parser(
+        "python -m benchmarks.bench_grouped_gemm", __doc__.split("\n")[0], "a few shapes only",
+        "CPU threads for torch and the C++ backend (default 1: stable on a shared machine; 0: leave defaults)",
     )
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    args.modes = [CLI_MODES[m.strip()] for m in args.modes.split(",") if m.strip()]
-    return args
+    return harness.parse_cli(ap, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

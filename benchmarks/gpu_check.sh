@@ -13,6 +13,7 @@ set -u
 # The benchmarks, one "module [args]" per entry; add a line per new benchmark. --out/--time-budget are appended.
 BENCHMARKS=(
   "benchmarks.bench_grouped_gemm --device cuda --dtype bf16"
+  "benchmarks.bench_mot_block --device cuda --dtype bf16"
 )
 
 PYTHON=${PYTHON:-python3}

@@ -9,6 +9,7 @@ p20/p50/p80 of the per-run times, and gradients are set to ``None`` between runs
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import datetime as _dt
 import functools
@@ -290,3 +291,28 @@ def write_results(stem: Path, header: list[str], env: dict, rows: list[dict], mo
         json.dumps({"environment": env, "complete": complete, "rows": rows}, indent=1) + "\n"
     )
     return stem.with_suffix(".md"), stem.with_suffix(".json")
+
+
+CLI_MODES = {"forward": "forward", "full": "forward+backward"}
+
+
+def cli_parser(prog: str, description: str, quick_help: str, threads_help: str) -> argparse.ArgumentParser:
+    """The options every benchmark script shares; a script adds its own before calling :func:`parse_cli`."""
+    ap = argparse.ArgumentParser(prog=prog, description=description)
+    ap.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
+    ap.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default: bf16 on cuda, fp32 on cpu")
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    ap.add_argument("--modes", default="forward,full", help="comma list of: forward, full (= forward+backward)")
+    ap.add_argument("--providers", default=None, help="comma list (default: all for the device)")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="directory for .md/.json")
+    ap.add_argument("--time-budget", type=float, default=None, help="start no new case after this many seconds")
+    ap.add_argument("--threads", type=int, default=1, help=threads_help)
+    ap.add_argument("--seed", type=int, default=0)
+    return ap
+
+
+def parse_cli(ap: argparse.ArgumentParser, argv) -> argparse.Namespace:
+    """Parse, turning ``--modes`` into the harness's mode names."""
+    args = ap.parse_args(argv)
+    args.modes = [CLI_MODES[m.strip()] for m in args.modes.split(",") if m.strip()]
+    return args

@@ -1,7 +1,8 @@
 """Smoke benchmarks on tiny CPU shapes, so the benchmark scripts cannot rot.
 
-Each CPU provider of ``bench_grouped_gemm`` is validated against the reference and timed once by pytest-benchmark;
-then the script itself runs end to end on its quick CPU set. Runs on CPU only (no Triton interpreter).
+Each CPU provider of ``bench_grouped_gemm`` and of ``bench_mot_block`` is validated against the reference and timed
+once by pytest-benchmark; then each script runs end to end on its CPU set. Runs on CPU only (the MoT modules pick
+the torch backend on CPU tensors, with or without ``TRITON_INTERPRET=1``).
 
     PYTHONPATH=. python -m pytest benchmarks/test_bench_smoke.py -q
 """
@@ -15,8 +16,17 @@ import pytest
 import torch
 
 from benchmarks import bench_grouped_gemm as bench
+from benchmarks import bench_mot_block as mot_bench
 from benchmarks import harness
-from benchmarks.shapes import CPU_QUICK, Shape
+from benchmarks.shapes import (
+    CPU_QUICK,
+    MOT_BLOCK_CONFIGS,
+    MOT_SPLITS,
+    Shape,
+    interleaved_modality_ids,
+    mot_block_set,
+    swiglu_hidden,
+)
 
 CPU = torch.device("cpu")
 SHAPE = Shape(96, 32, 48, 3, "80/20")  # tiny: K and N off any tile, unequal groups
@@ -90,4 +100,88 @@ def test_wrong_provider_is_failed_not_timed():
 
     for mode in harness.MODES:
         row = bench._measure(wrong, case, mode, no_timing)
+        assert row["status"] == "FAILED" and "ms_p50" not in row and "not timed" in row["note"], row
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bench_mot_block
+
+TINY = MOT_BLOCK_CONFIGS["tiny"]
+
+
+def test_mot_block_configs_and_layout():
+    """The published hidden widths, and interleaved ids with the exact image fraction per sequence, alternating
+    text runs and image spans, starting with text, the same for the same seed."""
+    assert (MOT_BLOCK_CONFIGS["443M"].hidden, MOT_BLOCK_CONFIGS["1.5B"].hidden) == (2816, 5632)
+    assert swiglu_hidden(1024) == 2816 and swiglu_hidden(2048) == 5632
+    assert mot_block_set("cuda", True) == [(MOT_BLOCK_CONFIGS["443M"], "80/20")]
+    assert len(mot_block_set("cuda", False)) == 4 and mot_block_set("cpu", False)[0] == (TINY, "80/20")
+    for split, frac in MOT_SPLITS.items():
+        for seq, span, spans in ((4096, 1024, {0.5: 2, 0.2: 1}[frac]), (TINY.seq, TINY.image_span, None)):
+            ids = interleaved_modality_ids(3, seq, frac, span, seed=1)
+            assert ids.shape == (3, seq) and ids.dtype == torch.int64, split
+            assert torch.equal(ids, interleaved_modality_ids(3, seq, frac, span, seed=1))
+            assert (ids.sum(1) == round(frac * seq)).all()
+            assert (ids[:, 0] == 0).all()
+            starts = ((ids[:, 1:] == 1) & (ids[:, :-1] == 0)).sum(1)  # image spans per sequence
+            assert (starts >= 1).all() and (spans is None or (starts == spans).all())
+            assert not torch.equal(ids[0], ids[1])  # each sequence has its own cuts
+    assert interleaved_modality_ids(1, 8, 0.0, 4, 0).sum() == 0 and interleaved_modality_ids(1, 8, 1.0, 4, 0).all()
+
+
+@pytest.mark.parametrize("mode", list(harness.MODES))
+@pytest.mark.parametrize("provider", mot_bench.PROVIDERS, ids=lambda p: p.name)
+def test_mot_provider(benchmark, provider, mode):
+    """The provider's output (and dx, parameter grads) match the fp64 mask-loop reference; pytest-benchmark times it."""
+    case = mot_bench.Case(TINY, "80/20", 1, CPU, torch.float32, seed=0)
+    fn = provider.make(case)
+    errors, extra = mot_bench._validate(fn, case, provider, mode)
+    assert harness.within_tolerance(errors, torch.float32), errors
+    if mode == "forward":
+        with torch.no_grad():
+            benchmark.pedantic(fn, rounds=5, warmup_rounds=1)
+    else:
+        assert extra["dparam_worst"]["rel_err"] <= harness.TOLERANCE[torch.float32], extra
+        leaves = case.leaves(provider.block)
+
+        def reset():
+            for t in leaves:
+                t.grad = None
+
+        benchmark.pedantic(lambda: fn().backward(case.dy), setup=reset, rounds=5, warmup_rounds=1)
+
+
+@pytest.mark.usefixtures("_restore_threads")
+def test_mot_script_end_to_end(tmp_path):
+    """``main`` on the CPU preset writes a .md and a .json with a row per split, mode and provider, all ok."""
+    assert mot_bench.main(["--device", "cpu", "--batch", "1", "--out", str(tmp_path)]) == 0
+    (md,) = tmp_path.glob("mot_block-*-fp32-*.md")
+    (js,) = tmp_path.glob("mot_block-*-fp32-*.json")
+    text = md.read_text()
+    assert "measured in this run" in text and "status: complete" in text and "8*dim^2 + 6*dim*hidden" in text
+    data = json.loads(js.read_text())
+    got = {(r["config"], r["split"], r["mode"], r["provider"]) for r in data["rows"]}
+    want = {("tiny", s, m, p.name) for s in MOT_SPLITS for m in harness.MODES for p in mot_bench.PROVIDERS}
+    assert got == want
+    for row in data["rows"]:
+        assert row["status"] == "ok", row
+        assert row["device"] and row["torch"] and row["timestamp"] and row["batch"] == 1
+        assert row["ms_p20"] <= row["ms_p50"] <= row["ms_p80"] and row["tflops"] > 0 and row["tokens_per_s"] > 0
+        assert row["peak_mem_gib"] is None  # CPU: n/a
+        assert (row["mask_loop_over_mot"] is not None) == (row["provider"] == "mot")
+        if row["provider"] == "dense":
+            assert row["time_vs_dense"] == 1.0
+        assert row["provider"] in text
+
+
+def test_mot_wrong_provider_is_failed_not_timed():
+    """A provider whose result is off by 1% is FAILED and never reaches the timer."""
+    case = mot_bench.Case(TINY, "50/50", 1, CPU, torch.float32, seed=0)
+    wrong = mot_bench.Provider("wrong", "mot", lambda c: lambda: mot_bench._mot(c)() * 1.01)
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("a FAILED provider must not be timed")
+
+    for mode in harness.MODES:
+        row = mot_bench._measure(wrong, case, mode, no_timing)
         assert row["status"] == "FAILED" and "ms_p50" not in row and "not timed" in row["note"], row

@@ -6,8 +6,12 @@ import torch
 
 
 def _gathered(param: torch.Tensor, x: torch.Tensor, modality_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``param[ids]`` shaped to broadcast against ``x``: ``(..., D)``, or ``(..., 1, D)`` for per-head ids."""
-    rows = param[modality_ids].to(dtype)
+    """``param[ids]`` shaped to broadcast against ``x``: ``(..., D)``, or ``(..., 1, D)`` for per-head ids.
+
+    Cast before the gather, so the gather's backward (a sum over every row of a modality) runs in ``dtype``
+    rather than in bf16/fp16.
+    """
+    rows = param.to(dtype)[modality_ids]
     return rows.unsqueeze(-2) if modality_ids.dim() == x.dim() - 2 else rows
 
 
