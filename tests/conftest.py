@@ -10,6 +10,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Tests check correctness, not speed: one tile config per kernel, no autotuning runs.
+os.environ.setdefault("SPARSEMM_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
 
