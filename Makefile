@@ -30,13 +30,13 @@ build: $(BUILT)
 
 test: $(BUILT)
 	$(PY) -m ruff check sparsemm_kernels tests benchmarks
-	TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider tests benchmarks/test_bench_smoke.py
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider tests benchmarks/test_bench_smoke.py benchmarks/test_bench_ops.py
 
 report: $(BUILT)
 	$(PY) -m benchmarks.bench_grouped_gemm
 
 bench: $(BUILT)
-	$(PY) -m pytest -q -p no:cacheprovider benchmarks/test_bench_smoke.py --benchmark-only
+	$(PY) -m pytest -q -p no:cacheprovider benchmarks/test_bench_smoke.py benchmarks/test_bench_ops.py --benchmark-only
 
 lint: $(STAMP)
 	$(PY) -m ruff check sparsemm_kernels tests benchmarks
