@@ -22,8 +22,8 @@ def _chunk_histogram_kernel(ids_ptr, hist_ptr, n, G, BLOCK: tl.constexpr, G_POW2
     offs = c * BLOCK + tl.arange(0, BLOCK)
     ids = tl.load(ids_ptr + offs, mask=offs < n, other=-1).to(tl.int64)
     gidx = tl.arange(0, G_POW2)
-    onehot = (ids[:, None] == gidx[None, :]).to(tl.int64)
-    tl.store(hist_ptr + c * G + gidx, tl.sum(onehot, 0), mask=gidx < G)
+    onehot = (ids[:, None] == gidx[None, :]).to(tl.int32)
+    tl.store(hist_ptr + c * G + gidx, tl.sum(onehot, 0).to(tl.int64), mask=gidx < G)
 
 
 @triton.jit
@@ -33,10 +33,10 @@ def _chunk_scatter_kernel(ids_ptr, base_ptr, out_ptr, n, G, BLOCK: tl.constexpr,
     offs = c * BLOCK + tl.arange(0, BLOCK)
     ids = tl.load(ids_ptr + offs, mask=offs < n, other=-1).to(tl.int64)
     gidx = tl.arange(0, G_POW2)
-    onehot = (ids[:, None] == gidx[None, :]).to(tl.int64)
+    onehot = (ids[:, None] == gidx[None, :]).to(tl.int32)  # int32: a chunk holds far fewer than 2^31 rows
     rank = tl.cumsum(onehot, 0) - onehot
     base = tl.load(base_ptr + c * G + gidx, mask=gidx < G, other=0)
-    slot = tl.sum(onehot * (rank + base[None, :]), 1)
+    slot = tl.sum(onehot.to(tl.int64) * (rank.to(tl.int64) + base[None, :]), 1)
     valid = (ids >= 0) & (ids < G)  # out-of-range ids are left out (the op layer reports them)
     tl.store(out_ptr + slot, offs, mask=valid)
 
@@ -56,7 +56,7 @@ def group_plan_triton(ids: torch.Tensor, num_groups: int) -> tuple[torch.Tensor,
     n = ids.numel()
     g_pow2 = max(triton.next_power_of_2(num_groups), 2)
     # Keep the chunk's one-hot tile near 16K elements; the interpreter prefers fewer, larger programs.
-    block = max(16, min(1024, (1 << 16 if is_interpreting() else 1 << 14) // g_pow2))
+    block = max(16, min(1024, (1 << 16 if is_interpreting() else 1 << 13) // g_pow2))
     chunks = triton.cdiv(n, block)
     sorted_to_orig = torch.empty(n, device=ids.device, dtype=torch.int64)
     if n == 0:
