@@ -3,7 +3,7 @@
 # then builds the extension in place.
 #
 #   make test       the whole CPU test suite (Triton kernels under TRITON_INTERPRET=1)
-#   make report     the main job: the grouped-GEMM benchmark on this machine, printing a table
+#   make report     the main job: the profiling report (dense vs MoT vs reference-style) for this machine
 #   make bench      pytest-benchmark microbenchmarks
 #   make lint       ruff
 #   make gpu-check  on a GPU machine: build, CUDA tests, GPU benchmarks (uses the python3 there, installs nothing)
@@ -13,7 +13,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.deps-installed
 BUILT  := $(VENV)/.ext-built
-DEPS   := torch==2.13.0 triton==3.9.0 numpy pytest pytest-benchmark pybind11 ninja setuptools wheel ruff
+DEPS   := torch==2.13.0 triton==3.9.0 numpy pytest pytest-benchmark pybind11 ninja setuptools wheel ruff \
+          matplotlib tqdm nvidia-ml-py
 
 .PHONY: test report bench lint build gpu-check clean
 
@@ -29,17 +30,17 @@ $(BUILT): $(STAMP) setup.py $(shell find csrc -type f 2>/dev/null)
 build: $(BUILT)
 
 test: $(BUILT)
-	$(PY) -m ruff check sparsemm_kernels tests benchmarks
+	$(PY) -m ruff check sparsemm_kernels tests benchmarks profiling
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider tests benchmarks/test_bench_smoke.py benchmarks/test_bench_ops.py
 
 report: $(BUILT)
-	$(PY) -m benchmarks.bench_grouped_gemm
+	$(PY) -m profiling
 
 bench: $(BUILT)
 	$(PY) -m pytest -q -p no:cacheprovider benchmarks/test_bench_smoke.py benchmarks/test_bench_ops.py --benchmark-only
 
 lint: $(STAMP)
-	$(PY) -m ruff check sparsemm_kernels tests benchmarks
+	$(PY) -m ruff check sparsemm_kernels tests benchmarks profiling
 
 gpu-check:
 	bash benchmarks/gpu_check.sh

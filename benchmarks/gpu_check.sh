@@ -14,6 +14,7 @@ set -u
 BENCHMARKS=(
   "benchmarks.bench_grouped_gemm --device cuda --dtype bf16"
   "benchmarks.bench_mot_block --device cuda --dtype bf16"
+  "profiling --configs gpu-quick --device cuda"
 )
 
 PYTHON=${PYTHON:-python3}
@@ -95,7 +96,9 @@ for i in "${!BENCHMARKS[@]}"; do
   fi
   [ "$QUICK" = 1 ] && cmd+=(--quick)
   # --time-budget stops starting new shapes early enough that the hard timeout is a backstop only.
-  cmd+=(--out "$RUN_DIR" --time-budget $((share * 3 / 4)))
+  out="$RUN_DIR"
+  [ "$name" = profiling ] && out="$RUN_DIR/profile"  # a report folder of its own (md, json, PNGs)
+  cmd+=(--out "$out" --time-budget $((share * 3 / 4)))
   banner "benchmark $name (up to ${share}s): ${cmd[*]}"
   timeout "$share" "$PYTHON" -m "${cmd[@]}" 2>&1 | tee "$RUN_DIR/bench-$name.log"
   rc=${PIPESTATUS[0]}
@@ -122,13 +125,20 @@ banner "summary"
 mkdir -p "$LOGS"
 cp "$RUN_DIR"/*.log "$RUN_DIR/summary.txt" "$LOGS/"
 cp "$RUN_DIR"/*.md "$RUN_DIR"/*.json "$RESULTS/" 2>/dev/null
+if [ -f "$RUN_DIR/profile/report.md" ]; then
+  gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | tr -cs 'A-Za-z0-9' '-' | tr 'A-Z' 'a-z')
+  REPORT_DIR="reports/$(date -u +%Y-%m-%d)-${gpu:-gpu}gpu-check"
+  mkdir -p "$REPORT_DIR" && cp "$RUN_DIR"/profile/* "$REPORT_DIR/"
+  cp "$RUN_DIR/profile/report.md" "$RUN_DIR/profile-report.md"
+  echo "profiling report -> $REPORT_DIR/"
+fi
 echo "logs -> $LOGS; results -> $RESULTS/"
 if [ -n "${OUT:-}" ]; then
   # The device tool brings back at most 8 files: one archive of everything, the summary and up to 6 reports.
   mkdir -p "$OUT"
   tar czf "$OUT/gpu-check-$STAMP.tar.gz" -C "$RUN_DIR" .
   cp "$RUN_DIR/summary.txt" "$OUT/"
-  find "$RUN_DIR" -maxdepth 1 -name '*.md' | head -n 6 | xargs -r cp -t "$OUT/"
+  find "$RUN_DIR" -maxdepth 1 -name '*.md' | head -n 6 | xargs -r cp -t "$OUT/"  # incl. profile-report.md
   echo "copied to \$OUT: $(ls "$OUT" | tr '\n' ' ')"
 fi
 exit "$FAILED"
