@@ -292,7 +292,8 @@ def _summary(data: dict, paths: dict) -> None:
         else:
             print(f"{r['name']:22s} {'-':>5s} {'-':>10s} {'-':>10s} {'-':>8s} {'-':>6s}  {r.get('status')}")
     for t in data["tables"]["relative_to_dense"]:
-        paper = "" if t["paper_ratio"] is None else f" (paper {t['paper_ratio']:.2f})"
+        source = "derived from the paper's figures" if t.get("paper_derived") else "paper, A100"
+        paper = "" if t["paper_ratio"] is None else f" ({source}: {t['paper_ratio']:.2f})"
         print(f"  {t['name']} vs {t['baseline']}: {t['ratio']:.3f}x dense throughput{paper}")
     print(f"ceiling {data['ceiling']['tflops']:.3g} TFLOP/s; {data['elapsed_s']:.1f} s; report: {paths['md']}")
 
