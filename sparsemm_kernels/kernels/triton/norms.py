@@ -26,6 +26,7 @@ MAX_FUSED_D = 65536
 # in one one-hot. Modalities beyond them are split over the second grid axis into chunks, each program
 # re-walking its rows for its own chunk.
 _DW_REGISTER_BUDGET = 16384
+_TILE_ELEMENTS = 4096
 _MAX_M_BLOCK = 64
 
 
@@ -36,48 +37,51 @@ def _modality_norm_fwd_kernel(
     # outputs
     y_ptr, mean_ptr, rstd_ptr,
     # sizes
-    D, M, eps,
+    R, D, M, eps,
     # strides
     stride_xt, stride_xh, stride_xd, stride_wm, stride_bm,
     # modes
     IS_RMS: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS_PER_ID: tl.constexpr,
     # tiles
-    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One row ``r`` (token ``t = r // H``, head ``h = r % H``, modality ``m = ids[t]``):
+    """Rows ``r`` of one ``BLOCK_R``-row tile (token ``t = r // H``, head ``h = r % H``, modality ``m = ids[t]``):
 
     RMSNorm:   ``rstd = 1 / sqrt(mean_d(x^2) + eps)``,            ``y = x * rstd * W[m]``
     LayerNorm: ``mu = mean_d(x)``, ``rstd = 1 / sqrt(mean_d((x - mu)^2) + eps)``,
                ``y = (x - mu) * rstd * W[m] + b[m]``
     Statistics in fp32; ``rstd`` (and ``mu``) stored as fp32 per row for the backward.
 
-    Grid: (R,) one program per row, R = T * H.
+    Grid: (cdiv(R, BLOCK_R),), R = T * H. Several rows per program keep narrow rows (QK-norm over d_h)
+    from turning into one tiny program each.
     """
-    row = tl.program_id(0).to(tl.int64)
-    tok = row // ROWS_PER_ID
-    head = row % ROWS_PER_ID
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < R
+    tok = rows // ROWS_PER_ID
+    head = rows % ROWS_PER_ID
     # Clamped so a bad id (reported by the op's asynchronous check) can never read outside `weight`.
-    m = tl.minimum(tl.maximum(tl.load(ids_ptr + tok).to(tl.int64), 0), M - 1)
+    m = tl.load(ids_ptr + tok, mask=row_mask, other=0).to(tl.int64)
+    m = tl.minimum(tl.maximum(m, 0), M - 1)
     cols = tl.arange(0, BLOCK_D)
-    col_mask = cols < D
+    mask = row_mask[:, None] & (cols < D)[None, :]
 
     # fp32 right after the load: statistics need it, and the interpreter cannot do bf16 arithmetic.
-    x = tl.load(x_ptr + tok * stride_xt + head * stride_xh + cols * stride_xd, mask=col_mask, other=0.0)
-    x = x.to(tl.float32)
+    x_ptrs = x_ptr + tok[:, None] * stride_xt + head[:, None] * stride_xh + cols[None, :] * stride_xd
+    x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
     if IS_RMS:
         xc = x
     else:
-        mean = tl.sum(x, 0) / D
-        xc = tl.where(col_mask, x - mean, 0.0)
-        tl.store(mean_ptr + row, mean)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 0) / D + eps)
-    tl.store(rstd_ptr + row, rstd)
+        mean = tl.sum(x, 1) / D
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        tl.store(mean_ptr + rows, mean, mask=row_mask)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / D + eps)
+    tl.store(rstd_ptr + rows, rstd, mask=row_mask)
 
-    w = tl.load(w_ptr + m * stride_wm + cols, mask=col_mask, other=0.0).to(tl.float32)
-    y = xc * rstd * w
+    w = tl.load(w_ptr + m[:, None] * stride_wm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    y = xc * rstd[:, None] * w
     if HAS_BIAS:
-        y += tl.load(b_ptr + m * stride_bm + cols, mask=col_mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + row * D + cols, y.to(y_ptr.dtype.element_ty), mask=col_mask)
+        y += tl.load(b_ptr + m[:, None] * stride_bm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows[:, None] * D + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -94,9 +98,9 @@ def _modality_norm_bwd_kernel(
     IS_RMS: tl.constexpr, COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
     ROWS_PER_ID: tl.constexpr,
     # tiles
-    M_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+    M_BLOCK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Rows ``[pid * rows_per_program, (pid+1) * rows_per_program)``, one per loop iteration, in order:
+    """Rows ``[pid * rows_per_program, (pid+1) * rows_per_program)``, ``BLOCK_R`` per loop iteration, in order:
 
     ``x_hat = (x - mu) * rstd`` (``mu = 0`` for RMSNorm), ``g = W[m] * dy``,
     RMSNorm:   ``dx = rstd * (g - x_hat * mean_d(g * x_hat))``
@@ -119,44 +123,47 @@ def _modality_norm_bwd_kernel(
 
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, R)
-    for row in range(row_start, row_end):
-        tok = row // ROWS_PER_ID
-        head = row % ROWS_PER_ID
-        m = tl.minimum(tl.maximum(tl.load(ids_ptr + tok).to(tl.int64), 0), M - 1)
+    for r0 in range(row_start, row_end, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        tok = rows // ROWS_PER_ID
+        head = rows % ROWS_PER_ID
+        in_range = rows < row_end
+        m = tl.load(ids_ptr + tok, mask=in_range, other=0).to(tl.int64)
+        m = tl.minimum(tl.maximum(m, 0), M - 1)
         # A row is needed by the dx pass (chunk 0) and by its own modality chunk; others load nothing.
-        active = (m >= m_lo) & (m < m_lo + M_BLOCK)
-        if COMPUTE_DX:
-            active = active | (chunk == 0)
-        # Columns to load: D for an active row, none otherwise (a width, not `col_mask & active`: the
-        # interpreter turns a vector-and-scalar mask into int32 and rejects it).
-        mask = cols < tl.where(active, D, 0)
-        x = tl.load(x_ptr + tok * stride_xt + head * stride_xh + cols * stride_xd, mask=mask, other=0.0)
-        dy = tl.load(dy_ptr + tok * stride_dyt + head * stride_dyh + cols * stride_dyd, mask=mask, other=0.0)
-        x = x.to(tl.float32)
-        dy = dy.to(tl.float32)
-        rstd = tl.load(rstd_ptr + row, mask=active, other=0.0)
+        active = in_range & (m >= m_lo) & (m < m_lo + M_BLOCK)
+        if COMPUTE_DX:  # `m * 0 + chunk`: a vector, as the interpreter rejects vector-and-scalar masks
+            active = active | (in_range & (m * 0 + chunk == 0))
+        mask = active[:, None] & col_mask[None, :]
+        x = tl.load(x_ptr + tok[:, None] * stride_xt + head[:, None] * stride_xh + cols[None, :] * stride_xd,
+                    mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + tok[:, None] * stride_dyt + head[:, None] * stride_dyh + cols[None, :] * stride_dyd,
+                     mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + rows, mask=active, other=0.0)
         if IS_RMS:
-            x_hat = x * rstd
+            x_hat = x * rstd[:, None]
         else:
-            mean = tl.load(mean_ptr + row, mask=active, other=0.0)
-            x_hat = tl.where(mask, (x - mean) * rstd, 0.0)
+            mean = tl.load(mean_ptr + rows, mask=active, other=0.0)
+            x_hat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
 
         if COMPUTE_DX:
             if chunk == 0:
-                w = tl.load(w_ptr + m * stride_wm + cols, mask=col_mask, other=0.0).to(tl.float32)
+                w = tl.load(w_ptr + m[:, None] * stride_wm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
                 g = w * dy
-                c1 = tl.sum(g * x_hat, 0) / D
+                c1 = tl.sum(g * x_hat, 1) / D
                 if IS_RMS:
-                    dx = (g - x_hat * c1) * rstd
+                    dx = (g - x_hat * c1[:, None]) * rstd[:, None]
                 else:
-                    dx = (g - x_hat * c1 - tl.sum(g, 0) / D) * rstd
-                tl.store(dx_ptr + row * D + cols, dx.to(dx_ptr.dtype.element_ty), mask=col_mask)
+                    dx = (g - x_hat * c1[:, None] - (tl.sum(g, 1) / D)[:, None]) * rstd[:, None]
+                tl.store(dx_ptr + rows[:, None] * D + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
-        onehot = (mods == m - m_lo)[:, None]
+        # (BLOCK_R, M_BLOCK) one-hot of each row's modality within this chunk; inactive rows match none.
+        onehot = ((m - m_lo)[:, None] == mods[None, :]) & active[:, None]
+        hot = onehot.to(tl.float32)[:, :, None]
         if COMPUTE_DW:
-            dw_acc += tl.where(onehot, (dy * x_hat)[None, :], 0.0)
+            dw_acc += tl.sum(hot * (dy * x_hat)[:, None, :], 0)
         if COMPUTE_DB:
-            db_acc += tl.where(onehot, dy[None, :], 0.0)
+            db_acc += tl.sum(hot * dy[:, None, :], 0)
 
     part = pid * tl.num_programs(1) * M_BLOCK * D + (m_lo + mods).to(tl.int64)[:, None] * D + cols[None, :]
     if COMPUTE_DW:
@@ -172,6 +179,12 @@ def _block_d(D: int) -> int:
 def _modalities_per_chunk(M: int, block_d: int) -> int:
     fit = 1 << max((_DW_REGISTER_BUDGET // block_d).bit_length() - 1, 0)  # largest power of two <= budget
     return max(min(triton.next_power_of_2(M), fit, _MAX_M_BLOCK), 2)
+
+
+def _rows_per_tile(block_d: int, m_block: int) -> int:
+    """Rows per tile: enough to fill ~4K fp32 values per program (the backward's one-hot contraction holds
+    ``rows x m_block x block_d``), at least 2 and at most 64."""
+    return max(2, min(64, _TILE_ELEMENTS // (block_d * m_block)))
 
 
 def _num_warps(block: int) -> int:
@@ -228,13 +241,14 @@ def modality_norm_fwd(
     if R == 0:
         return y, mean, rstd
     block_d = _block_d(D)
-    _modality_norm_fwd_kernel[(R,)](
+    block_r = _rows_per_tile(block_d, 1)
+    _modality_norm_fwd_kernel[(triton.cdiv(R, block_r),)](
         x, ids, weight, bias if bias is not None else _dummy(x),
         y, mean if mean is not None else rstd, rstd,
-        D, weight.shape[0], float(eps),
+        R, D, weight.shape[0], float(eps),
         x.stride(0), x.stride(1), x.stride(2), weight.stride(0), bias.stride(0) if bias is not None else 0,
         IS_RMS=is_rms, HAS_BIAS=bias is not None, ROWS_PER_ID=H,
-        BLOCK_D=block_d, num_warps=_num_warps(block_d),
+        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=_num_warps(block_r * block_d),
     )
     return y, mean, rstd
 
@@ -275,6 +289,7 @@ def modality_norm_bwd(
     block_d = _block_d(D)
     # Modalities per chunk: all of them (padded to a power of two) unless the partial would spill registers.
     m_block = _modalities_per_chunk(M, block_d)
+    block_r = _rows_per_tile(block_d, m_block)
     chunks = triton.cdiv(M, m_block) if (compute_dw or compute_db) else 1
     programs = _num_row_blocks(R, x.device)
     rows_per_program = triton.cdiv(R, programs)
@@ -289,7 +304,7 @@ def modality_norm_bwd(
         R, D, M, rows_per_program,
         x.stride(0), x.stride(1), x.stride(2), dy.stride(0), dy.stride(1), dy.stride(2), weight.stride(0),
         IS_RMS=is_rms, COMPUTE_DX=compute_dx, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db, ROWS_PER_ID=H,
-        M_BLOCK=m_block, BLOCK_D=block_d, num_warps=_num_warps(max(block_d, m_block * block_d // 2)),
+        M_BLOCK=m_block, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=_num_warps(block_r * m_block * block_d // 2),
     )
     # Fixed-order reduction over programs: deterministic, unlike atomics.
     dw = dw_part[:, :M].sum(0).to(weight.dtype) if dw_part is not None else None
