@@ -309,7 +309,9 @@ class DenseBlock(MoTBlock):
     def __init__(self, dim: int, n_heads: int, hidden_dim: int, **kwargs) -> None:
         super().__init__(dim, n_heads, hidden_dim, 1, **kwargs)
 
-    def forward(self, x, modality_ids=None, plan=None, **attention_kwargs):  # noqa: D102
+    def forward(self, x, modality_ids=None, plan=None, **attention_kwargs):
+        """x: ``(B, S, dim)``; ``modality_ids`` and ``plan`` are accepted for interface parity and ignored
+        (one modality). Returns ``(B, S, dim)``."""
         return super().forward(x, None, None, **attention_kwargs)
 
 
