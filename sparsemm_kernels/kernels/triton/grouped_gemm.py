@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from sparsemm_kernels.kernels.triton.configs import grouped_gemm_configs, grouped_gemm_dw_configs
-from sparsemm_kernels.utils.device import is_interpreting, on_first_tensor_device
+from sparsemm_kernels.utils.device import is_interpreting, on_first_tensor_device, placeholder
 
 
 @triton.jit
@@ -180,10 +180,6 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _dummy(t: torch.Tensor) -> torch.Tensor:
-    return t.new_empty(1)
-
-
 @on_first_tensor_device
 def grouped_gemm(
     a: torch.Tensor,
@@ -225,7 +221,7 @@ def grouped_gemm(
         min((T + G * (meta["BLOCK_M"] - 1)) // meta["BLOCK_M"], T) * triton.cdiv(J, meta["BLOCK_J"]),
     )
     _grouped_gemm_kernel[grid](
-        a, w, bias if bias is not None else _dummy(a), offsets, rows if rows is not None else offsets,
+        a, w, bias if bias is not None else placeholder(a), offsets, rows if rows is not None else offsets,
         out,
         T, K, J, G,
         a.stride(0), a.stride(1), w.stride(0), stride_bk, stride_bj,
@@ -269,7 +265,7 @@ def grouped_gemm_dw(
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(K, meta["BLOCK_K"]), G)  # noqa: E731
     _grouped_gemm_dw_kernel[grid](
         dy, x, offsets, rows if rows is not None else offsets,
-        dw, dbias if dbias is not None else _dummy(dw),
+        dw, dbias if dbias is not None else placeholder(dw),
         N, K,
         dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
         dbias.stride(0) if dbias is not None else 0,

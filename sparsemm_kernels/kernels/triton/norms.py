@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sparsemm_kernels.utils.device import on_first_tensor_device
+from sparsemm_kernels.utils.device import on_first_tensor_device, placeholder
 
 # A row is one register block; beyond this a row no longer fits (the torch backend has no limit).
 MAX_FUSED_D = 65536
@@ -205,10 +205,6 @@ def _num_row_blocks(R: int, device: torch.device) -> int:
     return min(R, 4 * _num_sms(device.index if device.index is not None else torch.cuda.current_device()))
 
 
-def _dummy(t: torch.Tensor) -> torch.Tensor:
-    return t.new_empty(1)
-
-
 @on_first_tensor_device
 def modality_norm_fwd(
     x: torch.Tensor,
@@ -243,7 +239,7 @@ def modality_norm_fwd(
     block_d = _block_d(D)
     block_r = _rows_per_tile(block_d, 1)
     _modality_norm_fwd_kernel[(triton.cdiv(R, block_r),)](
-        x, ids, weight, bias if bias is not None else _dummy(x),
+        x, ids, weight, bias if bias is not None else placeholder(x),
         y, mean if mean is not None else rstd, rstd,
         R, D, weight.shape[0], float(eps),
         x.stride(0), x.stride(1), x.stride(2), weight.stride(0), bias.stride(0) if bias is not None else 0,
@@ -299,8 +295,8 @@ def modality_norm_bwd(
     db_part = torch.empty(part_shape, device=x.device, dtype=torch.float32) if compute_db else None
     _modality_norm_bwd_kernel[(programs, chunks)](
         x, dy, ids, weight, mean if mean is not None else rstd, rstd,
-        dx if dx is not None else _dummy(x), dw_part if dw_part is not None else _dummy(rstd),
-        db_part if db_part is not None else _dummy(rstd),
+        dx if dx is not None else placeholder(x), dw_part if dw_part is not None else placeholder(rstd),
+        db_part if db_part is not None else placeholder(rstd),
         R, D, M, rows_per_program,
         x.stride(0), x.stride(1), x.stride(2), dy.stride(0), dy.stride(1), dy.stride(2), weight.stride(0),
         IS_RMS=is_rms, COMPUTE_DX=compute_dx, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db, ROWS_PER_ID=H,
