@@ -27,27 +27,31 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("group_plan_cpu", &sparsemm::group_plan_cpu,
         "Stable counting sort of ids[n] (int32/int64) into num_groups groups. Writes int64 "
-        "sorted_to_orig[n], counts[G], offsets[G+1]. Returns -1, or the index of the first id outside "
-        "[0, num_groups) (outputs then incomplete).",
+        "sorted_to_orig[n], counts[G], offsets[G+1]; an id outside [0, num_groups) is sorted as the nearest "
+        "valid id. Returns -1, or the index of the first such id.",
         arg("ids_ptr"), arg("ids_dtype"), arg("n"), arg("num_groups"), arg("sorted_to_orig_ptr"),
         arg("counts_ptr"), arg("offsets_ptr"), py::call_guard<py::gil_scoped_release>());
 
   m.def("grouped_gemm_cpu", &sparsemm::grouped_gemm_cpu,
         "C[cr, j] = sum_k A[ar, k] * B[g, k, j] (+ bias[g, j]) over each group's sorted positions r, "
         "ar = rows[r] if gather_a else r, cr = rows[r] if scatter_c else r. float32/float64; A, C unit "
-        "column stride; B arbitrary element strides; offsets/rows int64.",
+        "column stride; B arbitrary element strides; offsets/rows int64. Offsets sorted in [0, num_positions]; "
+        "positions whose row index falls outside A (a_rows) or C (c_rows) are skipped.",
         arg("a_ptr"), arg("a_stride_row"), arg("b_ptr"), arg("b_stride_g"), arg("b_stride_k"),
         arg("b_stride_j"), arg("bias_ptr"), arg("bias_stride_g"), arg("c_ptr"), arg("c_stride_row"),
         arg("offsets_ptr"), arg("rows_ptr"), arg("gather_a"), arg("scatter_c"), arg("num_groups"),
-        arg("k_dim"), arg("j_dim"), arg("dtype"), py::call_guard<py::gil_scoped_release>());
+        arg("k_dim"), arg("j_dim"), arg("a_rows"), arg("c_rows"), arg("num_positions"), arg("dtype"),
+        py::call_guard<py::gil_scoped_release>());
 
   m.def("grouped_gemm_dw_cpu", &sparsemm::grouped_gemm_dw_cpu,
         "dW[g, n, k] = sum_r dY[rr, n] * X[rr, k], dbias[g, n] = sum_r dY[rr, n] (if dbias_ptr), r over "
         "group g in increasing order, rr = rows[r] if gathered else r. dw contiguous [G, N, K], dbias "
-        "contiguous [G, N]; float32/float64.",
+        "contiguous [G, N]; float32/float64. Offsets sorted in [0, num_positions]; gathered rows outside "
+        "[0, num_rows) are skipped.",
         arg("dy_ptr"), arg("dy_stride_row"), arg("x_ptr"), arg("x_stride_row"), arg("dw_ptr"),
         arg("dbias_ptr"), arg("offsets_ptr"), arg("rows_ptr"), arg("gathered"), arg("num_groups"),
-        arg("n_dim"), arg("k_dim"), arg("dtype"), py::call_guard<py::gil_scoped_release>());
+        arg("n_dim"), arg("k_dim"), arg("num_rows"), arg("num_positions"), arg("dtype"),
+        py::call_guard<py::gil_scoped_release>());
 
 #if defined(SPARSEMM_WITH_CUDA)
   m.def("group_plan_cuda_workspace_bytes", &sparsemm::group_plan_cuda_workspace_bytes,
@@ -58,7 +62,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("group_plan_cuda", &sparsemm::group_plan_cuda,
         "group_plan_cpu on the device, enqueued on `stream` (cudaStream_t as int, 0 = default) without "
         "host sync or allocation. Ids outside [0, num_groups) are counted into invalid_count (int64[1]) "
-        "and sorted last; offsets[G] counts only valid ids.",
+        "and sorted as the nearest valid id.",
         arg("ids_ptr"), arg("ids_dtype"), arg("n"), arg("num_groups"), arg("sorted_to_orig_ptr"),
         arg("counts_ptr"), arg("offsets_ptr"), arg("invalid_count_ptr"), arg("workspace_ptr"),
         arg("workspace_bytes"), arg("stream"), py::call_guard<py::gil_scoped_release>());

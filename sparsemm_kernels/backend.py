@@ -8,10 +8,19 @@ Backends:
 * ``torch``  - plain PyTorch (``sparsemm_kernels.reference``): any device, any float dtype including
   float64. It is the reference every kernel is tested against and the fallback.
 
-Rule: automatic selection walks the op's priority list for the tensors' device and silently takes the first
-backend that can run; a backend forced with ``backend=`` or ``SPARSEMM_BACKEND`` either runs or raises
-:class:`BackendUnavailableError` listing every reason it cannot. To add a backend: give it a ``_reasons_*``
-function, add it to ``_PRIORITY`` of the ops it implements, and dispatch to it in the op's file.
+Rules:
+
+* automatic selection (``backend=None`` or ``"auto"``) walks the op's priority list for the tensors' device
+  and silently takes the first backend that can run;
+* a backend named in an op's ``backend=`` argument is **strict**: it runs or raises
+  :class:`BackendUnavailableError` listing every reason it cannot;
+* a **preference** (``"prefer:NAME"``, what a module's ``backend=`` argument and the ``SPARSEMM_BACKEND``
+  environment variable give) runs ``NAME`` where it can and falls back to automatic selection where it
+  cannot, so that ``MoTTransformer(..., backend="cpu")`` runs its norms on another backend when ``cpu`` has
+  none.
+
+To add a backend: give it a ``_reasons_*`` function, add it to ``_PRIORITY`` of the ops it implements, and
+dispatch to it in the op's file.
 """
 
 from __future__ import annotations
@@ -105,23 +114,62 @@ def available_backends(op: str, device: torch.device | str, dtype: torch.dtype) 
     return [b for b in order if not unsupported_reasons(op, b, device, dtype)]
 
 
+_PREFER = "prefer:"
+
+
+def prefer(name: str | None) -> str | None:
+    """The preference form of a backend name (``None``/``"auto"`` stay automatic); see the module rules."""
+    name = check_backend_name(name)
+    if name in (None, "auto") or name.startswith(_PREFER):
+        return name
+    return _PREFER + name
+
+
+def check_backend_name(requested) -> str | None:
+    """``requested`` itself if it names a backend (``None``, ``"auto"``, a backend, ``"prefer:"`` + one)."""
+    if requested is None:
+        return None
+    if not isinstance(requested, str):
+        raise TypeError(f"`backend` must be a string, got {type(requested).__name__}")
+    name = requested[len(_PREFER):] if requested.startswith(_PREFER) else requested
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(
+            f"`backend` must be one of {', '.join(BACKENDS)}, 'auto' or 'prefer:<name>', got {requested!r}"
+        )
+    return requested
+
+
+def _auto(op: str, device: torch.device, dtype: torch.dtype) -> str:
+    for name in _PRIORITY[op].get(device.type, ("torch",)):
+        if not unsupported_reasons(op, name, device, dtype):
+            return name
+    return "torch"
+
+
 def select_backend(op: str, device: torch.device, dtype: torch.dtype, requested: str | None = None) -> str:
     """Pick the backend for one call of ``op``.
 
-    ``requested`` (the op's ``backend=`` argument) wins over the ``SPARSEMM_BACKEND`` environment
-    variable; ``None`` or ``"auto"`` means automatic selection.
+    ``requested`` (the op's ``backend=`` argument: a name is strict, ``"prefer:NAME"`` a preference) wins
+    over the ``SPARSEMM_BACKEND`` environment variable (a preference); ``None`` or ``"auto"`` means
+    automatic selection.
     """
-    if requested is None:
-        requested = os.environ.get("SPARSEMM_BACKEND", "") or "auto"
-    if not isinstance(requested, str):
-        raise TypeError(f"`backend` must be a string, got {type(requested).__name__}")
-    if requested == "auto":
-        for name in _PRIORITY[op].get(device.type, ("torch",)):
-            if not unsupported_reasons(op, name, device, dtype):
-                return name
-        return "torch"
-    if requested not in BACKENDS:
-        raise ValueError(f"`backend` must be one of {', '.join(BACKENDS)} or 'auto', got {requested!r}")
+    requested = check_backend_name(requested)
+    if requested in (None, "auto"):
+        env = os.environ.get("SPARSEMM_BACKEND", "")
+        if requested is None and env and env != "auto":
+            try:
+                requested = prefer(env)
+            except ValueError:
+                raise ValueError(
+                    f"SPARSEMM_BACKEND must name one of {', '.join(BACKENDS)} or 'auto', got {env!r}"
+                ) from None
+        else:
+            return _auto(op, device, dtype)
+    if requested.startswith(_PREFER):
+        name = requested[len(_PREFER):]
+        if name == "auto" or unsupported_reasons(op, name, device, dtype):
+            return _auto(op, device, dtype)
+        return name
     reasons = unsupported_reasons(op, requested, device, dtype)
     if reasons:
         raise BackendUnavailableError(

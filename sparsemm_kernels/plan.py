@@ -3,22 +3,19 @@
 A plan is a stable counting sort of per-row group ids: ``sorted_to_orig`` lists the rows group by group
 (original order kept inside a group) and ``offsets`` marks where each group starts. Building one never waits
 on the host: every size that must be static (rows, groups) comes from Python ints the caller already has.
+
+``sparsemm::group_plan`` is a ``torch.library`` custom op (opaque to ``torch.compile``, with a fake
+implementation), dispatching to the ``cuda`` / ``triton`` / ``cpu`` / ``torch`` kernels.
 """
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from sparsemm_kernels.backend import select_backend
-from sparsemm_kernels.utils.checks import (
-    check_ids_in_range,
-    check_int_tensor,
-    check_positive_int,
-    validation_mode,
-)
+from sparsemm_kernels.backend import check_backend_name, select_backend
+from sparsemm_kernels.utils.checks import check_ids_values, check_int_tensor, check_num_groups, validation_mode
 
 
 @dataclass(frozen=True, eq=False)
@@ -32,6 +29,12 @@ class GroupPlan:
         counts: ``(G,) int64`` rows per group.
         num_groups: ``G``.
         num_rows: ``N``, the number of routed rows (the flattened ``group_ids``).
+        orig_to_sorted: ``(N,) int64`` the inverse permutation: sorted position of each original row.
+        trusted: True for a plan built by :func:`group_plan` (a valid permutation by construction, so ops
+            skip re-checking it). A plan assembled by hand is checked by the ops that use it (see their
+            ``validate`` argument).
+        group_ids: the ids the plan was built from (``None`` for a hand-made plan); layers that receive this
+            very tensor with the plan need not re-check its range.
     """
 
     sorted_to_orig: torch.Tensor
@@ -39,17 +42,61 @@ class GroupPlan:
     counts: torch.Tensor
     num_groups: int
     num_rows: int
-
-    @functools.cached_property
-    def orig_to_sorted(self) -> torch.Tensor:
-        """``(N,) int64`` inverse permutation: sorted position of each original row."""
-        inv = torch.empty_like(self.sorted_to_orig)
-        inv[self.sorted_to_orig] = torch.arange(self.num_rows, device=inv.device)
-        return inv
+    orig_to_sorted: torch.Tensor | None = None
+    trusted: bool = False
+    group_ids: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def device(self) -> torch.device:
         return self.offsets.device
+
+
+@torch.library.custom_op("sparsemm::group_plan", mutates_args=())
+def group_plan_op(
+    ids: torch.Tensor, num_groups: int, mode: str, backend: str | None, name: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(sorted_to_orig, counts, offsets, orig_to_sorted)`` of flat ``ids``; ids outside ``[0, G)`` are
+    checked per ``mode`` (eager ValueError / async device assertion, naming the argument ``name``) and
+    otherwise sorted as the nearest valid id, so the plan is always a permutation."""
+    check_ids_values(ids, num_groups, name, mode)
+    name = select_backend("group_plan", ids.device, ids.dtype, backend)
+    if name == "triton":
+        from sparsemm_kernels.kernels.triton.group_plan import MAX_GROUPS, group_plan_triton
+
+        if num_groups > MAX_GROUPS:  # wider plans go to the torch sort, unless triton was demanded
+            if backend == "triton":
+                raise ValueError(
+                    f"`num_groups` must be <= {MAX_GROUPS} for the triton group_plan, got {num_groups}"
+                )
+            name = "torch"
+    if name == "cpu":
+        from sparsemm_kernels.kernels.cpu import group_plan_cpu
+
+        sorted_to_orig, counts, offsets, _ = group_plan_cpu(ids, num_groups)
+    elif name == "cuda":
+        from sparsemm_kernels.kernels.cuda import group_plan_cuda
+
+        sorted_to_orig, counts, offsets, _ = group_plan_cuda(ids, num_groups)
+    elif name == "triton":
+        sorted_to_orig, counts, offsets = group_plan_triton(ids, num_groups)
+    else:
+        from sparsemm_kernels.reference.plan import group_plan_ref
+
+        sorted_to_orig, counts, offsets = group_plan_ref(ids, num_groups)
+    orig_to_sorted = torch.empty_like(sorted_to_orig)
+    orig_to_sorted[sorted_to_orig] = torch.arange(sorted_to_orig.numel(), device=ids.device)
+    return sorted_to_orig, counts, offsets, orig_to_sorted
+
+
+@group_plan_op.register_fake
+def _(ids, num_groups, mode, backend, name):
+    n = ids.numel()
+    return (
+        ids.new_empty(n, dtype=torch.int64),
+        ids.new_empty(num_groups, dtype=torch.int64),
+        ids.new_empty(num_groups + 1, dtype=torch.int64),
+        ids.new_empty(n, dtype=torch.int64),
+    )
 
 
 def group_plan(
@@ -64,47 +111,54 @@ def group_plan(
     Args:
         group_ids: integer tensor (int32 or int64) of any shape; it is flattened, so row ``i`` of the plan is
             element ``i`` of ``group_ids.reshape(-1)``. Every id must lie in ``[0, num_groups)``.
-        num_groups: ``G >= 1``.
+        num_groups: ``G``, ``1 <= G <= 2**24`` (any integer type).
         backend: ``"cuda"``, ``"triton"``, ``"cpu"``, ``"torch"`` or ``None``/``"auto"`` (see
             :mod:`sparsemm_kernels.backend`).
         validate: ids are range-checked eagerly (``ValueError``) on CPU; on CUDA by default with an
-            asynchronous device assertion (no host sync), eagerly with ``validate=True``, not at all with
-            ``validate=False``.
+            asynchronous device assertion (no host sync), eagerly with ``validate=True``. With
+            ``validate=False`` they are not checked, and an id outside ``[0, G)`` is grouped as the nearest
+            valid id (``0`` or ``G - 1``): the plan is a permutation whatever the ids hold.
 
     Returns:
-        :class:`GroupPlan` over ``N = group_ids.numel()`` rows.
+        :class:`GroupPlan` over ``N = group_ids.numel()`` rows, ``trusted=True``.
     """
-    check_int_tensor(group_ids, "group_ids")
-    check_positive_int(num_groups, "num_groups")
+    return build_plan(group_ids, num_groups, backend=backend, validate=validate, name="group_ids")
+
+
+def build_plan(
+    group_ids: torch.Tensor, num_groups: int, *, backend: str | None, validate: bool | None, name: str
+) -> GroupPlan:
+    """:func:`group_plan` with the argument named ``name`` in errors (``modality_ids`` for the MoT layers)."""
+    check_int_tensor(group_ids, name)
+    num_groups = check_num_groups(num_groups)
+    backend = check_backend_name(backend)
     ids = group_ids.reshape(-1)
     if not ids.is_contiguous():
         ids = ids.contiguous()
-    n = ids.numel()
-    name = select_backend("group_plan", ids.device, ids.dtype, backend)
     mode = validation_mode(validate, ids.device)
-    # The C++ kernel finds bad ids itself while sorting, so the cpu backend skips the separate pass.
-    if name != "cpu":
-        check_ids_in_range(ids, num_groups, "group_ids", mode)
-    with torch.no_grad():
-        if name == "cpu":
-            from sparsemm_kernels.kernels.cpu import group_plan_cpu
+    sorted_to_orig, counts, offsets, orig_to_sorted = torch.ops.sparsemm.group_plan(
+        ids, num_groups, mode, backend, name
+    )
+    return GroupPlan(
+        sorted_to_orig, offsets, counts, num_groups, ids.numel(), orig_to_sorted, trusted=True, group_ids=group_ids
+    )
 
-            sorted_to_orig, counts, offsets, first_bad = group_plan_cpu(ids, num_groups)
-            if first_bad >= 0 and mode != "off":
-                bad = ids[first_bad]  # CPU ids: reading one costs nothing
-                raise ValueError(
-                    f"`group_ids` must hold ids in [0, {num_groups}); found {int(bad)} at flat index {first_bad}"
-                )
-        elif name == "cuda":
-            from sparsemm_kernels.kernels.cuda import group_plan_cuda
 
-            sorted_to_orig, counts, offsets, _invalid = group_plan_cuda(ids, num_groups)
-        elif name == "triton":
-            from sparsemm_kernels.kernels.triton.group_plan import group_plan_triton
+@torch.library.custom_op("sparsemm::checked_ids", mutates_args=())
+def checked_ids_op(ids: torch.Tensor, num_groups: int, mode: str, name: str) -> torch.Tensor:
+    """``ids`` checked per ``mode`` (naming ``name``) and returned clamped into ``[0, num_groups)``: the ids a
+    layer then uses can index ``num_groups`` weights whatever the input held."""
+    check_ids_values(ids, num_groups, name, mode)
+    return ids.clamp(0, num_groups - 1)
 
-            sorted_to_orig, counts, offsets = group_plan_triton(ids, num_groups)
-        else:
-            from sparsemm_kernels.reference.plan import group_plan_ref
 
-            sorted_to_orig, counts, offsets = group_plan_ref(ids, num_groups)
-    return GroupPlan(sorted_to_orig, offsets, counts, num_groups, n)
+@checked_ids_op.register_fake
+def _(ids, num_groups, mode, name):
+    return torch.empty_like(ids)
+
+
+def checked_ids(ids: torch.Tensor, num_groups: int, *, validate: bool | None, name: str) -> torch.Tensor:
+    """Range-check ``ids`` (eager ``ValueError`` on CPU, asynchronous device assertion on CUDA, nothing with
+    ``validate=False``) in a way ``torch.compile`` keeps: the clamped ids returned are what the caller uses."""
+    return torch.ops.sparsemm.checked_ids(ids, num_groups, validation_mode(validate, ids.device), name)
+

@@ -36,14 +36,31 @@ def test_float64_goes_to_a_backend_that_supports_it():
     assert out.dtype == torch.float64
 
 
-def test_environment_variable_forces_backend(monkeypatch):
+def test_environment_variable_is_a_preference(monkeypatch):
     monkeypatch.setenv("SPARSEMM_BACKEND", "torch")
     assert select_backend("grouped_mm", CPU, torch.float32) == "torch"
+    monkeypatch.setenv("SPARSEMM_BACKEND", "cpu")
+    assert select_backend("grouped_mm", CPU, torch.float64) == "cpu"
+    # cpu has no norm: the preference falls back to the automatic choice instead of failing the model.
+    assert select_backend("modality_norm", CPU, torch.float32) == "torch"
     monkeypatch.setenv("SPARSEMM_BACKEND", "cuda")
-    with pytest.raises(smk.BackendUnavailableError):
-        smk.grouped_mm(torch.randn(2, 3), torch.randn(1, 4, 3), offsets_from_counts([2]))
-    # An explicit argument wins over the environment.
+    out = smk.grouped_mm(torch.randn(2, 3), torch.randn(1, 4, 3), offsets_from_counts([2]))
+    assert out.shape == (2, 4)
+    # An explicit argument is strict and wins over the environment.
     assert select_backend("grouped_mm", CPU, torch.float32, "torch") == "torch"
+    with pytest.raises(smk.BackendUnavailableError):
+        smk.grouped_mm(torch.randn(2, 3), torch.randn(1, 4, 3), offsets_from_counts([2]), backend="cuda")
+    monkeypatch.setenv("SPARSEMM_BACKEND", "tpu")
+    with pytest.raises(ValueError, match="SPARSEMM_BACKEND"):
+        select_backend("grouped_mm", CPU, torch.float32)
+
+
+def test_preference_falls_back_per_op():
+    assert select_backend("grouped_mm", CPU, torch.float32, "prefer:cpu") == "cpu"
+    assert select_backend("modality_norm", CPU, torch.float32, "prefer:cpu") == "torch"
+    assert select_backend("grouped_mm", CPU, torch.float16, "prefer:cpu") == "torch"  # cpu has no fp16 GEMM
+    with pytest.raises(ValueError, match="`backend`"):
+        select_backend("grouped_mm", CPU, torch.float32, "prefer:tpu")
 
 
 def test_unknown_backend_name():

@@ -387,15 +387,21 @@ def test_cpp_checks_name_the_argument():
     c = torch.empty(4, 5)
     good = torch.tensor([0, 1, 4])
     args = [a.data_ptr(), 3, w.data_ptr(), 15, 1, 3, 0, 0, c.data_ptr(), 5]
+    sizes = [2, 3, 5, 4, 4, 4]  # groups, k, j, rows of A, rows of C, positions
     with pytest.raises(ValueError, match="`dtype`"):
-        C.grouped_gemm_cpu(*args, good.data_ptr(), 0, False, False, 2, 3, 5, _ext.DTYPE_FLOAT16)
+        C.grouped_gemm_cpu(*args, good.data_ptr(), 0, False, False, *sizes, _ext.DTYPE_FLOAT16)
     bad = torch.tensor([0, 3, 1])
     with pytest.raises(ValueError, match="`offsets`"):
-        C.grouped_gemm_cpu(*args, bad.data_ptr(), 0, False, False, 2, 3, 5, _ext.DTYPE_FLOAT32)
+        C.grouped_gemm_cpu(*args, bad.data_ptr(), 0, False, False, *sizes, _ext.DTYPE_FLOAT32)
+    past_end = torch.tensor([0, 3, 9])
+    with pytest.raises(ValueError, match="`offsets`"):
+        C.grouped_gemm_cpu(*args, past_end.data_ptr(), 0, False, False, *sizes, _ext.DTYPE_FLOAT32)
+    with pytest.raises(ValueError, match="`num_positions`"):  # more positions than rows, no `rows` to map them
+        C.grouped_gemm_cpu(*args, good.data_ptr(), 0, False, False, 2, 3, 5, 4, 4, 9, _ext.DTYPE_FLOAT32)
     with pytest.raises(ValueError, match="`rows`"):
-        C.grouped_gemm_cpu(*args, good.data_ptr(), 0, True, False, 2, 3, 5, _ext.DTYPE_FLOAT32)
+        C.grouped_gemm_cpu(*args, good.data_ptr(), 0, True, False, *sizes, _ext.DTYPE_FLOAT32)
     with pytest.raises(ValueError, match="`dtype`"):
-        C.grouped_gemm_dw_cpu(0, 0, 0, 0, 0, 0, good.data_ptr(), 0, False, 2, 1, 1, _ext.DTYPE_INT64)
+        C.grouped_gemm_dw_cpu(0, 0, 0, 0, 0, 0, good.data_ptr(), 0, False, 2, 1, 1, 4, 4, _ext.DTYPE_INT64)
 
 
 # ---- CUDA (compiled on any machine with nvcc, run only where there is a GPU) ----
@@ -447,11 +453,10 @@ def test_group_plan_cuda_counts_invalid_ids(dtype):
     ids[[0, 17, 299]] = torch.tensor([-1, num_groups, 2**31 - 1], dtype=dtype)
     sorted_to_orig, counts, offsets, invalid = _cuda_plan()(ids.cuda(), num_groups)
     assert int(invalid) == 3
-    valid = (ids >= 0) & (ids < num_groups)
-    assert torch.equal(counts.cpu(), torch.bincount(ids[valid].long(), minlength=num_groups))
-    assert int(offsets[-1]) == 300 - 3
-    # Invalid rows are sorted after every valid one, in original order.
-    keys = torch.where(valid, ids.long(), num_groups)
+    # Invalid ids are sorted as the nearest valid id: the plan stays a full permutation.
+    keys = ids.long().clamp(0, num_groups - 1)
+    assert torch.equal(counts.cpu(), torch.bincount(keys, minlength=num_groups))
+    assert int(offsets[-1]) == 300
     assert torch.equal(sorted_to_orig.cpu(), torch.sort(keys, stable=True).indices)
 
 

@@ -2,6 +2,7 @@
 //
 // Serial on purpose: the work is O(n) memory traffic with a data-dependent scatter, so threads would buy
 // little and would need per-thread histograms to stay stable.
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -11,24 +12,30 @@
 namespace sparsemm {
 namespace {
 
+// An id outside [0, num_groups) is sorted as the nearest valid id: it can never index counts or cursor out
+// of bounds, and every row still lands in the plan (sorted_to_orig is always a full permutation).
+template <typename IdT>
+int64_t clamped(IdT id, int64_t num_groups) {
+  return std::min<int64_t>(std::max<int64_t>(static_cast<int64_t>(id), 0), num_groups - 1);
+}
+
 template <typename IdT>
 int64_t counting_sort(const IdT* ids, int64_t n, int64_t num_groups, int64_t* sorted_to_orig,
                       int64_t* counts, int64_t* offsets) {
   for (int64_t g = 0; g < num_groups; ++g) counts[g] = 0;
-  // Validate while counting, before anything is written through an id, so a bad id can never index
-  // counts, offsets or sorted_to_orig out of bounds.
+  int64_t first_bad = -1;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t id = static_cast<int64_t>(ids[i]);
-    if (id < 0 || id >= num_groups) return i;
-    ++counts[id];
+    if ((id < 0 || id >= num_groups) && first_bad < 0) first_bad = i;
+    ++counts[clamped(ids[i], num_groups)];
   }
   offsets[0] = 0;
   for (int64_t g = 0; g < num_groups; ++g) offsets[g + 1] = offsets[g] + counts[g];
 
   // Placement in increasing i keeps each group in original order (stability).
   std::vector<int64_t> cursor(offsets, offsets + num_groups);
-  for (int64_t i = 0; i < n; ++i) sorted_to_orig[cursor[static_cast<int64_t>(ids[i])]++] = i;
-  return -1;
+  for (int64_t i = 0; i < n; ++i) sorted_to_orig[cursor[clamped(ids[i], num_groups)]++] = i;
+  return first_bad;
 }
 
 }  // namespace

@@ -55,15 +55,21 @@ constexpr int64_t kDwRowBlock = 256;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// offsets must be a valid partition start; the upper bound (rows of A/C) is the caller's to check, since
-// only Python knows the tensors' row counts.
-void check_offsets(const int64_t* offsets, int64_t num_groups) {
+// Positions offsets[0]..offsets[G] index `rows` (or A and C directly), so they must be sorted and lie in
+// [0, num_positions]: a wrong plan is an error here, never a read past the end.
+void check_offsets(const int64_t* offsets, int64_t num_groups, int64_t num_positions) {
   SPARSEMM_CHECK(offsets[0] >= 0, "offsets", "offsets[0] must be >= 0, got ", offsets[0]);
   for (int64_t g = 0; g < num_groups; ++g) {
     SPARSEMM_CHECK(offsets[g + 1] >= offsets[g], "offsets", "must be non-decreasing, got offsets[", g,
                    "]=", offsets[g], " > offsets[", g + 1, "]=", offsets[g + 1]);
   }
+  SPARSEMM_CHECK(offsets[num_groups] <= num_positions, "offsets", "offsets[G]=", offsets[num_groups],
+                 " is past the ", num_positions, " positions");
 }
+
+// A row index read through `rows` outside [0, limit) names no row: its position is skipped (neither read
+// nor written), so a corrupt plan can only leave rows unwritten, never touch memory outside the tensors.
+inline bool row_ok(int64_t row, int64_t limit) { return row >= 0 && row < limit; }
 
 template <typename T>
 struct FwdArgs {
@@ -79,6 +85,7 @@ struct FwdArgs {
   const int64_t* rows;
   bool gather_a, scatter_c;
   int64_t num_groups, k_dim, j_dim;
+  int64_t a_rows, c_rows;  // bounds for gathered / scattered row indices
 };
 
 // crow[i][v] = sum_k arow[i][k] * bp[k * ldb + v] (+ bias[v]) for i < nr, v < nv; k increasing. The
@@ -116,13 +123,21 @@ void fwd_task(const FwdArgs<T>& p, int64_t g, int64_t r0, int64_t r1, int64_t j0
     for (int64_t j = 0; j < jw; ++j) packed[k * ldb + j] = bg[k * p.b_stride_k + (j0 + j) * p.b_stride_j];
   const T* bias = p.bias ? p.bias + g * p.bias_stride_g : nullptr;
 
-  for (int64_t i0 = r0; i0 < r1; i0 += kR) {
-    const int64_t nr = std::min<int64_t>(kR, r1 - i0);
+  // Positions whose row index is out of range are dropped first, so a register tile never holds one.
+  std::vector<int64_t> keep;
+  keep.reserve(static_cast<size_t>(r1 - r0));
+  for (int64_t r = r0; r < r1; ++r) {
+    if ((!p.gather_a || row_ok(p.rows[r], p.a_rows)) && (!p.scatter_c || row_ok(p.rows[r], p.c_rows)))
+      keep.push_back(r);
+  }
+  const int64_t nkeep = static_cast<int64_t>(keep.size());
+  for (int64_t i0 = 0; i0 < nkeep; i0 += kR) {
+    const int64_t nr = std::min<int64_t>(kR, nkeep - i0);
     const T* arow[kR];
     T* crow[kR];
     for (int i = 0; i < kR; ++i) {
       // A short last tile repeats its last row: computed, never stored.
-      const int64_t r = i0 + std::min<int64_t>(i, nr - 1);
+      const int64_t r = keep[i0 + std::min<int64_t>(i, nr - 1)];
       arow[i] = p.a + (p.gather_a ? p.rows[r] : r) * p.a_stride_row;
       crow[i] = p.c + (p.scatter_c ? p.rows[r] : r) * p.c_stride_row;
     }
@@ -165,8 +180,8 @@ void grouped_gemm_impl(const FwdArgs<T>& p) {
 // splitting r into blocks keeps the order of every sum.
 template <typename T, bool kFull>
 void dw_micro(const T* dy, int64_t dy_stride_row, const T* x, int64_t x_stride_row, const int64_t* rows,
-              bool gathered, int64_t r0, int64_t r1, const int64_t (&n)[kR], int64_t nr, int64_t k0,
-              T* const (&out)[kR]) {
+              bool gathered, int64_t num_rows, int64_t r0, int64_t r1, const int64_t (&n)[kR], int64_t nr,
+              int64_t k0, T* const (&out)[kR]) {
   constexpr int L = kVecLanes<T>;
   constexpr int W = kFull ? 2 * L : 1;
   T init[kR][2 * L] = {};
@@ -178,6 +193,7 @@ void dw_micro(const T* dy, int64_t dy_stride_row, const T* x, int64_t x_stride_r
   }
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t rr = gathered ? rows[r] : r;
+    if (gathered && !row_ok(rr, num_rows)) continue;
     const T* dyr = dy + rr * dy_stride_row;
     const T* xr = x + rr * x_stride_row + k0;
     Vec<T> x0{}, x1{};
@@ -203,7 +219,7 @@ void dw_micro(const T* dy, int64_t dy_stride_row, const T* x, int64_t x_stride_r
 template <typename T>
 void grouped_gemm_dw_impl(const T* dy, int64_t dy_stride_row, const T* x, int64_t x_stride_row, T* dw,
                           T* dbias, const int64_t* offsets, const int64_t* rows, bool gathered,
-                          int64_t num_groups, int64_t n_dim, int64_t k_dim) {
+                          int64_t num_rows, int64_t num_groups, int64_t n_dim, int64_t k_dim) {
   constexpr int V = Lanes<T>;
   const int64_t n_tiles = ceil_div(n_dim, kDwRows);
   const int64_t k_tiles = ceil_div(k_dim, kDwCols);
@@ -230,9 +246,11 @@ void grouped_gemm_dw_impl(const T* dy, int64_t dy_stride_row, const T* x, int64_
         }
         int64_t k = k0;
         for (; k + V <= k1; k += V)
-          dw_micro<T, true>(dy, dy_stride_row, x, x_stride_row, rows, gathered, rb, re, n, nr, k, out);
+          dw_micro<T, true>(dy, dy_stride_row, x, x_stride_row, rows, gathered, num_rows, rb, re, n, nr, k,
+                            out);
         for (; k < k1; ++k)
-          dw_micro<T, false>(dy, dy_stride_row, x, x_stride_row, rows, gathered, rb, re, n, nr, k, out);
+          dw_micro<T, false>(dy, dy_stride_row, x, x_stride_row, rows, gathered, num_rows, rb, re, n, nr, k,
+                             out);
       }
     }
   }
@@ -247,6 +265,7 @@ void grouped_gemm_dw_impl(const T* dy, int64_t dy_stride_row, const T* x, int64_
     T* out = dbias + g * n_dim;
     std::fill(out + n0, out + n1, T(0));
     for (int64_t r = offsets[g]; r < offsets[g + 1]; ++r) {
+      if (gathered && !row_ok(rows[r], num_rows)) continue;
       const T* dyr = dy + (gathered ? rows[r] : r) * dy_stride_row;
       for (int64_t n = n0; n < n1; ++n) out[n] += dyr[n];
     }
@@ -264,14 +283,19 @@ void grouped_gemm_cpu(std::uintptr_t a, int64_t a_stride_row, std::uintptr_t b, 
                       int64_t b_stride_k, int64_t b_stride_j, std::uintptr_t bias, int64_t bias_stride_g,
                       std::uintptr_t c, int64_t c_stride_row, std::uintptr_t offsets, std::uintptr_t rows,
                       bool gather_a, bool scatter_c, int64_t num_groups, int64_t k_dim, int64_t j_dim,
-                      int dtype) {
+                      int64_t a_rows, int64_t c_rows, int64_t num_positions, int dtype) {
   check_float_dtype(dtype);
   SPARSEMM_CHECK(num_groups >= 0, "num_groups", "must be >= 0, got ", num_groups);
   SPARSEMM_CHECK(k_dim >= 0 && j_dim >= 0, "k_dim", "sizes must be >= 0, got k_dim=", k_dim,
                  " j_dim=", j_dim);
+  SPARSEMM_CHECK(a_rows >= 0 && c_rows >= 0 && num_positions >= 0, "num_positions",
+                 "row counts must be >= 0");
+  // Without `rows`, a position is itself the row of A and of C.
+  SPARSEMM_CHECK((gather_a || num_positions <= a_rows) && (scatter_c || num_positions <= c_rows),
+                 "num_positions", num_positions, " positions but A has ", a_rows, " and C ", c_rows, " rows");
   SPARSEMM_CHECK(offsets != 0, "offsets", "pointer must be non-null");
   const auto* off = reinterpret_cast<const int64_t*>(offsets);
-  check_offsets(off, num_groups);
+  check_offsets(off, num_groups, num_positions);
   if (off[num_groups] == off[0] || j_dim == 0) return;
   // Empty tensors may have a null data pointer, so pointers are only required once there is work.
   SPARSEMM_CHECK(rows != 0 || !(gather_a || scatter_c), "rows",
@@ -285,27 +309,31 @@ void grouped_gemm_cpu(std::uintptr_t a, int64_t a_stride_row, std::uintptr_t b, 
     grouped_gemm_impl(FwdArgs<T>{reinterpret_cast<const T*>(a), a_stride_row,
                                  reinterpret_cast<const T*>(b), b_stride_g, b_stride_k, b_stride_j,
                                  reinterpret_cast<const T*>(bias), bias_stride_g, reinterpret_cast<T*>(c),
-                                 c_stride_row, off, rws, gather_a, scatter_c, num_groups, k_dim, j_dim});
+                                 c_stride_row, off, rws, gather_a, scatter_c, num_groups, k_dim, j_dim,
+                                 a_rows, c_rows});
   } else {
     using T = double;
     grouped_gemm_impl(FwdArgs<T>{reinterpret_cast<const T*>(a), a_stride_row,
                                  reinterpret_cast<const T*>(b), b_stride_g, b_stride_k, b_stride_j,
                                  reinterpret_cast<const T*>(bias), bias_stride_g, reinterpret_cast<T*>(c),
-                                 c_stride_row, off, rws, gather_a, scatter_c, num_groups, k_dim, j_dim});
+                                 c_stride_row, off, rws, gather_a, scatter_c, num_groups, k_dim, j_dim,
+                                 a_rows, c_rows});
   }
 }
 
 void grouped_gemm_dw_cpu(std::uintptr_t dy, int64_t dy_stride_row, std::uintptr_t x, int64_t x_stride_row,
                          std::uintptr_t dw, std::uintptr_t dbias, std::uintptr_t offsets,
                          std::uintptr_t rows, bool gathered, int64_t num_groups, int64_t n_dim,
-                         int64_t k_dim, int dtype) {
+                         int64_t k_dim, int64_t num_rows, int64_t num_positions, int dtype) {
   check_float_dtype(dtype);
   SPARSEMM_CHECK(num_groups >= 0, "num_groups", "must be >= 0, got ", num_groups);
   SPARSEMM_CHECK(n_dim >= 0 && k_dim >= 0, "n_dim", "sizes must be >= 0, got n_dim=", n_dim,
                  " k_dim=", k_dim);
+  SPARSEMM_CHECK(num_rows >= 0 && (gathered || num_positions <= num_rows), "num_positions", num_positions,
+                 " positions but dY and X have ", num_rows, " rows");
   SPARSEMM_CHECK(offsets != 0, "offsets", "pointer must be non-null");
   const auto* off = reinterpret_cast<const int64_t*>(offsets);
-  check_offsets(off, num_groups);
+  check_offsets(off, num_groups, num_positions);
   SPARSEMM_CHECK(rows != 0 || !gathered || off[num_groups] == off[0], "rows",
                  "pointer must be non-null when gathered is set");
   // dW (and dbias) are written even for empty groups, so they must exist whenever they have elements.
@@ -318,12 +346,12 @@ void grouped_gemm_dw_cpu(std::uintptr_t dy, int64_t dy_stride_row, std::uintptr_
     using T = float;
     grouped_gemm_dw_impl(reinterpret_cast<const T*>(dy), dy_stride_row, reinterpret_cast<const T*>(x),
                          x_stride_row, reinterpret_cast<T*>(dw), reinterpret_cast<T*>(dbias), off, rws,
-                         gathered, num_groups, n_dim, k_dim);
+                         gathered, num_rows, num_groups, n_dim, k_dim);
   } else {
     using T = double;
     grouped_gemm_dw_impl(reinterpret_cast<const T*>(dy), dy_stride_row, reinterpret_cast<const T*>(x),
                          x_stride_row, reinterpret_cast<T*>(dw), reinterpret_cast<T*>(dbias), off, rws,
-                         gathered, num_groups, n_dim, k_dim);
+                         gathered, num_rows, num_groups, n_dim, k_dim);
   }
 }
 

@@ -24,17 +24,17 @@ constexpr size_t kAlign = 256;
 
 size_t align_up(size_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
 
-// Radix-sort keys are uint32 in [0, num_groups], with num_groups standing for "invalid id": bad ids are
-// sorted after every valid row instead of landing inside some group, and only bit_width(num_groups) key
-// bits need sorting whatever the width of the input ids.
+// Radix-sort keys are uint32 in [0, num_groups): an id outside that range is sorted as the nearest valid
+// id (and counted as invalid), so the plan is always a full permutation, and only bit_width(num_groups - 1)
+// key bits need sorting whatever the width of the input ids (at least one, so cub always sorts).
 int key_bits(int64_t num_groups) {
-  int bits = 0;
-  while ((int64_t{1} << bits) <= num_groups) ++bits;
+  int bits = 1;
+  while ((int64_t{1} << bits) < num_groups) ++bits;
   return bits;
 }
 
 // Grid: min(ceil(n / kThreads), kMaxBlocks) blocks of kThreads, grid-stride over the n ids.
-// keys[i] = valid ? ids[i] : G; iota[i] = i; counts[ids[i]] += 1 for valid ids, invalid += 1 otherwise.
+// keys[i] = clamp(ids[i], 0, G-1); iota[i] = i; counts[keys[i]] += 1; invalid += 1 for ids out of range.
 template <typename IdT, bool kSharedHist>
 __global__ void prepare_kernel(const IdT* __restrict__ ids, int64_t n, int64_t num_groups,
                                uint32_t* __restrict__ keys, int64_t* __restrict__ iota,
@@ -50,13 +50,11 @@ __global__ void prepare_kernel(const IdT* __restrict__ ids, int64_t n, int64_t n
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
     const int64_t id = static_cast<int64_t>(ids[i]);
     const bool valid = id >= 0 && id < num_groups;
-    keys[i] = static_cast<uint32_t>(valid ? id : num_groups);
+    const int64_t key = id < 0 ? 0 : (id >= num_groups ? num_groups - 1 : id);
+    keys[i] = static_cast<uint32_t>(key);
     iota[i] = i;
-    if (valid) {
-      atomicAdd(kSharedHist ? &block_hist[id] : &counts[id], 1ull);
-    } else {
-      ++my_invalid;
-    }
+    atomicAdd(kSharedHist ? &block_hist[key] : &counts[key], 1ull);
+    if (!valid) ++my_invalid;
   }
   if (my_invalid) atomicAdd(invalid_count, my_invalid);
   if (kSharedHist) {
@@ -99,7 +97,7 @@ Workspace layout(int64_t n, int64_t num_groups) {
 
 void check_sizes(int64_t n, int64_t num_groups, int ids_dtype) {
   SPARSEMM_CHECK(n >= 0, "ids", "length must be >= 0, got ", n);
-  // Keys are uint32 with num_groups itself as the invalid marker.
+  // Keys are uint32 in [0, num_groups).
   SPARSEMM_CHECK(num_groups >= 1 && num_groups < (int64_t{1} << 31), "num_groups",
                  "must be in [1, 2^31), got ", num_groups);
   SPARSEMM_CHECK(ids_dtype == kInt32 || ids_dtype == kInt64, "ids", "must be int32 or int64, got ",
@@ -197,7 +195,7 @@ void group_plan_cuda(std::uintptr_t ids, int ids_dtype, int64_t n, int64_t num_g
       launch_prepare<int64_t>(reinterpret_cast<const void*>(ids), n, num_groups, keys_in, iota, ucnt, uinv, st);
     }
   }
-  // offsets[1:] = cumsum(counts), so offsets[G] is the number of valid ids (invalid ones are not counted).
+  // offsets[1:] = cumsum(counts); offsets[G] = n since every row is counted in some group.
   CUDA_CHECK(cub::DeviceScan::InclusiveSum(temp, temp_bytes, static_cast<const int64_t*>(cnt), off + 1,
                                            num_groups, st));
   if (n > 0) {

@@ -24,8 +24,8 @@ def group_plan_cpu(ids: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, to
     Returns:
         ``sorted_to_orig (n,) int64`` (original index of each row, group by group, increasing within a group),
         ``counts (G,) int64``, ``offsets (G+1,) int64`` (``offsets[0] = 0``, ``offsets[G] = n``), and the
-        index of the first id outside ``[0, G)`` or ``-1``. When that index is ``>= 0`` the three tensors are
-        incomplete and must not be used; the caller raises.
+        index of the first id outside ``[0, G)`` or ``-1``. Such ids are sorted as the nearest valid id, so
+        the three tensors always form a complete plan.
     """
     c = _ext.require()
     check_int_tensor(ids, "ids")
@@ -54,6 +54,7 @@ def grouped_gemm_cpu(
     scatter_c: bool = False,
     transpose_w: bool = False,
     out: torch.Tensor | None = None,
+    check_rows: bool = True,
 ) -> torch.Tensor:
     """Grouped GEMM (C++): for each group ``g`` and sorted position ``r`` in ``[offsets[g], offsets[g+1])``::
 
@@ -71,6 +72,9 @@ def grouped_gemm_cpu(
             ``[0, Ta)``, scattered ids in ``[0, Tc)`` and are distinct (each output row has one writer).
         out: optional ``(Tc, N or K)`` output with unit column stride, written in place and returned. Rows
             no group writes are left untouched. Must not overlap ``a``.
+        check_rows: raise ``ValueError`` for ``rows`` values out of range or repeated (scatter). With
+            ``False`` (a caller that validated, or chose not to) the kernel skips positions whose row is out
+            of range, and a repeated scattered row is written more than once.
 
     Returns:
         ``out``, or a new ``(Tc, N or K)`` tensor with ``Tc = len(rows)`` for gather-only and ``Tc = Ta``
@@ -108,9 +112,9 @@ def grouped_gemm_cpu(
         raise ValueError(f"`offsets` ends at {end} but `a` has only {a.shape[0]} rows")
     if not scatter_c and end > tc:
         raise ValueError(f"`offsets` ends at {end} but the output has only {tc} rows")
-    if gather_a:
+    if gather_a and check_rows:
         _check_row_range(rows[start:end], a.shape[0], "rows", "rows of `a`")
-    if scatter_c:
+    if scatter_c and check_rows:
         _check_row_range(rows[start:end], tc, "rows", "output rows")
         if end > start and int(torch.bincount(rows[start:end], minlength=tc).max()) > 1:
             raise ValueError("`rows` must not repeat an output row when scatter_c is set (one writer per row)")
@@ -133,8 +137,9 @@ def grouped_gemm_cpu(
         out.data_ptr(), out.stride(0),
         # plan
         offsets.data_ptr(), rows.data_ptr() if rows is not None else 0, gather_a, scatter_c,
-        # sizes, dtype
-        num_groups, k_dim, j_dim, _ext.dtype_code(a.dtype),
+        # sizes: groups, k, j; row bounds of A and C; positions (rows of the plan); dtype
+        num_groups, k_dim, j_dim, a.shape[0], tc, rows.shape[0] if rows is not None else min(a.shape[0], tc),
+        _ext.dtype_code(a.dtype),
     )  # fmt: skip
     return out
 
@@ -147,6 +152,7 @@ def grouped_gemm_dw_cpu(
     rows: torch.Tensor | None = None,
     gathered: bool = False,
     compute_dbias: bool = False,
+    check_rows: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Weight (and bias) gradient of the grouped GEMM (C++)::
 
@@ -161,6 +167,7 @@ def grouped_gemm_dw_cpu(
         offsets: ``(G+1,)`` int64, non-decreasing from ``offsets[0] >= 0``, ``offsets[G] <= T`` unless
             ``gathered``.
         rows: ``(>= offsets[G],)`` int64 with values in ``[0, T)``; required when ``gathered``.
+        check_rows: raise ``ValueError`` for ``rows`` values out of range; with ``False`` the kernel skips them.
 
     Returns:
         ``dw (G, N, K)`` and ``dbias (G, N)`` (or ``None`` unless ``compute_dbias``), in ``dy``'s dtype; an
@@ -182,7 +189,8 @@ def grouped_gemm_dw_cpu(
         if rows is None:
             raise ValueError("`rows` is required when gathered is set")
         rows = _check_rows(rows, end)
-        _check_row_range(rows[start:end], t, "rows", "rows of `dy`/`x`")
+        if check_rows:
+            _check_row_range(rows[start:end], t, "rows", "rows of `dy`/`x`")
     elif end > t:
         raise ValueError(f"`offsets` ends at {end} but `dy` and `x` have only {t} rows")
     dw = torch.empty(num_groups, n_dim, k_dim, dtype=dy.dtype)
@@ -191,7 +199,7 @@ def grouped_gemm_dw_cpu(
         dy.data_ptr(), dy.stride(0), x.data_ptr(), x.stride(0),
         dw.data_ptr(), dbias.data_ptr() if dbias is not None else 0,
         offsets.data_ptr(), rows.data_ptr() if gathered else 0, gathered,
-        num_groups, n_dim, k_dim, _ext.dtype_code(dy.dtype),
+        num_groups, n_dim, k_dim, t, rows.shape[0] if gathered else t, _ext.dtype_code(dy.dtype),
     )  # fmt: skip
     return dw, dbias
 

@@ -9,23 +9,20 @@ single grouped GEMM over all modalities. With ``num_modalities=1`` the same modu
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsemm_kernels.backend import prefer
 from sparsemm_kernels.nn.mot_linear import init_per_modality_
 from sparsemm_kernels.nn.norms import MoTLayerNorm, MoTRMSNorm
-from sparsemm_kernels.ops.attention import apply_rotary, attention_mask, rotary_cos_sin, sdpa
+from sparsemm_kernels.ops.attention import apply_rotary, attention_mask, check_position_ids, rotary_cos_sin, sdpa
 from sparsemm_kernels.ops.grouped_linear import grouped_linear
 from sparsemm_kernels.ops.swiglu import swiglu
-from sparsemm_kernels.plan import GroupPlan, group_plan
-from sparsemm_kernels.utils.checks import (
-    check_float_tensor,
-    check_ids_in_range,
-    check_int_tensor,
-    check_positive_int,
-    validation_mode,
-)
+from sparsemm_kernels.plan import GroupPlan, build_plan, checked_ids
+from sparsemm_kernels.utils.checks import check_float_tensor, check_int_tensor, check_positive_int
 
 _NORMS = {"rms": MoTRMSNorm, "layer": MoTLayerNorm}
 _PLACEMENTS = ("post", "pre")
@@ -50,17 +47,23 @@ def _check_tokens(x: torch.Tensor, modality_ids: torch.Tensor | None, num_modali
         )
 
 
-def _resolve_plan(modality_ids, num_modalities: int, plan: GroupPlan | None, backend) -> GroupPlan | None:
-    """The plan to route with: the caller's, or a new one; None for the dense (one-modality) path.
+def _resolve_plan(
+    modality_ids, num_modalities: int, plan: GroupPlan | None, backend
+) -> tuple[GroupPlan | None, torch.Tensor | None]:
+    """The plan to route with (the caller's, or a new one; None for the dense one-modality path) and the ids
+    the layer's norms may use without another check.
 
-    Ids are range-checked here when the plan is built, once per forward; a caller's plan vouches for the ids
-    it was built from (every kernel clamps or bounds its indices, so even a wrong plan reads no stray memory).
+    Ids are range-checked once per forward: when the plan is built here, or when the caller's plan does not
+    carry this very ``modality_ids`` tensor as its vetted ``group_ids``. Every kernel also clamps or bounds its indices, so even a
+    wrong plan reads no stray memory.
     """
     if num_modalities == 1:
-        return None
+        return None, modality_ids
     if plan is None:
-        check_ids_in_range(modality_ids, num_modalities, "modality_ids", validation_mode(None, modality_ids.device))
-        return group_plan(modality_ids, num_modalities, backend=backend, validate=False)
+        plan = build_plan(
+            modality_ids, num_modalities, backend=prefer(backend), validate=None, name="modality_ids"
+        )
+        return plan, modality_ids
     if not isinstance(plan, GroupPlan):
         raise TypeError(f"`plan` must be a GroupPlan, got {type(plan).__name__}")
     if plan.num_groups != num_modalities or plan.num_rows != modality_ids.numel():
@@ -68,13 +71,17 @@ def _resolve_plan(modality_ids, num_modalities: int, plan: GroupPlan | None, bac
             f"`plan` routes {plan.num_rows} rows into {plan.num_groups} groups, but `modality_ids` has "
             f"{modality_ids.numel()} tokens and the layer {num_modalities} modalities"
         )
-    return plan
+    if plan.group_ids is modality_ids:
+        return plan, modality_ids
+    ids = checked_ids(modality_ids, num_modalities, validate=None, name="modality_ids")
+    # Record the vetted ids on the plan, so the sub-layers this plan is handed to do not check them again.
+    return dataclasses.replace(plan, group_ids=ids), ids
 
 
 def _linear(x2d: torch.Tensor, weight: torch.Tensor, plan: GroupPlan | None, backend) -> torch.Tensor:
     if plan is None:  # one modality: a plain dense matmul
         return F.linear(x2d, weight[0])
-    return grouped_linear(x2d, weight, plan, backend=backend)
+    return grouped_linear(x2d, weight, plan, backend=prefer(backend))
 
 
 class MoTAttention(nn.Module):
@@ -158,18 +165,18 @@ class MoTAttention(nn.Module):
             raise ValueError(f"`x` must be (B, S, dim), got shape {tuple(x.shape)}")
         B, S, _ = x.shape
         H, Hkv, dh = self.n_heads, self.n_kv_heads, self.head_dim
-        plan = _resolve_plan(modality_ids, self.num_modalities, plan, self.backend)
+        plan, ids = _resolve_plan(modality_ids, self.num_modalities, plan, self.backend)
         w_qkv = torch.cat([self.wq, self.wk, self.wv], dim=1)
         qkv = _linear(x.reshape(B * S, self.dim), w_qkv, plan, self.backend)
         q, k, v = qkv.split([H * dh, Hkv * dh, Hkv * dh], dim=-1)
         q, k, v = q.view(B, S, H, dh), k.view(B, S, Hkv, dh), v.view(B, S, Hkv, dh)
-        if self.q_norm is not None:  # ids were checked when the plan was built
-            q = self.q_norm(q, modality_ids, validate=False)
-            k = self.k_norm(k, modality_ids, validate=False)
+        if self.q_norm is not None:  # ids were checked with the plan
+            q = self.q_norm(q, ids, validate=False)
+            k = self.k_norm(k, ids, validate=False)
         if self.rope_theta is not None:
             if position_ids is None:
                 position_ids = torch.arange(S, device=x.device)
-            position_ids = position_ids.expand(B, S)
+            position_ids = check_position_ids(position_ids, B, S, x.device)
             cos, sin = rotary_cos_sin(position_ids, dh, self.rope_theta, q.dtype)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         mask, causal = attention_mask(B, S, x.device, attn_mask, is_causal, span_ids)
@@ -208,10 +215,10 @@ class MoTFeedForward(nn.Module):
     ) -> torch.Tensor:
         """x: ``(..., dim)``; modality_ids: ``x.shape[:-1]``. Returns ``(..., dim)``."""
         _check_tokens(x, modality_ids, self.num_modalities, self.dim)
-        plan = _resolve_plan(modality_ids, self.num_modalities, plan, self.backend)
+        plan, _ = _resolve_plan(modality_ids, self.num_modalities, plan, self.backend)
         x2 = x.reshape(-1, self.dim)
         gate_up = _linear(x2, torch.cat([self.w1, self.w3], dim=1), plan, self.backend)
-        h = swiglu(gate_up, backend=self.backend)
+        h = swiglu(gate_up, backend=prefer(self.backend))
         return _linear(h, self.w2, plan, self.backend).view(x.shape)
 
 
@@ -266,10 +273,9 @@ class MoTBlock(nn.Module):
         ``attention_kwargs`` go to :meth:`MoTAttention.forward` (attn_mask, is_causal, position_ids,
         span_ids). Returns ``(B, S, dim)``."""
         _check_tokens(x, modality_ids, self.num_modalities, self.dim)
-        plan = _resolve_plan(modality_ids, self.num_modalities, plan, self.backend)
-        ids = modality_ids
+        plan, ids = _resolve_plan(modality_ids, self.num_modalities, plan, self.backend)
 
-        def attn_norm(t):  # ids were checked when the plan was built
+        def attn_norm(t):  # ids were checked with the plan
             return self.attn_norm(t, ids, validate=False)
 
         def ffn_norm(t):
@@ -363,7 +369,7 @@ class MoTTransformer(nn.Module):
             raise ValueError(f"`tokens` must be (B, S), got shape {tuple(tokens.shape)}")
         h = self.embed(tokens)
         _check_tokens(h, modality_ids, self.num_modalities, h.shape[-1])
-        plan = _resolve_plan(modality_ids, self.num_modalities, None, self.backend)
+        plan, ids = _resolve_plan(modality_ids, self.num_modalities, None, self.backend)
         for layer in self.layers:
-            h = layer(h, modality_ids, plan=plan, **attention_kwargs)
-        return self.lm_head(self.norm(h, modality_ids, validate=False))
+            h = layer(h, ids, plan=plan, **attention_kwargs)
+        return self.lm_head(self.norm(h, ids, validate=False))

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from sparsemm_kernels.backend import check_backend_name, prefer
 from sparsemm_kernels.ops.modality_linear import modality_linear
 from sparsemm_kernels.plan import GroupPlan
 from sparsemm_kernels.utils.checks import check_positive_int
@@ -30,7 +31,8 @@ class MoTLinear(nn.Module):
         num_modalities: ``M``, the number of weight copies.
         bias: add a per-modality bias.
         device, dtype: parameter factory kwargs.
-        backend: force a backend for this module's ops (default: automatic).
+        backend: the backend this module's ops prefer (default: automatic); ops it does not implement fall
+            back to the automatic choice (see :mod:`sparsemm_kernels.backend`).
 
     Parameters:
         weight: ``(M, out_features, in_features)``; bias: ``(M, out_features)`` or None. Each modality is
@@ -56,7 +58,7 @@ class MoTLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.num_modalities = num_modalities
-        self.backend = backend
+        self.backend = check_backend_name(backend)
         self.weight = nn.Parameter(torch.empty(num_modalities, out_features, in_features, **factory))
         self.bias = nn.Parameter(torch.empty(num_modalities, out_features, **factory)) if bias else None
         self.reset_parameters()
@@ -68,7 +70,7 @@ class MoTLinear(nn.Module):
     def forward(self, x: torch.Tensor, modality_ids: torch.Tensor, plan: GroupPlan | None = None) -> torch.Tensor:
         """x: ``(..., in_features)``; modality_ids: ``x.shape[:-1]`` ints in ``[0, M)``; plan: optional
         reusable :class:`GroupPlan` of ``modality_ids``. Returns ``(..., out_features)``."""
-        return modality_linear(x, modality_ids, self.weight, self.bias, plan, backend=self.backend)
+        return modality_linear(x, modality_ids, self.weight, self.bias, plan, backend=prefer(self.backend))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, num_modalities: int, *, backend: str | None = None) -> MoTLinear:

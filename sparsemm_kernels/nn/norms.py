@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsemm_kernels.ops.norms import modality_layer_norm, modality_rms_norm
+from sparsemm_kernels.backend import check_backend_name, prefer
+from sparsemm_kernels.ops.norms import check_eps, modality_layer_norm, modality_rms_norm
 from sparsemm_kernels.utils.checks import check_float_tensor, check_positive_int, check_same_dtype
 
 
@@ -50,7 +51,8 @@ class MoTRMSNorm(nn.Module):
         num_modalities: ``M``, the number of weight copies.
         eps: added to the mean square.
         device, dtype: parameter factory kwargs.
-        backend: force a backend for this module's op (default: automatic).
+        backend: the backend this module's op prefers (default: automatic); where it has no implementation
+            the automatic choice runs instead (see :mod:`sparsemm_kernels.backend`).
 
     Parameters:
         weight: ``(M, dim)``, initialised to ones.
@@ -67,12 +69,10 @@ class MoTRMSNorm(nn.Module):
         backend: str | None = None,
     ) -> None:
         super().__init__()
-        check_positive_int(dim, "dim")
-        check_positive_int(num_modalities, "num_modalities")
-        self.dim = dim
-        self.num_modalities = num_modalities
-        self.eps = eps
-        self.backend = backend
+        self.dim = check_positive_int(dim, "dim")
+        self.num_modalities = check_positive_int(num_modalities, "num_modalities")
+        self.eps = check_eps(eps)
+        self.backend = check_backend_name(backend)
         self.weight = nn.Parameter(torch.empty(num_modalities, dim, device=device, dtype=dtype))
         self.reset_parameters()
 
@@ -90,7 +90,7 @@ class MoTRMSNorm(nn.Module):
         if self.num_modalities == 1:
             return F.rms_norm(_dense_input(x, self.dim, self.weight), (self.dim,), self.weight[0], self.eps)
         ids = _resolve_ids(x, modality_ids, self.num_modalities)
-        return modality_rms_norm(x, ids, self.weight, self.eps, backend=self.backend, validate=validate)
+        return modality_rms_norm(x, ids, self.weight, self.eps, backend=prefer(self.backend), validate=validate)
 
     @classmethod
     def from_norm(cls, norm: nn.RMSNorm, num_modalities: int, *, backend: str | None = None) -> MoTRMSNorm:
@@ -135,13 +135,11 @@ class MoTLayerNorm(nn.Module):
         backend: str | None = None,
     ) -> None:
         super().__init__()
-        check_positive_int(dim, "dim")
-        check_positive_int(num_modalities, "num_modalities")
         factory = {"device": device, "dtype": dtype}
-        self.dim = dim
-        self.num_modalities = num_modalities
-        self.eps = eps
-        self.backend = backend
+        self.dim = check_positive_int(dim, "dim")
+        self.num_modalities = check_positive_int(num_modalities, "num_modalities")
+        self.eps = check_eps(eps)
+        self.backend = check_backend_name(backend)
         self.weight = nn.Parameter(torch.empty(num_modalities, dim, **factory))
         self.bias = nn.Parameter(torch.empty(num_modalities, dim, **factory)) if bias else None
         self.reset_parameters()
@@ -162,7 +160,7 @@ class MoTLayerNorm(nn.Module):
             return F.layer_norm(_dense_input(x, self.dim, self.weight), (self.dim,), self.weight[0], bias, self.eps)
         ids = _resolve_ids(x, modality_ids, self.num_modalities)
         return modality_layer_norm(
-            x, ids, self.weight, self.bias, self.eps, backend=self.backend, validate=validate
+            x, ids, self.weight, self.bias, self.eps, backend=prefer(self.backend), validate=validate
         )
 
     @classmethod

@@ -30,6 +30,17 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotated * sin
 
 
+def check_position_ids(position_ids, batch: int, seq: int, device: torch.device) -> torch.Tensor:
+    """``position_ids`` of shape ``(S,)``, ``(1, S)`` or ``(B, S)`` (integers, on ``device``) as ``(B, S)``."""
+    check_int_tensor(position_ids, "position_ids")
+    if position_ids.device != device:
+        raise ValueError(f"`position_ids` is on {position_ids.device} but `x` is on {device}")
+    shape = tuple(position_ids.shape)
+    if shape not in ((seq,), (1, seq), (batch, seq)):
+        raise ValueError(f"`position_ids` must have shape (S,), (1, S) or (B, S) with B={batch}, S={seq}, got {shape}")
+    return position_ids.expand(batch, seq)
+
+
 def hybrid_mask(span_ids: torch.Tensor) -> torch.Tensor:
     """Transfusion mask ``(B, 1, S, S)`` bool: causal, plus bidirectional inside each image span.
 

@@ -1,66 +1,232 @@
 """Grouped linear over row groups: ``grouped_mm`` (rows already grouped) and ``grouped_linear`` (rows in
 original order, routed by a :class:`~sparsemm_kernels.plan.GroupPlan`).
 
-Both are one autograd Function over the same three kernels: forward ``Y_g = X_g W_g^T + b_g``, dX
-``dX_g = dY_g W_g`` (the forward kernel reading ``W`` untransposed), and dW ``dW_g = dY_g^T X_g`` with
-``db_g = sum dY_g``. In the routed form the kernels gather rows through ``plan.sorted_to_orig`` on load and
-scatter them back on store, so no permuted copy of ``x``, ``dY`` or the output exists.
+Pipeline: two ``torch.library`` custom ops, each with a fake implementation and autograd:
+
+* ``sparsemm::grouped_gemm``    ``C_g = A_g W_g^T + b_g`` (or ``A_g W_g`` with ``transpose_w``: the dX pass);
+* ``sparsemm::grouped_gemm_dw`` ``dW_g = dY_g^T X_g`` and ``db_g = sum dY_g``.
+
+The backward of each is built from the two of them, so second derivatives are exact to any order: the
+grouped GEMM is bilinear in ``(x, W)``, and the weight gradient is bilinear in ``(dY, X)``. In the routed form
+the kernels gather rows through ``plan.sorted_to_orig`` on load and scatter them back on store, so no
+permuted copy of ``x``, ``dY`` or the output exists. Index values (offsets, a plan's rows) are checked
+inside the op, where ``torch.compile`` does not trace, per the ``mode`` of :mod:`sparsemm_kernels.utils.checks`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from sparsemm_kernels.backend import select_backend
+from sparsemm_kernels.backend import check_backend_name, select_backend
 from sparsemm_kernels.plan import GroupPlan
-from sparsemm_kernels.reference.grouped import grouped_linear_ref, grouped_mm_ref
+from sparsemm_kernels.reference.grouped import grouped_linear_ref, grouped_mm_dw_ref, grouped_mm_ref
 from sparsemm_kernels.utils.checks import (
+    MODES,
+    OFF,
+    TRUSTED,
+    autocast_to,
     check_dim,
     check_float_tensor,
     check_int_tensor,
     check_offsets_values,
+    check_permutation_values,
     check_same_device,
     check_same_dtype,
+    sanitized_offsets,
     validation_mode,
 )
 
-
-def _kernels(backend: str):
-    if backend == "triton":
-        from sparsemm_kernels.kernels.triton.grouped_gemm import grouped_gemm, grouped_gemm_dw
-
-        return grouped_gemm, grouped_gemm_dw
-    from sparsemm_kernels.kernels.cpu import grouped_gemm_cpu, grouped_gemm_dw_cpu
-
-    return grouped_gemm_cpu, grouped_gemm_dw_cpu
+# The triton kernels find a tile's group among all G in registers; beyond this the torch loop runs.
+_TRITON_MAX_GROUPS = 4096
 
 
-class GroupedGemmFunction(torch.autograd.Function):
-    """Autograd for the grouped GEMM kernels of the ``triton`` and ``cpu`` backends."""
+def _backend(x: torch.Tensor, num_groups: int, requested: str | None) -> str:
+    name = select_backend("grouped_mm", x.device, x.dtype, requested)
+    if name == "triton" and num_groups > _TRITON_MAX_GROUPS:
+        if requested == "triton":
+            raise ValueError(f"the triton grouped GEMM supports up to {_TRITON_MAX_GROUPS} groups, got {num_groups}")
+        return "torch"
+    return name
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, offsets, rows, routed: bool, backend: str):
-        """x: (T, K); weight: (G, N, K); bias: (G, N) or None; offsets: (G+1,) int64; rows: (T,) int64 or
-        None; routed: x and the output are in original row order (read/written through ``rows``).
-        Returns (T, N) in x's dtype."""
-        gemm, _ = _kernels(backend)
-        out = gemm(x, weight, offsets, bias=bias, rows=rows, gather_a=routed, scatter_c=routed)
-        ctx.save_for_backward(x, weight, offsets, rows)
-        ctx.routed, ctx.backend = routed, backend
-        return out
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, offsets, rows = ctx.saved_tensors
-        gemm, gemm_dw = _kernels(ctx.backend)
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        dx = dw = db = None
-        if need_x:
-            dx = gemm(dy, weight, offsets, rows=rows, gather_a=ctx.routed, scatter_c=ctx.routed, transpose_w=True)
-        if need_w or need_b:
-            dw, db = gemm_dw(dy, x, offsets, rows=rows, gathered=ctx.routed, compute_dbias=need_b)
-            dw = dw if need_w else None
-        return dx, dw, db, None, None, None, None
+def _check_index_values(offsets, rows, num_rows: int, mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
+    check_offsets_values(offsets, num_rows, "offsets" if rows is None else "plan.offsets", mode)
+    if rows is not None:
+        check_permutation_values(rows, "plan.sorted_to_orig", mode)
+
+
+def _host_offsets(offsets: torch.Tensor, num_rows: int, mode: str) -> torch.Tensor:
+    """Offsets for the host-side backends (cpu, torch), which read them: sanitized when unchecked."""
+    return sanitized_offsets(offsets, num_rows) if mode == OFF else offsets
+
+
+def _gemm_torch(x, weight, bias, offsets, rows, transpose_w, mode):
+    w = weight.transpose(1, 2) if transpose_w else weight
+    offsets = _host_offsets(offsets, x.shape[0], mode)
+    if rows is None:
+        return grouped_mm_ref(x, w, offsets, bias)
+    if mode != OFF:
+        return grouped_linear_ref(x, w, rows, offsets, bias)
+    # Unchecked plan: positions whose row is out of range neither read nor write; unwritten rows are zero.
+    T = x.shape[0]
+    valid = (rows >= 0) & (rows < T)
+    safe = rows.clamp(0, max(T - 1, 0))
+    y_sorted = grouped_mm_ref(x[safe], w, offsets, bias)
+    out = x.new_zeros(T, w.shape[1])
+    out[safe[valid]] = y_sorted[valid]  # sync-ok: torch backend, host-side by design
+    return out
+
+
+def _gemm_kernel(name, x, weight, bias, offsets, rows, transpose_w, mode):
+    routed = rows is not None
+    T, J = x.shape[0], (weight.shape[2] if transpose_w else weight.shape[1])
+    # An unchecked plan may not be a permutation: start from zeros so that no output row is left unwritten.
+    out = x.new_zeros(T, J) if (routed and mode == OFF) else None
+    if name == "triton":
+        from sparsemm_kernels.kernels.triton.grouped_gemm import grouped_gemm
+
+        return grouped_gemm(
+            x, weight, offsets, bias=bias, rows=rows, gather_a=routed, scatter_c=routed, transpose_w=transpose_w,
+            out=out,
+        )
+    from sparsemm_kernels.kernels.cpu import grouped_gemm_cpu
+
+    return grouped_gemm_cpu(
+        x, weight, _host_offsets(offsets, T, mode), bias=bias, rows=rows, gather_a=routed, scatter_c=routed,
+        transpose_w=transpose_w, out=out, check_rows=False,
+    )
+
+
+@torch.library.custom_op("sparsemm::grouped_gemm", mutates_args=())
+def grouped_gemm_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    offsets: torch.Tensor,
+    rows: torch.Tensor | None,
+    transpose_w: bool,
+    mode: str,
+    backend: str | None,
+) -> torch.Tensor:
+    """``out[c_r] = x[a_r] @ B_g (+ bias[g])`` over the sorted positions ``r`` of each group ``g``.
+
+    ``B_g = weight[g]^T`` (``weight (G, N, K)``, out ``(T, N)``) or ``weight[g]`` with ``transpose_w``
+    (out ``(T, K)``); ``a_r = c_r = rows[r]`` when ``rows`` is given (routed), else ``r``. ``offsets
+    (G+1,) int64``; ``mode`` one of :data:`~sparsemm_kernels.utils.checks.MODES`.
+    """
+    if transpose_w and bias is not None:
+        raise ValueError("`bias` is not supported with transpose_w (the dX pass has none)")
+    _check_index_values(offsets, rows, x.shape[0], mode)
+    G = weight.shape[0]
+    T, K = x.shape
+    J = weight.shape[2] if transpose_w else weight.shape[1]
+    name = _backend(x, G, backend)
+    if name == "torch" or T == 0 or K == 0 or J == 0 or G == 0:
+        if G == 0:  # no group owns a row: nothing to compute, and every row must still be written
+            return x.new_zeros(T, J)
+        return _gemm_torch(x, weight, bias, offsets, rows, transpose_w, mode)
+    return _gemm_kernel(name, x, weight, bias, offsets, rows, transpose_w, mode)
+
+
+@grouped_gemm_op.register_fake
+def _(x, weight, bias, offsets, rows, transpose_w, mode, backend):
+    J = weight.shape[2] if transpose_w else weight.shape[1]
+    return x.new_empty(x.shape[0], J)
+
+
+@torch.library.custom_op("sparsemm::grouped_gemm_dw", mutates_args=())
+def grouped_gemm_dw_op(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    offsets: torch.Tensor,
+    rows: torch.Tensor | None,
+    compute_dbias: bool,
+    mode: str,
+    backend: str | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``dW (G, N, K)`` with ``dW[g] = dY_g^T X_g`` and ``db (G, N)`` with ``db[g] = sum_r dY_g[r]`` (an empty
+    ``(0,)`` tensor unless ``compute_dbias``); rows read through ``rows`` when given. ``dy (T, N)``,
+    ``x (T, K)``. Empty groups get exact zeros."""
+    _check_index_values(offsets, rows, dy.shape[0], mode)
+    G = offsets.shape[0] - 1
+    T, N, K = dy.shape[0], dy.shape[1], x.shape[1]
+    name = _backend(dy, G, backend)
+    if name == "torch" or T == 0 or N == 0 or K == 0 or G == 0:
+        safe_rows = rows
+        if rows is not None and mode == OFF:  # unchecked plan: rows out of range contribute nothing
+            safe_rows = torch.where((rows >= 0) & (rows < T), rows, -1)
+            dy, x = torch.cat([dy, dy.new_zeros(1, N)]), torch.cat([x, x.new_zeros(1, K)])
+        dw, db = grouped_mm_dw_ref(dy, x, _host_offsets(offsets, T, mode), safe_rows, compute_dbias)
+    elif name == "triton":
+        from sparsemm_kernels.kernels.triton.grouped_gemm import grouped_gemm_dw
+
+        dw, db = grouped_gemm_dw(dy, x, offsets, rows=rows, gathered=rows is not None, compute_dbias=compute_dbias)
+    else:
+        from sparsemm_kernels.kernels.cpu import grouped_gemm_dw_cpu
+
+        dw, db = grouped_gemm_dw_cpu(
+            dy, x, _host_offsets(offsets, T, mode), rows=rows, gathered=rows is not None,
+            compute_dbias=compute_dbias, check_rows=False,
+        )
+    return dw, (db if db is not None else dy.new_empty(0))
+
+
+@grouped_gemm_dw_op.register_fake
+def _(dy, x, offsets, rows, compute_dbias, mode, backend):
+    G = offsets.shape[0] - 1
+    db = dy.new_empty(G, dy.shape[1]) if compute_dbias else dy.new_empty(0)
+    return dy.new_empty(G, dy.shape[1], x.shape[1]), db
+
+
+def _backward_mode(mode: str) -> str:
+    # Values were checked (or the plan trusted) by the forward; an unchecked plan stays unchecked.
+    return OFF if mode == OFF else TRUSTED
+
+
+def _gemm_setup(ctx, inputs, output):
+    x, weight, bias, offsets, rows, transpose_w, mode, backend = inputs
+    ctx.save_for_backward(x, weight, offsets, rows)
+    ctx.transpose_w, ctx.mode, ctx.backend = transpose_w, _backward_mode(mode), backend
+
+
+def _gemm_backward(ctx, dy):
+    x, weight, offsets, rows = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    dx = dw = db = None
+    if need_x:
+        dx = grouped_gemm_op(dy, weight, None, offsets, rows, not ctx.transpose_w, ctx.mode, ctx.backend)
+    if need_w or need_b:
+        if ctx.transpose_w:  # C = A W_g: dW_g = A_g^T dC_g (bias is refused in this mode)
+            dw, _ = grouped_gemm_dw_op(x, dy, offsets, rows, False, ctx.mode, ctx.backend)
+        else:
+            dw, db = grouped_gemm_dw_op(dy, x, offsets, rows, need_b, ctx.mode, ctx.backend)
+    return dx, (dw if need_w else None), (db if need_b else None), None, None, None, None, None
+
+
+def _dw_setup(ctx, inputs, output):
+    dy, x, offsets, rows, compute_dbias, mode, backend = inputs
+    ctx.save_for_backward(dy, x, offsets, rows)
+    ctx.compute_dbias, ctx.mode, ctx.backend = compute_dbias, _backward_mode(mode), backend
+
+
+def _dw_backward(ctx, ddw, ddb):
+    """``dW = dY^T X`` and ``db = sum dY`` are bilinear: ``d(dY) = X ddW^T + ddb``, ``dX = dY ddW``."""
+    dy, x, offsets, rows = ctx.saved_tensors
+    if ddw is None:
+        ddw = dy.new_zeros(offsets.shape[0] - 1, dy.shape[1], x.shape[1])
+    bias = ddb if (ctx.compute_dbias and ddb is not None) else None
+    d_dy = d_x = None
+    if ctx.needs_input_grad[0]:
+        d_dy = grouped_gemm_op(x, ddw, bias, offsets, rows, False, ctx.mode, ctx.backend)
+    if ctx.needs_input_grad[1]:
+        d_x = grouped_gemm_op(dy, ddw, None, offsets, rows, True, ctx.mode, ctx.backend)
+    return d_dy, d_x, None, None, None, None, None
+
+
+grouped_gemm_op.register_autograd(_gemm_backward, setup_context=_gemm_setup)
+grouped_gemm_dw_op.register_autograd(_dw_backward, setup_context=_dw_setup)
 
 
 def _check_operands(x, weight, bias):
@@ -105,19 +271,24 @@ def grouped_mm(
 
     Args:
         x: ``(T, K)`` float16 | bfloat16 | float32 | float64; rows of group ``g`` are
-            ``offsets[g]:offsets[g+1]``. May be non-contiguous.
-        weight: ``(G, N, K)``, same dtype and device as ``x`` (nn.Linear layout per group).
+            ``offsets[g]:offsets[g+1]``. Any strides.
+        weight: ``(G, N, K)``, same dtype and device as ``x`` (nn.Linear layout per group); any strides.
         offsets: ``(G+1,)`` int32 or int64, ``offsets[0] = 0``, non-decreasing, ``offsets[G] = T``
             (``GroupPlan.offsets``). Groups may be empty.
-        bias: optional ``(G, N)``.
+        bias: optional ``(G, N)``, any strides.
         backend: see :mod:`sparsemm_kernels.backend`; default: the fastest for the device.
-        validate: how ``offsets`` values are checked (see :func:`sparsemm_kernels.group_plan`).
+        validate: how ``offsets`` values are checked: eagerly (``ValueError``) on CPU, by an asynchronous
+            device assertion on CUDA, eagerly with ``True``; not at all with ``False``, in which case
+            offsets are read as clamped into ``[0, T]`` and made non-decreasing (every row is still written
+            exactly once, from in-range rows only).
 
     Returns:
-        ``(T, N)`` in ``x``'s dtype. Differentiable in ``x``, ``weight`` and ``bias``; the weight gradient of
-        an empty group is exactly zero. fp16/bf16 accumulate in fp32; fp32 stays fp32 unless
+        ``(T, N)`` in ``x``'s dtype (the autocast dtype under ``torch.autocast``, like ``nn.Linear``).
+        Differentiable in ``x``, ``weight`` and ``bias``, to any order; the weight gradient of an empty group
+        is exactly zero. fp16/bf16 accumulate in fp32; fp32 stays fp32 unless
         ``torch.backends.cuda.matmul.allow_tf32`` is set.
     """
+    x, weight, bias = autocast_to(x, weight, bias)
     _check_operands(x, weight, bias)
     check_int_tensor(offsets, "offsets")
     check_same_device("x", x, "offsets", offsets)
@@ -126,12 +297,10 @@ def grouped_mm(
             f"`offsets` must be 1-D of length G+1 = {weight.shape[0] + 1} (G from `weight`), "
             f"got shape {tuple(offsets.shape)}"
         )
+    backend = check_backend_name(backend)
     offsets = offsets.to(torch.int64).contiguous()
-    check_offsets_values(offsets, x.shape[0], "offsets", validation_mode(validate, x.device))
-    name = select_backend("grouped_mm", x.device, x.dtype, backend)
-    if name == "torch":
-        return grouped_mm_ref(x, weight, offsets, bias)
-    return GroupedGemmFunction.apply(x, weight, bias, offsets, None, False, name)
+    mode = validation_mode(validate, x.device)
+    return torch.ops.sparsemm.grouped_gemm(x, weight, bias, offsets, None, False, mode, backend)
 
 
 def grouped_linear(
@@ -141,6 +310,7 @@ def grouped_linear(
     bias: torch.Tensor | None = None,
     *,
     backend: str | None = None,
+    validate: bool | None = None,
 ) -> torch.Tensor:
     """``out[i] = x[i] @ weight[g_i]^T + bias[g_i]`` with rows in their original order.
 
@@ -152,19 +322,37 @@ def grouped_linear(
         weight: ``(G, N, K)``; bias: optional ``(G, N)``.
         plan: :class:`GroupPlan` over the ``T`` rows with ``G`` groups (from :func:`group_plan`).
         backend: see :mod:`sparsemm_kernels.backend`.
+        validate: for a plan not built by :func:`group_plan` (``plan.trusted`` False): its offsets and
+            ``sorted_to_orig`` (a permutation) are checked as in :func:`grouped_mm`. With ``False`` they are
+            not, and a position whose row is out of range is skipped (rows nobody writes are zero).
 
     Returns:
-        ``(T, N)`` in ``x``'s dtype; differentiable in ``x``, ``weight`` and ``bias``.
+        ``(T, N)`` in ``x``'s dtype (the autocast dtype under autocast); differentiable in ``x``, ``weight``
+        and ``bias``, to any order.
     """
+    x, weight, bias = autocast_to(x, weight, bias)
     _check_operands(x, weight, bias)
+    _check_plan(plan, x.shape[0], weight.shape[0], x)
+    backend = check_backend_name(backend)
+    mode = TRUSTED if plan.trusted else validation_mode(validate, x.device)
+    rows = plan.sorted_to_orig.contiguous()
+    return torch.ops.sparsemm.grouped_gemm(x, weight, bias, plan.offsets.contiguous(), rows, False, mode, backend)
+
+
+def _check_plan(plan, num_rows: int, num_groups: int, x: torch.Tensor) -> None:
     if not isinstance(plan, GroupPlan):
         raise TypeError(f"`plan` must be a GroupPlan (from sparsemm_kernels.group_plan), got {type(plan).__name__}")
-    if plan.num_rows != x.shape[0]:
-        raise ValueError(f"`plan` covers {plan.num_rows} rows but `x` has {x.shape[0]}")
-    if plan.num_groups != weight.shape[0]:
-        raise ValueError(f"`plan` has {plan.num_groups} groups but `weight` has {weight.shape[0]}")
-    check_same_device("x", x, "plan", plan.offsets)
-    name = select_backend("grouped_mm", x.device, x.dtype, backend)
-    if name == "torch":
-        return grouped_linear_ref(x, weight, plan.sorted_to_orig, plan.offsets, bias)
-    return GroupedGemmFunction.apply(x, weight, bias, plan.offsets, plan.sorted_to_orig, True, name)
+    if plan.num_rows != num_rows:
+        raise ValueError(f"`plan` covers {plan.num_rows} rows but `x` has {num_rows}")
+    if plan.num_groups != num_groups:
+        raise ValueError(f"`plan` has {plan.num_groups} groups but `weight` has {num_groups}")
+    for name, t in (("plan.offsets", plan.offsets), ("plan.sorted_to_orig", plan.sorted_to_orig)):
+        check_int_tensor(t, name)
+        check_same_device("x", x, name, t)
+    if plan.offsets.dtype != torch.int64 or tuple(plan.offsets.shape) != (num_groups + 1,):
+        raise ValueError(f"`plan.offsets` must be int64 of shape ({num_groups + 1},), got "
+                         f"{plan.offsets.dtype} {tuple(plan.offsets.shape)}")
+    if plan.sorted_to_orig.dtype != torch.int64 or tuple(plan.sorted_to_orig.shape) != (num_rows,):
+        raise ValueError(f"`plan.sorted_to_orig` must be int64 of shape ({num_rows},), got "
+                         f"{plan.sorted_to_orig.dtype} {tuple(plan.sorted_to_orig.shape)}")
+

@@ -5,14 +5,8 @@ from __future__ import annotations
 import torch
 
 from sparsemm_kernels.ops.grouped_linear import grouped_linear
-from sparsemm_kernels.plan import GroupPlan, group_plan
-from sparsemm_kernels.utils.checks import (
-    check_dim,
-    check_float_tensor,
-    check_ids_in_range,
-    check_int_tensor,
-    validation_mode,
-)
+from sparsemm_kernels.plan import GroupPlan, build_plan
+from sparsemm_kernels.utils.checks import autocast_to, check_dim, check_float_tensor, check_int_tensor
 
 
 def modality_linear(
@@ -33,11 +27,13 @@ def modality_linear(
         weight: ``(M, N, K)``; bias: optional ``(M, N)``.
         plan: a :class:`GroupPlan` of ``modality_ids`` to reuse (build it once per forward with
             ``group_plan(modality_ids, M)`` and pass it to every layer); built here when ``None``.
-        backend, validate: as in :func:`sparsemm_kernels.grouped_linear` / :func:`sparsemm_kernels.group_plan`.
+        backend, validate: as in :func:`sparsemm_kernels.grouped_linear` / :func:`sparsemm_kernels.group_plan`
+            (``validate`` applies to ``modality_ids`` when the plan is built here, to a hand-made plan else).
 
     Returns:
-        ``(..., N)`` in ``x``'s dtype.
+        ``(..., N)`` in ``x``'s dtype (the autocast dtype under ``torch.autocast``).
     """
+    x, weight, bias = autocast_to(x, weight, bias)
     check_float_tensor(x, "x")
     check_int_tensor(modality_ids, "modality_ids")
     check_float_tensor(weight, "weight")
@@ -49,10 +45,8 @@ def modality_linear(
             f"`modality_ids` must have shape x.shape[:-1] = {tuple(x.shape[:-1])}, got {tuple(modality_ids.shape)}"
         )
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(lead.numel(), x.shape[-1])  # explicit row count: K may be 0
     if plan is None:
-        mode = validation_mode(validate, modality_ids.device)
-        check_ids_in_range(modality_ids, weight.shape[0], "modality_ids", mode)
-        plan = group_plan(modality_ids, weight.shape[0], backend=backend, validate=False)
-    out = grouped_linear(x2, weight, plan, bias, backend=backend)
+        plan = build_plan(modality_ids, weight.shape[0], backend=backend, validate=validate, name="modality_ids")
+    out = grouped_linear(x2, weight, plan, bias, backend=backend, validate=validate)
     return out.reshape(*lead, weight.shape[1])

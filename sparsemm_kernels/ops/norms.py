@@ -2,8 +2,12 @@
 
 Token ``i`` of modality ``m_i`` is normalised over its last dim and scaled by its modality's weights:
 ``y_i = norm(x_i) * W[m_i] (+ b[m_i])``. The same op serves block norms (``x (..., D)``, one id per row) and
-per-head QK-norm (``x (..., H, d_h)``, one id per token shared by its ``H`` heads). One autograd Function
-covers both norms over the fused Triton kernels; the ``torch`` backend is the differentiable reference.
+per-head QK-norm (``x (..., H, d_h)``, one id per token shared by its ``H`` heads).
+
+Pipeline: ``sparsemm::modality_norm`` (forward: ``y`` and the float32 row statistics) and
+``sparsemm::modality_norm_bwd`` (``dx``, ``dW``, ``db`` from the statistics) are ``torch.library`` custom ops
+over the fused Triton kernels, or over the reference for the ``torch`` backend. A second derivative is
+refused with an error (the backward is a fused kernel), never returned wrong.
 """
 
 from __future__ import annotations
@@ -12,12 +16,13 @@ import math
 
 import torch
 
-from sparsemm_kernels.backend import BackendUnavailableError, select_backend
-from sparsemm_kernels.reference.norms import modality_layer_norm_ref, modality_rms_norm_ref
+from sparsemm_kernels.backend import BackendUnavailableError, check_backend_name, select_backend
+from sparsemm_kernels.reference.norms import modality_layer_norm_ref, modality_norm_bwd_ref, modality_rms_norm_ref
 from sparsemm_kernels.utils.checks import (
+    autocast_to,
     check_dim,
     check_float_tensor,
-    check_ids_in_range,
+    check_ids_values,
     check_int_tensor,
     check_same_device,
     check_same_dtype,
@@ -25,36 +30,152 @@ from sparsemm_kernels.utils.checks import (
 )
 
 
-class ModalityNormFunction(torch.autograd.Function):
-    """Autograd for the fused per-modality norm kernels of the ``triton`` backend."""
+def _rows(x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` as ``(T, H, D)`` (a view whenever its strides allow) and ``ids`` as contiguous ``(T,)``."""
+    heads = x.shape[-2] if ids.dim() == x.dim() - 2 else 1  # per-head ids: H rows share one id
+    return x.reshape(ids.numel(), heads, x.shape[-1]), ids.reshape(-1).contiguous()
 
-    @staticmethod
-    def forward(ctx, x, modality_ids, weight, bias, eps: float, is_rms: bool, heads: int):
-        """x: any shape holding ``T * heads`` rows of ``D``, seen as ``(T, heads, D)``; modality_ids: ``(T,)``
-        int32 | int64 contiguous; weight, bias: ``(M, D)`` contiguous (bias None for RMSNorm or no bias);
-        is_rms: RMSNorm or LayerNorm. Returns ``x.shape`` in x's dtype."""
-        from sparsemm_kernels.kernels.triton.norms import modality_norm_fwd
 
-        x3 = x.reshape(modality_ids.shape[0], heads, x.shape[-1])  # a view whenever x's strides allow one
-        y, mean, rstd = modality_norm_fwd(x3, modality_ids, weight, bias, eps, is_rms=is_rms)
-        ctx.save_for_backward(x3, modality_ids, weight, mean, rstd)
-        ctx.is_rms, ctx.has_bias, ctx.x_shape = is_rms, bias is not None, x.shape
-        return y.view(x.shape)
+def _select(x: torch.Tensor, backend: str | None) -> str:
+    name = select_backend("modality_norm", x.device, x.dtype, backend)
+    if name != "triton":
+        return name
+    from sparsemm_kernels.kernels.triton.norms import MAX_FUSED_D
 
-    @staticmethod
-    def backward(ctx, dy):
+    if x.shape[-1] > MAX_FUSED_D:
+        if backend == "triton":
+            raise BackendUnavailableError(
+                f"backend 'triton' cannot run modality_norm: `x` has D = {x.shape[-1]} > {MAX_FUSED_D}, the "
+                "widest row the fused kernels hold"
+            )
+        return "torch"
+    return name
+
+
+def _norm_torch(x, ids, weight, bias, eps: float, is_rms: bool):
+    """The reference, with ids clamped into the weight range (an unchecked bad id reads a valid row)."""
+    ids = ids.clamp(0, weight.shape[0] - 1)
+    if is_rms:
+        return modality_rms_norm_ref(x, ids, weight, eps)
+    return modality_layer_norm_ref(x, ids, weight, bias, eps)
+
+
+@torch.library.custom_op("sparsemm::modality_norm", mutates_args=())
+def modality_norm_op(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float,
+    is_rms: bool,
+    mode: str,
+    backend: str | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y, mean, rstd)``: ``y`` the per-modality norm of ``x`` (its shape, contiguous), ``mean``/``rstd``
+    the float32 row statistics the backward reuses (``(R,)``, R = rows of D; ``mean`` is ``(0,)`` for
+    RMSNorm). ``ids`` has shape ``x.shape[:-1]`` or ``x.shape[:-2]`` (per head); checked per ``mode``."""
+    check_ids_values(ids, weight.shape[0], "modality_ids", mode)
+    if _select(x, backend) == "torch":
+        y = _norm_torch(x, ids, weight, bias, eps, is_rms).contiguous()
+        xf = x.reshape(-1, x.shape[-1]).to(torch.float32)
+        mean = xf.mean(-1) if not is_rms else xf.new_empty(0)
+        xc = xf - mean[:, None] if not is_rms else xf
+        rstd = torch.rsqrt(xc.square().mean(-1) + eps)
+        return y, mean, rstd
+    from sparsemm_kernels.kernels.triton.norms import modality_norm_fwd
+
+    x3, flat_ids = _rows(x, ids)
+    bias = bias.contiguous() if bias is not None else None
+    y, mean, rstd = modality_norm_fwd(x3, flat_ids, weight.contiguous(), bias, eps, is_rms=is_rms)
+    return y.view(x.shape), (mean if mean is not None else rstd.new_empty(0)), rstd
+
+
+@modality_norm_op.register_fake
+def _(x, ids, weight, bias, eps, is_rms, mode, backend):
+    R = x.numel() // x.shape[-1]
+    stats = x.new_empty(R, dtype=torch.float32)
+    return x.new_empty(x.shape), (x.new_empty(0, dtype=torch.float32) if is_rms else stats), stats.clone()
+
+
+@torch.library.custom_op("sparsemm::modality_norm_bwd", mutates_args=())
+def modality_norm_bwd_op(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weight: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    eps: float,
+    is_rms: bool,
+    has_bias: bool,
+    need_dx: bool,
+    need_dw: bool,
+    need_db: bool,
+    backend: str | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx, dW, db)`` of :func:`modality_norm_op`; a gradient not asked for is an empty ``(0,)`` tensor."""
+    if _select(x, backend) == "torch":
+        ids = ids.clamp(0, weight.shape[0] - 1)
+        dx, dw, db = modality_norm_bwd_ref(dy, x, ids, weight, eps, is_rms)
+    else:
         from sparsemm_kernels.kernels.triton.norms import modality_norm_bwd
 
-        x3, modality_ids, weight, mean, rstd = ctx.saved_tensors
-        need_x, _, need_w, need_b = ctx.needs_input_grad[:4]
+        x3, flat_ids = _rows(x, ids)
         dx, dw, db = modality_norm_bwd(
-            dy.reshape(x3.shape), x3, modality_ids, weight, mean, rstd, is_rms=ctx.is_rms,
-            compute_dx=need_x, compute_dw=need_w, compute_db=need_b and ctx.has_bias,
+            dy.reshape(x3.shape), x3, flat_ids, weight.contiguous(), mean if not is_rms else None, rstd,
+            is_rms=is_rms, compute_dx=need_dx, compute_dw=need_dw, compute_db=need_db and has_bias,
         )
-        return dx.view(ctx.x_shape) if dx is not None else None, None, dw, db, None, None, None
+    # A gradient not asked for is a fresh empty tensor (outputs of a custom op must not alias each other).
+    return (
+        dx.reshape(x.shape).contiguous() if need_dx else x.new_empty(0),
+        dw if need_dw else x.new_empty(0),
+        db if (need_db and has_bias) else x.new_empty(0),
+    )
 
 
-def _check_eps(eps) -> float:
+@modality_norm_bwd_op.register_fake
+def _(dy, x, ids, weight, mean, rstd, eps, is_rms, has_bias, need_dx, need_dw, need_db, backend):
+    return (
+        x.new_empty(x.shape) if need_dx else x.new_empty(0),
+        weight.new_empty(weight.shape) if need_dw else x.new_empty(0),
+        weight.new_empty(weight.shape) if (need_db and has_bias) else x.new_empty(0),
+    )
+
+
+def _norm_setup(ctx, inputs, output):
+    x, ids, weight, bias, eps, is_rms, mode, backend = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, ids, weight, mean, rstd)
+    ctx.eps, ctx.is_rms, ctx.has_bias, ctx.backend = eps, is_rms, bias is not None, backend
+
+
+def _norm_backward(ctx, dy, _dmean, _drstd):
+    x, ids, weight, mean, rstd = ctx.saved_tensors
+    need_dx, _, need_dw, need_db = ctx.needs_input_grad[:4]
+    need_db = need_db and ctx.has_bias
+    dx, dw, db = modality_norm_bwd_op(
+        dy, x, ids, weight, mean, rstd, ctx.eps, ctx.is_rms, ctx.has_bias, need_dx, need_dw, need_db, ctx.backend
+    )
+    return (dx if need_dx else None), None, (dw if need_dw else None), (db if need_db else None), None, None, None, None
+
+
+def _refuse_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "double backward through modality_rms_norm / modality_layer_norm (MoTRMSNorm, MoTLayerNorm) is not "
+        "supported: their backward is a fused kernel without a derivative of its own"
+    )
+
+
+def _bwd_setup(ctx, inputs, output):
+    pass
+
+
+modality_norm_op.register_autograd(_norm_backward, setup_context=_norm_setup)
+modality_norm_bwd_op.register_autograd(_refuse_double_backward, setup_context=_bwd_setup)
+
+
+def check_eps(eps) -> float:
+    """``eps`` as a float: a positive finite number (``TypeError``/``ValueError`` naming ``eps`` otherwise)."""
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"`eps` must be a positive float, got {type(eps).__name__}")
     if not (eps > 0 and math.isfinite(eps)):
@@ -74,7 +195,7 @@ def _check_param(p, name: str, x: torch.Tensor, num_modalities: int | None) -> N
         raise ValueError(f"`{name}` has {p.shape[0]} rows but `weight` has M = {num_modalities}")
 
 
-def _check_operands(x, modality_ids, weight, bias, eps, validate) -> float:
+def _check_operands(x, modality_ids, weight, bias, eps) -> float:
     check_float_tensor(x, "x")
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"`x` must be (..., D) with D >= 1, got shape {tuple(x.shape)}")
@@ -89,32 +210,7 @@ def _check_operands(x, modality_ids, weight, bias, eps, validate) -> float:
     _check_param(weight, "weight", x, None)
     if bias is not None:
         _check_param(bias, "bias", x, weight.shape[0])
-    eps = _check_eps(eps)
-    check_ids_in_range(modality_ids, weight.shape[0], "modality_ids", validation_mode(validate, modality_ids.device))
-    return eps
-
-
-def _select(x: torch.Tensor, backend: str | None) -> str:
-    name = select_backend("modality_norm", x.device, x.dtype, backend)
-    if name != "triton":
-        return name
-    from sparsemm_kernels.kernels.triton.norms import MAX_FUSED_D
-
-    if x.shape[-1] > MAX_FUSED_D:
-        if backend not in (None, "auto"):
-            raise BackendUnavailableError(
-                f"backend 'triton' cannot run modality_norm: `x` has D = {x.shape[-1]} > {MAX_FUSED_D}, the "
-                "widest row the fused kernels hold"
-            )
-        return "torch"
-    return name
-
-
-def _apply(x, modality_ids, weight, bias, eps, is_rms) -> torch.Tensor:
-    heads = x.shape[-2] if modality_ids.dim() == x.dim() - 2 else 1  # per-head ids: H rows share one id
-    ids = modality_ids.reshape(-1).contiguous()
-    bias = bias.contiguous() if bias is not None else None
-    return ModalityNormFunction.apply(x, ids, weight.contiguous(), bias, eps, is_rms, heads)
+    return check_eps(eps)
 
 
 def modality_rms_norm(
@@ -150,10 +246,7 @@ def modality_rms_norm(
         ``x`` and ``weight``; the weight gradient of a modality absent from the batch is exactly zero, and
         the triton backend reduces it without atomics (bitwise reproducible).
     """
-    eps = _check_operands(x, modality_ids, weight, None, eps, validate)
-    if _select(x, backend) == "torch":
-        return modality_rms_norm_ref(x, modality_ids, weight, eps)
-    return _apply(x, modality_ids, weight, None, eps, True)
+    return _modality_norm(x, modality_ids, weight, None, eps, True, backend, validate)
 
 
 def modality_layer_norm(
@@ -175,7 +268,14 @@ def modality_layer_norm(
         ``x.shape`` in ``x``'s dtype; differentiable in ``x``, ``weight`` and ``bias`` (exact zeros for a
         modality absent from the batch).
     """
-    eps = _check_operands(x, modality_ids, weight, bias, eps, validate)
-    if _select(x, backend) == "torch":
-        return modality_layer_norm_ref(x, modality_ids, weight, bias, eps)
-    return _apply(x, modality_ids, weight, bias, eps, False)
+    return _modality_norm(x, modality_ids, weight, bias, eps, False, backend, validate)
+
+
+def _modality_norm(x, modality_ids, weight, bias, eps, is_rms: bool, backend, validate) -> torch.Tensor:
+    # Under autocast a norm runs in float32, as torch's own layer_norm does.
+    x, weight, bias = autocast_to(x, weight, bias, policy="fp32")
+    eps = _check_operands(x, modality_ids, weight, bias, eps)
+    backend = check_backend_name(backend)
+    mode = validation_mode(validate, modality_ids.device)
+    y, _, _ = torch.ops.sparsemm.modality_norm(x, modality_ids, weight, bias, eps, is_rms, mode, backend)
+    return y

@@ -43,3 +43,30 @@ def grouped_linear_ref(
     y_sorted = grouped_mm_ref(x[sorted_to_orig], weight, offsets, bias)
     out = torch.zeros_like(y_sorted)
     return out.index_copy(0, sorted_to_orig, y_sorted)
+
+
+def grouped_mm_dw_ref(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    offsets: torch.Tensor,
+    rows: torch.Tensor | None = None,
+    compute_dbias: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-group weight and bias gradients: ``dW[g] = dY_g^T X_g`` ``(N, K)`` and ``db[g] = sum_r dY_g[r]``.
+
+    ``dy (T, N)``, ``x (T, K)``; group ``g`` is sorted positions ``offsets[g]:offsets[g+1]``, whose rows are
+    ``rows[r]`` (original order) or ``r`` itself. float16/bfloat16 accumulate in float32; results in ``dy``'s
+    dtype; an empty group gets exact zeros. Reads ``offsets`` on the host.
+    """
+    bounds = offsets.tolist()
+    G, N, K = len(bounds) - 1, dy.shape[1], x.shape[1]
+    acc = torch.float32 if dy.dtype in (torch.float16, torch.bfloat16) else dy.dtype
+    dw = torch.zeros(G, N, K, dtype=acc, device=dy.device)
+    db = torch.zeros(G, N, dtype=acc, device=dy.device) if compute_dbias else None
+    for g in range(G):
+        idx = rows[bounds[g] : bounds[g + 1]] if rows is not None else slice(bounds[g], bounds[g + 1])
+        dy_g, x_g = dy[idx].to(acc), x[idx].to(acc)
+        dw[g] = dy_g.t() @ x_g
+        if db is not None:
+            db[g] = dy_g.sum(0)
+    return dw.to(dy.dtype), (db.to(dy.dtype) if db is not None else None)

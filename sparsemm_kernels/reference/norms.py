@@ -53,3 +53,40 @@ def modality_layer_norm_ref(
     if bias is not None:
         y = y + _gathered(bias, x, modality_ids, dt)
     return y.to(x.dtype)
+
+
+def modality_norm_bwd_ref(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    modality_ids: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    is_rms: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`modality_rms_norm_ref` / :func:`modality_layer_norm_ref` by their closed form.
+
+    With ``x_hat = (x - mu) * rstd`` (``mu = 0`` for RMSNorm) and ``g = W[m] * dy``:
+    ``dx = rstd * (g - x_hat * mean_d(g * x_hat) [- mean_d(g)])``, ``dW[m] = sum_{rows of m} dy * x_hat``,
+    ``db[m] = sum_{rows of m} dy``. Returns ``(dx, dW, db)``: ``dx`` in ``x``'s dtype, ``dW``/``db`` in
+    ``weight``'s, accumulated in float32 (float64 for float64 input).
+    """
+    dt = _stats_dtype(x)
+    xf, df = x.to(dt), dy.to(dt)
+    xc = xf if is_rms else xf - xf.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(xc.square().mean(-1, keepdim=True) + eps)
+    x_hat = xc * rstd
+    g = df * _gathered(weight, x, modality_ids, dt)
+    dx = g - x_hat * (g * x_hat).mean(-1, keepdim=True)
+    if not is_rms:
+        dx = dx - g.mean(-1, keepdim=True)
+    dx = (dx * rstd).to(x.dtype)
+    # One id per row of D: per-head ids repeat over the H heads of their token.
+    ids = modality_ids.reshape(-1)
+    rows_per_id = x.numel() // x.shape[-1] // max(ids.numel(), 1)
+    row_ids = ids.repeat_interleave(rows_per_id)
+    D = x.shape[-1]
+    dw = torch.zeros(weight.shape[0], D, dtype=dt, device=x.device)
+    db = torch.zeros(weight.shape[0], D, dtype=dt, device=x.device)
+    dw.index_add_(0, row_ids, (df * x_hat).reshape(-1, D))
+    db.index_add_(0, row_ids, df.reshape(-1, D))
+    return dx, dw.to(weight.dtype), db.to(weight.dtype)

@@ -21,3 +21,14 @@ def swiglu_ref(gate_up: torch.Tensor) -> torch.Tensor:
     g = gate_up.to(compute)
     a, b = g[..., :h], g[..., h:]
     return (F.silu(a) * b).to(gate_up.dtype)
+
+
+def swiglu_bwd_ref(gate_up: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """``d gate_up = [da | db]`` of :func:`swiglu_ref` by its closed form: with ``s = sigmoid(a)``,
+    ``da = dy * b * s * (1 + a (1 - s))`` and ``db = dy * a * s``. Same precision rules; ``gate_up``'s dtype."""
+    compute = torch.float32 if gate_up.dtype in (torch.float16, torch.bfloat16) else gate_up.dtype
+    h = gate_up.shape[-1] // 2
+    g, d = gate_up.to(compute), dy.to(compute)
+    a, b = g[..., :h], g[..., h:]
+    s = torch.sigmoid(a)
+    return torch.cat([d * b * s * (1 + a * (1 - s)), d * a * s], dim=-1).to(gate_up.dtype)

@@ -150,13 +150,13 @@ def test_transformer_builds_the_plan_once(monkeypatch):
     import sparsemm_kernels.nn.mot as mot
 
     calls = []
-    real = mot.group_plan
+    real = mot.build_plan
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(mot, "group_plan", counting)
+    monkeypatch.setattr(mot, "build_plan", counting)
     model = MoTTransformer(50, DIM, 3, HEADS, HIDDEN, 2)
     tokens = torch.randint(0, 50, (2, 8))
     ids = _ids("interleaved", 2, 2, 8)

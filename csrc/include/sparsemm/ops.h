@@ -10,34 +10,37 @@
 namespace sparsemm {
 
 // Stable counting sort of `n` group ids (int32 or int64) into `num_groups` groups; outputs int64.
-// Returns -1 when every id lies in [0, num_groups), else the index of the first id that does not (the
-// outputs are then incomplete, but nothing is written out of bounds).
+// An id outside [0, num_groups) is sorted as the nearest valid id, so the outputs are always a complete
+// plan. Returns -1 when every id lies in [0, num_groups), else the index of the first id that does not.
 int64_t group_plan_cpu(std::uintptr_t ids, int ids_dtype, int64_t n, int64_t num_groups,
                        std::uintptr_t sorted_to_orig, std::uintptr_t counts, std::uintptr_t offsets);
 
 // C[cr, j] = sum_k A[ar, k] * B[g, k, j] (+ bias[g, j]) for each sorted position r of group g, with
 // ar = gather_a ? rows[r] : r and cr = scatter_c ? rows[r] : r. A and C have unit column stride; B has
-// arbitrary element strides, which is how one function serves both x @ W^T and dy @ W.
+// arbitrary element strides, which is how one function serves both x @ W^T and dy @ W. Offsets must be
+// sorted within [0, num_positions] (else an error); a position whose ar is outside [0, a_rows) or cr outside
+// [0, c_rows) is skipped, so no index reaches outside A, C or rows.
 void grouped_gemm_cpu(std::uintptr_t a, int64_t a_stride_row, std::uintptr_t b, int64_t b_stride_g,
                       int64_t b_stride_k, int64_t b_stride_j, std::uintptr_t bias, int64_t bias_stride_g,
                       std::uintptr_t c, int64_t c_stride_row, std::uintptr_t offsets, std::uintptr_t rows,
                       bool gather_a, bool scatter_c, int64_t num_groups, int64_t k_dim, int64_t j_dim,
-                      int dtype);
+                      int64_t a_rows, int64_t c_rows, int64_t num_positions, int dtype);
 
 // dW[g, n, k] = sum_r dY[rr, n] * X[rr, k] and dbias[g, n] = sum_r dY[rr, n] (when dbias != 0), summed over
 // the sorted positions r of group g in increasing order, rr = gathered ? rows[r] : r. dW is contiguous
-// [G, N, K], dbias contiguous [G, N]; an empty group gives exact zeros.
+// [G, N, K], dbias contiguous [G, N]; an empty group gives exact zeros. Offsets sorted within
+// [0, num_positions]; a gathered rr outside [0, num_rows) is skipped.
 void grouped_gemm_dw_cpu(std::uintptr_t dy, int64_t dy_stride_row, std::uintptr_t x, int64_t x_stride_row,
                          std::uintptr_t dw, std::uintptr_t dbias, std::uintptr_t offsets,
                          std::uintptr_t rows, bool gathered, int64_t num_groups, int64_t n_dim,
-                         int64_t k_dim, int dtype);
+                         int64_t k_dim, int64_t num_rows, int64_t num_positions, int dtype);
 
 #if defined(SPARSEMM_WITH_CUDA)
 // Bytes of device scratch that group_plan_cuda needs for these sizes (a host-side query; launches nothing).
 int64_t group_plan_cuda_workspace_bytes(int64_t n, int64_t num_groups, int ids_dtype);
 
 // group_plan_cpu on the device, enqueued on `stream`, with no host synchronisation and no allocation.
-// Out-of-range ids are counted into *invalid_count (one int64) and sorted after every valid row.
+// Out-of-range ids are counted into *invalid_count (one int64) and sorted as the nearest valid id.
 void group_plan_cuda(std::uintptr_t ids, int ids_dtype, int64_t n, int64_t num_groups,
                      std::uintptr_t sorted_to_orig, std::uintptr_t counts, std::uintptr_t offsets,
                      std::uintptr_t invalid_count, std::uintptr_t workspace, int64_t workspace_bytes,

@@ -16,11 +16,20 @@ from sparsemm_kernels.utils.device import is_interpreting, on_first_tensor_devic
 
 
 @triton.jit
+def _clamped_ids(ids_ptr, offs, n, G):
+    """Ids of positions ``offs`` clamped into ``[0, G)`` (the op checks the range; clamping keeps every row in
+    the plan, so ``sorted_to_orig`` is fully written whatever the ids); -1 past the end matches no group."""
+    ids = tl.load(ids_ptr + offs, mask=offs < n, other=0).to(tl.int64)
+    ids = tl.minimum(tl.maximum(ids, 0), G - 1)
+    return tl.where(offs < n, ids, -1)
+
+
+@triton.jit
 def _chunk_histogram_kernel(ids_ptr, hist_ptr, n, G, BLOCK: tl.constexpr, G_POW2: tl.constexpr):
     """hist[c, g] = #{i in chunk c : ids[i] == g}. Grid: (cdiv(n, BLOCK),)."""
     c = tl.program_id(0).to(tl.int64)
     offs = c * BLOCK + tl.arange(0, BLOCK)
-    ids = tl.load(ids_ptr + offs, mask=offs < n, other=-1).to(tl.int64)
+    ids = _clamped_ids(ids_ptr, offs, n, G)
     gidx = tl.arange(0, G_POW2)
     onehot = (ids[:, None] == gidx[None, :]).to(tl.int32)
     tl.store(hist_ptr + c * G + gidx, tl.sum(onehot, 0).to(tl.int64), mask=gidx < G)
@@ -31,17 +40,17 @@ def _chunk_scatter_kernel(ids_ptr, base_ptr, out_ptr, n, G, BLOCK: tl.constexpr,
     """out[base[c, ids[i]] + rank_i] = i, rank_i = #{j < i in chunk c : ids[j] == ids[i]}. Grid: (cdiv(n, BLOCK),)."""
     c = tl.program_id(0).to(tl.int64)
     offs = c * BLOCK + tl.arange(0, BLOCK)
-    ids = tl.load(ids_ptr + offs, mask=offs < n, other=-1).to(tl.int64)
+    ids = _clamped_ids(ids_ptr, offs, n, G)
     gidx = tl.arange(0, G_POW2)
     onehot = (ids[:, None] == gidx[None, :]).to(tl.int32)  # int32: a chunk holds far fewer than 2^31 rows
     rank = tl.cumsum(onehot, 0) - onehot
     base = tl.load(base_ptr + c * G + gidx, mask=gidx < G, other=0)
     slot = tl.sum(onehot.to(tl.int64) * (rank.to(tl.int64) + base[None, :]), 1)
-    valid = (ids >= 0) & (ids < G)  # out-of-range ids are left out (the op layer reports them)
-    tl.store(out_ptr + slot, offs, mask=valid)
+    tl.store(out_ptr + slot, offs, mask=offs < n)
 
 
-_MAX_GROUPS = 4096
+# The one-hot tile of a chunk is BLOCK x next_pow2(G); past this the torch sort is the better plan.
+MAX_GROUPS = 4096
 
 
 @on_first_tensor_device
@@ -49,10 +58,8 @@ def group_plan_triton(ids: torch.Tensor, num_groups: int) -> tuple[torch.Tensor,
     """Stable sort of ``ids (n,)`` int32/int64 into ``num_groups`` groups.
 
     Returns ``(sorted_to_orig (n,), counts (G,), offsets (G+1,))``, int64, on ``ids.device``. Supports up to
-    4096 groups (the one-hot tile of a chunk is ``BLOCK x next_pow2(G)``).
+    :data:`MAX_GROUPS` groups. Ids outside ``[0, G)`` are sorted as the nearest valid id.
     """
-    if num_groups > _MAX_GROUPS:
-        raise ValueError(f"`num_groups` must be <= {_MAX_GROUPS} for the triton group_plan, got {num_groups}")
     n = ids.numel()
     g_pow2 = max(triton.next_power_of_2(num_groups), 2)
     # Keep the chunk's one-hot tile near 16K elements; the interpreter prefers fewer, larger programs.

@@ -24,13 +24,26 @@ from sparsemm_kernels.utils.device import is_interpreting, on_first_tensor_devic
 
 
 @triton.jit
-def _locate_row_tile(offsets_ptr, tile, G, G_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Map global row-tile index ``tile`` to ``(g, first_row, group_end)``; ``first_row == group_end`` if none."""
+def _max_combine(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _locate_row_tile(offsets_ptr, tile, T, G, G_POW2: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Map global row-tile index ``tile`` to ``(g, first_row, group_end)``; ``first_row == group_end`` if none.
+
+    Group bounds are read as ``b[0] = 0``, ``b[G] = T``, ``b[g] = clamp(offsets[g], 0, T)`` made
+    non-decreasing by a running maximum: valid offsets are unchanged, and any others (a hand-made plan under
+    ``validate=False``) still give groups that split ``[0, T)`` exactly, so no position outside it is touched
+    and the tile count never exceeds the grid.
+    """
     gidx = tl.arange(0, G_POW2)
     in_range = gidx < G
-    starts = tl.load(offsets_ptr + gidx, mask=in_range, other=0).to(tl.int64)
-    ends = tl.load(offsets_ptr + gidx + 1, mask=in_range, other=0).to(tl.int64)
-    tiles = (ends - starts + BLOCK_M - 1) // BLOCK_M
+    lo = tl.load(offsets_ptr + gidx, mask=in_range & (gidx > 0), other=0).to(tl.int64)
+    hi = tl.load(offsets_ptr + gidx + 1, mask=gidx < G - 1, other=T).to(tl.int64)
+    starts = tl.associative_scan(tl.minimum(tl.maximum(lo, 0), T), 0, _max_combine)
+    ends = tl.maximum(starts, tl.minimum(tl.maximum(hi, 0), T))
+    tiles = tl.where(in_range, (ends - starts + BLOCK_M - 1) // BLOCK_M, 0)
     tiles_incl = tl.cumsum(tiles, 0)
     # Groups whose tiles all come before `tile`; equals G_POW2 >= G for a surplus program.
     g = tl.sum((tiles_incl <= tile).to(tl.int32), 0)
@@ -44,6 +57,17 @@ def _locate_row_tile(offsets_ptr, tile, G, G_POW2: tl.constexpr, BLOCK_M: tl.con
     return tl.minimum(g, G - 1), first_row, group_end
 
 
+@triton.jit
+def _group_bounds(offsets_ptr, g, T, G):
+    """``[start, end)`` of group ``g`` clamped into ``[0, T]`` (``b[0] = 0``, ``b[G] = T``, ``end >= start``):
+    whatever ``offsets`` holds, a program reads only positions that exist."""
+    start = tl.load(offsets_ptr + g).to(tl.int64)
+    end = tl.load(offsets_ptr + g + 1).to(tl.int64)
+    start = tl.where(g == 0, 0, tl.minimum(tl.maximum(start, 0), T))
+    end = tl.where(g == G - 1, T, tl.minimum(tl.maximum(end, 0), T))
+    return start, tl.maximum(start, end)
+
+
 @triton.autotune(configs=grouped_gemm_configs(), key=["K", "J", "stride_ak", "stride_bk", "GATHER_A", "SCATTER_C"])
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
@@ -55,7 +79,7 @@ def _grouped_gemm_kernel(
     # sizes
     T, K, J, G,
     # strides
-    stride_am, stride_ak, stride_bg, stride_bk, stride_bj, stride_bias_g, stride_cm, stride_cj,
+    stride_am, stride_ak, stride_bg, stride_bk, stride_bj, stride_bias_g, stride_bias_j, stride_cm, stride_cj,
     # modes
     HAS_BIAS: tl.constexpr, GATHER_A: tl.constexpr, SCATTER_C: tl.constexpr, G_POW2: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -64,6 +88,9 @@ def _grouped_gemm_kernel(
     EVEN_K: tl.constexpr,
 ):
     """C[c_r, j] = sum_k A[a_r, k] * B[g, k, j] + bias[g, j] for sorted positions r of group g.
+
+    Positions lie in ``[0, T)``; a gathered / scattered row ``rows[r]`` outside ``[0, T)`` is masked (its
+    position neither reads nor writes), so a corrupt plan never reaches memory outside A, C or ``rows``.
 
     Grid: (num_row_tiles_bound * cdiv(J, BLOCK_J),), swizzled in GROUP_M row-tile bands for L2 reuse.
     """
@@ -76,17 +103,18 @@ def _grouped_gemm_kernel(
     tile_m = first_m + (pid % band) % band_m
     tile_j = (pid % band) // band_m
 
-    g, first_row, group_end = _locate_row_tile(offsets_ptr, tile_m, G, G_POW2, BLOCK_M)
+    g, first_row, group_end = _locate_row_tile(offsets_ptr, tile_m, T, G, G_POW2, BLOCK_M)
     offs_m = first_row + tl.arange(0, BLOCK_M)
     row_mask = offs_m < group_end
     if GATHER_A or SCATTER_C:
         rows = tl.load(rows_ptr + offs_m, mask=row_mask, other=0).to(tl.int64)
+        row_mask = row_mask & (rows >= 0) & (rows < T)
     a_rows = rows if GATHER_A else offs_m
     c_rows = rows if SCATTER_C else offs_m
 
     offs_j = (tile_j * BLOCK_J + tl.arange(0, BLOCK_J)).to(tl.int64)
     j_mask = offs_j < J
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)  # int64: a K stride times K can pass 2^31
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + g.to(tl.int64) * stride_bg + offs_k[:, None] * stride_bk + offs_j[None, :] * stride_bj
 
@@ -104,11 +132,11 @@ def _grouped_gemm_kernel(
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+        a_ptrs += BLOCK_K * stride_ak.to(tl.int64)
+        b_ptrs += BLOCK_K * stride_bk.to(tl.int64)
 
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + g.to(tl.int64) * stride_bias_g + offs_j, mask=j_mask, other=0.0)
+        bias = tl.load(bias_ptr + g.to(tl.int64) * stride_bias_g + offs_j * stride_bias_j, mask=j_mask, other=0.0)
         acc += bias.to(tl.float32)[None, :]
     c_ptrs = c_ptr + c_rows[:, None] * stride_cm + offs_j[None, :] * stride_cj
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & j_mask[None, :])
@@ -122,7 +150,7 @@ def _grouped_gemm_dw_kernel(
     # outputs
     dw_ptr, dbias_ptr,
     # sizes
-    N, K,
+    T, N, K, G,
     # strides
     stride_dym, stride_dyn, stride_xm, stride_xk, stride_dwg, stride_dwn, stride_dwk, stride_dbias_g,
     # modes
@@ -132,15 +160,15 @@ def _grouped_gemm_dw_kernel(
 ):
     """dW[g, n, k] = sum_r dY[r, n] * X[r, k] over the rows r of group g; dbias[g, n] = sum_r dY[r, n].
 
-    Grid: (cdiv(N, BLOCK_N) * cdiv(K, BLOCK_K), G). An empty group stores zeros.
+    Group bounds are clamped into ``[0, T]`` and a gathered row outside ``[0, T)`` is masked (see
+    ``_group_bounds``). Grid: (cdiv(N, BLOCK_N) * cdiv(K, BLOCK_K), G). An empty group stores zeros.
     """
     pid = tl.program_id(0)
     g = tl.program_id(1).to(tl.int64)
     num_k_tiles = tl.cdiv(K, BLOCK_K)
     tile_n = pid // num_k_tiles
     tile_k = pid % num_k_tiles
-    row_start = tl.load(offsets_ptr + g).to(tl.int64)
-    row_end = tl.load(offsets_ptr + g + 1).to(tl.int64)
+    row_start, row_end = _group_bounds(offsets_ptr, g, T, G)
 
     offs_n = (tile_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     offs_k = (tile_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
@@ -153,6 +181,7 @@ def _grouped_gemm_dw_kernel(
         row_mask = offs_m < row_end
         if GATHERED:
             r = tl.load(rows_ptr + offs_m, mask=row_mask, other=0).to(tl.int64)
+            row_mask = row_mask & (r >= 0) & (r < T)
         else:
             r = offs_m.to(tl.int64)
         dy = tl.load(dy_ptr + r[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
@@ -200,9 +229,12 @@ def grouped_gemm(
         w: ``(G, N, K)`` nn.Linear layout per group. ``transpose_w=False``: ``C = A @ W[g]^T`` (A has K
             columns, C has N). ``transpose_w=True``: ``C = A @ W[g]`` (A has N columns, C has K): the dX pass.
         offsets: ``(G+1,) int64``, group ``g`` is sorted positions ``offsets[g]:offsets[g+1]``, ending at T.
-        bias: optional ``(G, J)`` added to group ``g``'s rows.
-        rows: ``(T,) int64`` original row of each sorted position (``GroupPlan.sorted_to_orig``).
-        out: optional ``(T, J)`` buffer written in place (every element of it is written).
+            Values are clamped in the kernel (see ``_locate_row_tile``), never trusted.
+        bias: optional ``(G, J)``, any strides, added to group ``g``'s rows.
+        rows: ``(T,) int64`` original row of each sorted position (``GroupPlan.sorted_to_orig``); a value
+            outside ``[0, T)`` masks its position.
+        out: optional ``(T, J)`` buffer written in place (every element is written when ``rows`` is a
+            permutation; pass zeros when it may not be).
 
     Returns:
         ``(T, J)`` in ``a``'s dtype (``J = N``, or ``K`` with ``transpose_w``).
@@ -225,7 +257,8 @@ def grouped_gemm(
         out,
         T, K, J, G,
         a.stride(0), a.stride(1), w.stride(0), stride_bk, stride_bj,
-        bias.stride(0) if bias is not None else 0, out.stride(0), out.stride(1),
+        bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0,
+        out.stride(0), out.stride(1),
         HAS_BIAS=bias is not None, GATHER_A=gather_a, SCATTER_C=scatter_c,
         G_POW2=max(triton.next_power_of_2(G), 2),
         DOT_PRECISION=_dot_precision(a.dtype), UPCAST=is_interpreting() and a.dtype == torch.bfloat16,
@@ -266,7 +299,7 @@ def grouped_gemm_dw(
     _grouped_gemm_dw_kernel[grid](
         dy, x, offsets, rows if rows is not None else offsets,
         dw, dbias if dbias is not None else placeholder(dw),
-        N, K,
+        dy.shape[0], N, K, G,
         dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
         dbias.stride(0) if dbias is not None else 0,
         GATHERED=gathered, HAS_DBIAS=compute_dbias,
