@@ -54,8 +54,8 @@ def _resolve_plan(
     the layer's norms may use without another check.
 
     Ids are range-checked once per forward: when the plan is built here, or when the caller's plan does not
-    carry this very ``modality_ids`` tensor as its vetted ``group_ids``. Every kernel also clamps or bounds its indices, so even a
-    wrong plan reads no stray memory.
+    carry this very ``modality_ids`` tensor as its vetted ``group_ids``. Every kernel also clamps or bounds
+    its indices, so even a wrong plan reads no stray memory.
     """
     if num_modalities == 1:
         return None, modality_ids
