@@ -8,7 +8,7 @@ from torch import nn
 
 from sparsemm_kernels.backend import check_backend_name, prefer
 from sparsemm_kernels.ops.norms import check_eps, modality_layer_norm, modality_rms_norm
-from sparsemm_kernels.utils.checks import check_float_tensor, check_positive_int, check_same_dtype
+from sparsemm_kernels.utils.checks import autocast_to, check_float_tensor, check_positive_int, check_same_dtype
 
 
 def _resolve_ids(x: torch.Tensor, modality_ids: torch.Tensor | None, num_modalities: int) -> torch.Tensor:
@@ -22,13 +22,17 @@ def _resolve_ids(x: torch.Tensor, modality_ids: torch.Tensor | None, num_modalit
     return torch.zeros(x.shape[:-1], dtype=torch.int32, device=x.device)
 
 
-def _dense_input(x, dim: int, weight: torch.Tensor) -> torch.Tensor:
-    """Checks for the one-modality path, which runs torch's dense norm directly."""
+def _dense_input(x, dim: int, *params: torch.Tensor | None):
+    """Checks for the one-modality path, which runs torch's dense norm directly: ``(x, *params)``, in float32
+    under autocast (as the per-modality ops run, and as torch's own layer_norm does on CUDA)."""
     check_float_tensor(x, "x")
     if x.dim() < 1 or x.shape[-1] != dim:
         raise ValueError(f"`x` must have last dimension {dim}, got shape {tuple(x.shape)}")
-    check_same_dtype("x", x, "weight", weight)
-    return x
+    x, *params = autocast_to(x, *params, policy="fp32")
+    for name, p in zip(("weight", "bias"), params):
+        if p is not None:
+            check_same_dtype("x", x, name, p)
+    return x, *params
 
 
 def _single_dim(norm: nn.Module, kind: str) -> int:
@@ -88,7 +92,8 @@ class MoTRMSNorm(nn.Module):
         the dense ``F.rms_norm`` runs. ``validate``: as in :func:`~sparsemm_kernels.modality_rms_norm`.
         Returns ``x.shape`` in x's dtype."""
         if self.num_modalities == 1:
-            return F.rms_norm(_dense_input(x, self.dim, self.weight), (self.dim,), self.weight[0], self.eps)
+            x, weight = _dense_input(x, self.dim, self.weight[0])
+            return F.rms_norm(x, (self.dim,), weight, self.eps)
         ids = _resolve_ids(x, modality_ids, self.num_modalities)
         return modality_rms_norm(x, ids, self.weight, self.eps, backend=prefer(self.backend), validate=validate)
 
@@ -156,8 +161,8 @@ class MoTLayerNorm(nn.Module):
         """Shapes, the one-modality dense path and ``validate`` as :meth:`MoTRMSNorm.forward`.
         Returns ``x.shape`` in x's dtype."""
         if self.num_modalities == 1:
-            bias = self.bias[0] if self.bias is not None else None
-            return F.layer_norm(_dense_input(x, self.dim, self.weight), (self.dim,), self.weight[0], bias, self.eps)
+            x, weight, bias = _dense_input(x, self.dim, self.weight[0], self.bias[0] if self.bias is not None else None)
+            return F.layer_norm(x, (self.dim,), weight, bias, self.eps)
         ids = _resolve_ids(x, modality_ids, self.num_modalities)
         return modality_layer_norm(
             x, ids, self.weight, self.bias, self.eps, backend=prefer(self.backend), validate=validate

@@ -21,7 +21,7 @@ def per_modality(fn, x: torch.Tensor, ids: torch.Tensor, num_modalities: int) ->
         mask = ids == m
         y = fn(m, x[mask])
         if out is None:
-            out = x.new_zeros(*ids.shape, *y.shape[1:])
+            out = y.new_zeros(*ids.shape, *y.shape[1:])  # y's dtype: autocast may have changed it
         out = out.index_put((mask,), y)
     return out
 
