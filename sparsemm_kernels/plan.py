@@ -15,7 +15,14 @@ from dataclasses import dataclass, field
 import torch
 
 from sparsemm_kernels.backend import check_backend_name, select_backend
-from sparsemm_kernels.utils.checks import check_ids_values, check_int_tensor, check_num_groups, validation_mode
+from sparsemm_kernels.utils.checks import (
+    ASYNC,
+    EAGER,
+    check_ids_values,
+    check_int_tensor,
+    check_num_groups,
+    validation_mode,
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -58,9 +65,8 @@ def group_plan_op(
     """``(sorted_to_orig, counts, offsets, orig_to_sorted)`` of flat ``ids``; ids outside ``[0, G)`` are
     checked per ``mode`` (eager ValueError / async device assertion, naming the argument ``name``) and
     otherwise sorted as the nearest valid id, so the plan is always a permutation."""
-    check_ids_values(ids, num_groups, name, mode)
-    name = select_backend("group_plan", ids.device, ids.dtype, backend)
-    if name == "triton":
+    backend_name = select_backend("group_plan", ids.device, ids.dtype, backend)
+    if backend_name == "triton":
         from sparsemm_kernels.kernels.triton.group_plan import MAX_GROUPS, group_plan_triton
 
         if num_groups > MAX_GROUPS:  # wider plans go to the torch sort, unless triton was demanded
@@ -68,21 +74,33 @@ def group_plan_op(
                 raise ValueError(
                     f"`num_groups` must be <= {MAX_GROUPS} for the triton group_plan, got {num_groups}"
                 )
-            name = "torch"
-    if name == "cpu":
-        from sparsemm_kernels.kernels.cpu import group_plan_cpu
-
-        sorted_to_orig, counts, offsets, _ = group_plan_cpu(ids, num_groups)
-    elif name == "cuda":
+            backend_name = "torch"
+    if backend_name == "cuda":
         from sparsemm_kernels.kernels.cuda import group_plan_cuda
 
-        sorted_to_orig, counts, offsets, _ = group_plan_cuda(ids, num_groups)
-    elif name == "triton":
-        sorted_to_orig, counts, offsets = group_plan_triton(ids, num_groups)
-    else:
-        from sparsemm_kernels.reference.plan import group_plan_ref
+        sorted_to_orig, counts, offsets, invalid = group_plan_cuda(ids, num_groups)
+        if mode == ASYNC:  # the sort counted bad ids as it went: assert on that, not on another pass
+            torch._assert_async(invalid == 0, f"`{name}` has ids outside [0, {num_groups})")
+        else:
+            check_ids_values(ids, num_groups, name, mode)
+    elif backend_name == "cpu":
+        from sparsemm_kernels.kernels.cpu import group_plan_cpu
 
-        sorted_to_orig, counts, offsets = group_plan_ref(ids, num_groups)
+        # The C++ sort reports the first bad id as it goes: no separate pass.
+        sorted_to_orig, counts, offsets, first_bad = group_plan_cpu(ids, num_groups)
+        if first_bad >= 0 and mode in (EAGER, ASYNC):
+            raise ValueError(
+                f"`{name}` must hold ids in [0, {num_groups}); found {int(ids[first_bad])} "  # sync-ok: CPU
+                f"at flat index {first_bad}"
+            )
+    else:
+        check_ids_values(ids, num_groups, name, mode)
+        if backend_name == "triton":
+            sorted_to_orig, counts, offsets = group_plan_triton(ids, num_groups)
+        else:
+            from sparsemm_kernels.reference.plan import group_plan_ref
+
+            sorted_to_orig, counts, offsets = group_plan_ref(ids, num_groups)
     orig_to_sorted = torch.empty_like(sorted_to_orig)
     orig_to_sorted[sorted_to_orig] = torch.arange(sorted_to_orig.numel(), device=ids.device)
     return sorted_to_orig, counts, offsets, orig_to_sorted
