@@ -44,13 +44,14 @@ PYBIND11_MODULE(_C, m) {
         py::call_guard<py::gil_scoped_release>());
 
   m.def("grouped_gemm_dw_cpu", &sparsemm::grouped_gemm_dw_cpu,
-        "dW[g, n, k] = sum_r dY[rr, n] * X[rr, k], dbias[g, n] = sum_r dY[rr, n] (if dbias_ptr), r over "
-        "group g in increasing order, rr = rows[r] if gathered else r. dw contiguous [G, N, K], dbias "
+        "dW[g, n, k] = sum_r dY[rd, n] * X[rx, k], dbias[g, n] = sum_r dY[rd, n] (if dbias_ptr), r over "
+        "group g in increasing order, rd = rows[r] if gather_dy else r, rx likewise with gather_x. dw "
+        "contiguous [G, N, K], dbias "
         "contiguous [G, N]; float32/float64. Offsets sorted in [0, num_positions]; gathered rows outside "
         "[0, num_rows) are skipped.",
         arg("dy_ptr"), arg("dy_stride_row"), arg("x_ptr"), arg("x_stride_row"), arg("dw_ptr"),
-        arg("dbias_ptr"), arg("offsets_ptr"), arg("rows_ptr"), arg("gathered"), arg("num_groups"),
-        arg("n_dim"), arg("k_dim"), arg("num_rows"), arg("num_positions"), arg("dtype"),
+        arg("dbias_ptr"), arg("offsets_ptr"), arg("rows_ptr"), arg("gather_dy"), arg("gather_x"),
+        arg("num_groups"), arg("n_dim"), arg("k_dim"), arg("num_rows"), arg("num_positions"), arg("dtype"),
         py::call_guard<py::gil_scoped_release>());
 
 #if defined(SPARSEMM_WITH_CUDA)

@@ -5,7 +5,10 @@ Every routed layer is plan -> one grouped GEMM -> combine:
 * :func:`group_plan` sorts rows by group id on the device (no host sync) into a reusable :class:`GroupPlan`;
 * :func:`grouped_mm` / :func:`grouped_linear` / :func:`modality_linear` run one grouped GEMM over all groups;
 * :func:`modality_rms_norm` / :func:`modality_layer_norm` / :func:`swiglu` are the fused per-row pieces of a
-  Mixture-of-Transformers block;
+  Mixture-of-Transformers block, and :func:`grouped_rms_norm` / :func:`grouped_layer_norm` the norms of rows
+  already grouped;
+* :func:`sort_rows` / :func:`unsort_rows` move rows between token order and the plan's group order (the
+  group-sorted stream of :class:`~sparsemm_kernels.nn.MoTTransformer`);
 * :mod:`sparsemm_kernels.nn` holds drop-in modules (:class:`~sparsemm_kernels.nn.MoTLinear`, ...).
 
 Backends (``backend=`` or ``SPARSEMM_BACKEND``): see :mod:`sparsemm_kernels.backend`.
@@ -15,7 +18,8 @@ from sparsemm_kernels import nn
 from sparsemm_kernels.backend import BACKENDS, BackendUnavailableError, available_backends, select_backend
 from sparsemm_kernels.ops.grouped_linear import grouped_linear, grouped_mm
 from sparsemm_kernels.ops.modality_linear import modality_linear
-from sparsemm_kernels.ops.norms import modality_layer_norm, modality_rms_norm
+from sparsemm_kernels.ops.norms import grouped_layer_norm, grouped_rms_norm, modality_layer_norm, modality_rms_norm
+from sparsemm_kernels.ops.permute import sort_rows, unsort_rows
 from sparsemm_kernels.ops.swiglu import swiglu
 from sparsemm_kernels.plan import GroupPlan, group_plan
 
@@ -28,12 +32,16 @@ __all__ = [
     "__version__",
     "available_backends",
     "group_plan",
+    "grouped_layer_norm",
     "grouped_linear",
     "grouped_mm",
+    "grouped_rms_norm",
     "modality_layer_norm",
     "modality_linear",
     "modality_rms_norm",
     "nn",
     "select_backend",
+    "sort_rows",
     "swiglu",
+    "unsort_rows",
 ]

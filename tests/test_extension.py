@@ -401,7 +401,7 @@ def test_cpp_checks_name_the_argument():
     with pytest.raises(ValueError, match="`rows`"):
         C.grouped_gemm_cpu(*args, good.data_ptr(), 0, True, False, *sizes, _ext.DTYPE_FLOAT32)
     with pytest.raises(ValueError, match="`dtype`"):
-        C.grouped_gemm_dw_cpu(0, 0, 0, 0, 0, 0, good.data_ptr(), 0, False, 2, 1, 1, 4, 4, _ext.DTYPE_INT64)
+        C.grouped_gemm_dw_cpu(0, 0, 0, 0, 0, 0, good.data_ptr(), 0, False, False, 2, 1, 1, 4, 4, _ext.DTYPE_INT64)
 
 
 # ---- CUDA (compiled on any machine with nvcc, run only where there is a GPU) ----

@@ -43,12 +43,16 @@ def _skip_unless(op, backend, dtype=torch.float32):
 def _gemm_cases(backend):
     off = torch.tensor([0, 3, 3, 10])
     rows = torch.randperm(10)
+    gemm, dw = OPS.grouped_gemm.default, OPS.grouped_gemm_dw.default
     return [
-        ("gemm", OPS.grouped_gemm.default, (_rg(10, 6), _rg(3, 5, 6), _rg(3, 5), off, None, False, "eager", backend)),
-        ("gemm-routed", OPS.grouped_gemm.default, (_rg(10, 6), _rg(3, 5, 6), None, off, rows, False, "off", backend)),
-        ("gemm-dx", OPS.grouped_gemm.default, (_rg(10, 5), _rg(3, 5, 6), None, off, rows, True, "trusted", backend)),
-        ("dw", OPS.grouped_gemm_dw.default, (_rg(10, 5), _rg(10, 6), off, rows, True, "trusted", backend)),
-        ("dw-nobias", OPS.grouped_gemm_dw.default, (_rg(10, 5), _rg(10, 6), off, None, False, "eager", backend)),
+        ("gemm", gemm, (_rg(10, 6), _rg(3, 5, 6), _rg(3, 5), off, None, False, False, False, "eager", backend)),
+        ("routed", gemm, (_rg(10, 6), _rg(3, 5, 6), None, off, rows, True, True, False, "off", backend)),
+        ("scatter", gemm, (_rg(10, 6), _rg(3, 5, 6), _rg(3, 5), off, rows, False, True, False, "eager", backend)),
+        ("gather", gemm, (_rg(10, 6), _rg(3, 5, 6), None, off, rows, True, False, False, "trusted", backend)),
+        ("dx", gemm, (_rg(10, 5), _rg(3, 5, 6), None, off, rows, True, True, True, "trusted", backend)),
+        ("dw", dw, (_rg(10, 5), _rg(10, 6), off, rows, True, True, True, "trusted", backend)),
+        ("dw-mixed", dw, (_rg(10, 5), _rg(10, 6), off, rows, True, False, True, "eager", backend)),
+        ("dw-nobias", dw, (_rg(10, 5), _rg(10, 6), off, None, False, False, False, "eager", backend)),
     ]
 
 

@@ -180,8 +180,8 @@ void grouped_gemm_impl(const FwdArgs<T>& p) {
 // splitting r into blocks keeps the order of every sum.
 template <typename T, bool kFull>
 void dw_micro(const T* dy, int64_t dy_stride_row, const T* x, int64_t x_stride_row, const int64_t* rows,
-              bool gathered, int64_t num_rows, int64_t r0, int64_t r1, const int64_t (&n)[kR], int64_t nr,
-              int64_t k0, T* const (&out)[kR]) {
+              bool gather_dy, bool gather_x, int64_t num_rows, int64_t r0, int64_t r1, const int64_t (&n)[kR],
+              int64_t nr, int64_t k0, T* const (&out)[kR]) {
   constexpr int L = kVecLanes<T>;
   constexpr int W = kFull ? 2 * L : 1;
   T init[kR][2 * L] = {};
@@ -192,10 +192,9 @@ void dw_micro(const T* dy, int64_t dy_stride_row, const T* x, int64_t x_stride_r
     acc[i][1] = load_vec(init[i] + L);
   }
   for (int64_t r = r0; r < r1; ++r) {
-    const int64_t rr = gathered ? rows[r] : r;
-    if (gathered && !row_ok(rr, num_rows)) continue;
-    const T* dyr = dy + rr * dy_stride_row;
-    const T* xr = x + rr * x_stride_row + k0;
+    if ((gather_dy || gather_x) && !row_ok(rows[r], num_rows)) continue;
+    const T* dyr = dy + (gather_dy ? rows[r] : r) * dy_stride_row;
+    const T* xr = x + (gather_x ? rows[r] : r) * x_stride_row + k0;
     Vec<T> x0{}, x1{};
     if (kFull) {
       x0 = load_vec(xr);
@@ -218,7 +217,7 @@ void dw_micro(const T* dy, int64_t dy_stride_row, const T* x, int64_t x_stride_r
 
 template <typename T>
 void grouped_gemm_dw_impl(const T* dy, int64_t dy_stride_row, const T* x, int64_t x_stride_row, T* dw,
-                          T* dbias, const int64_t* offsets, const int64_t* rows, bool gathered,
+                          T* dbias, const int64_t* offsets, const int64_t* rows, bool gather_dy, bool gather_x,
                           int64_t num_rows, int64_t num_groups, int64_t n_dim, int64_t k_dim) {
   constexpr int V = Lanes<T>;
   const int64_t n_tiles = ceil_div(n_dim, kDwRows);
@@ -246,11 +245,11 @@ void grouped_gemm_dw_impl(const T* dy, int64_t dy_stride_row, const T* x, int64_
         }
         int64_t k = k0;
         for (; k + V <= k1; k += V)
-          dw_micro<T, true>(dy, dy_stride_row, x, x_stride_row, rows, gathered, num_rows, rb, re, n, nr, k,
-                            out);
+          dw_micro<T, true>(dy, dy_stride_row, x, x_stride_row, rows, gather_dy, gather_x, num_rows, rb, re, n,
+                            nr, k, out);
         for (; k < k1; ++k)
-          dw_micro<T, false>(dy, dy_stride_row, x, x_stride_row, rows, gathered, num_rows, rb, re, n, nr, k,
-                             out);
+          dw_micro<T, false>(dy, dy_stride_row, x, x_stride_row, rows, gather_dy, gather_x, num_rows, rb, re, n,
+                             nr, k, out);
       }
     }
   }
@@ -265,8 +264,8 @@ void grouped_gemm_dw_impl(const T* dy, int64_t dy_stride_row, const T* x, int64_
     T* out = dbias + g * n_dim;
     std::fill(out + n0, out + n1, T(0));
     for (int64_t r = offsets[g]; r < offsets[g + 1]; ++r) {
-      if (gathered && !row_ok(rows[r], num_rows)) continue;
-      const T* dyr = dy + (gathered ? rows[r] : r) * dy_stride_row;
+      if ((gather_dy || gather_x) && !row_ok(rows[r], num_rows)) continue;
+      const T* dyr = dy + (gather_dy ? rows[r] : r) * dy_stride_row;
       for (int64_t n = n0; n < n1; ++n) out[n] += dyr[n];
     }
   }
@@ -323,8 +322,9 @@ void grouped_gemm_cpu(std::uintptr_t a, int64_t a_stride_row, std::uintptr_t b, 
 
 void grouped_gemm_dw_cpu(std::uintptr_t dy, int64_t dy_stride_row, std::uintptr_t x, int64_t x_stride_row,
                          std::uintptr_t dw, std::uintptr_t dbias, std::uintptr_t offsets,
-                         std::uintptr_t rows, bool gathered, int64_t num_groups, int64_t n_dim,
+                         std::uintptr_t rows, bool gather_dy, bool gather_x, int64_t num_groups, int64_t n_dim,
                          int64_t k_dim, int64_t num_rows, int64_t num_positions, int dtype) {
+  const bool gathered = gather_dy || gather_x;
   check_float_dtype(dtype);
   SPARSEMM_CHECK(num_groups >= 0, "num_groups", "must be >= 0, got ", num_groups);
   SPARSEMM_CHECK(n_dim >= 0 && k_dim >= 0, "n_dim", "sizes must be >= 0, got n_dim=", n_dim,
@@ -346,12 +346,12 @@ void grouped_gemm_dw_cpu(std::uintptr_t dy, int64_t dy_stride_row, std::uintptr_
     using T = float;
     grouped_gemm_dw_impl(reinterpret_cast<const T*>(dy), dy_stride_row, reinterpret_cast<const T*>(x),
                          x_stride_row, reinterpret_cast<T*>(dw), reinterpret_cast<T*>(dbias), off, rws,
-                         gathered, num_rows, num_groups, n_dim, k_dim);
+                         gather_dy, gather_x, num_rows, num_groups, n_dim, k_dim);
   } else {
     using T = double;
     grouped_gemm_dw_impl(reinterpret_cast<const T*>(dy), dy_stride_row, reinterpret_cast<const T*>(x),
                          x_stride_row, reinterpret_cast<T*>(dw), reinterpret_cast<T*>(dbias), off, rws,
-                         gathered, num_rows, num_groups, n_dim, k_dim);
+                         gather_dy, gather_x, num_rows, num_groups, n_dim, k_dim);
   }
 }
 

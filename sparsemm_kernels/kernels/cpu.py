@@ -153,6 +153,8 @@ def grouped_gemm_dw_cpu(
     gathered: bool = False,
     compute_dbias: bool = False,
     check_rows: bool = True,
+    gather_dy: bool | None = None,
+    gather_x: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Weight (and bias) gradient of the grouped GEMM (C++)::
 
@@ -168,6 +170,7 @@ def grouped_gemm_dw_cpu(
             ``gathered``.
         rows: ``(>= offsets[G],)`` int64 with values in ``[0, T)``; required when ``gathered``.
         check_rows: raise ``ValueError`` for ``rows`` values out of range; with ``False`` the kernel skips them.
+        gather_dy, gather_x: read only ``dy`` (or only ``x``) through ``rows``; both default to ``gathered``.
 
     Returns:
         ``dw (G, N, K)`` and ``dbias (G, N)`` (or ``None`` unless ``compute_dbias``), in ``dy``'s dtype; an
@@ -185,6 +188,9 @@ def grouped_gemm_dw_cpu(
         raise ValueError(f"`offsets` must be 1-D of length G+1 >= 1, got shape {tuple(offsets.shape)}")
     offsets, start, end = _check_offsets(offsets, num_groups)
     t, n_dim, k_dim = dy.shape[0], dy.shape[1], x.shape[1]
+    gather_dy = gathered if gather_dy is None else gather_dy
+    gather_x = gathered if gather_x is None else gather_x
+    gathered = gather_dy or gather_x
     if gathered:
         if rows is None:
             raise ValueError("`rows` is required when gathered is set")
@@ -198,7 +204,7 @@ def grouped_gemm_dw_cpu(
     c.grouped_gemm_dw_cpu(
         dy.data_ptr(), dy.stride(0), x.data_ptr(), x.stride(0),
         dw.data_ptr(), dbias.data_ptr() if dbias is not None else 0,
-        offsets.data_ptr(), rows.data_ptr() if gathered else 0, gathered,
+        offsets.data_ptr(), rows.data_ptr() if gathered else 0, gather_dy, gather_x,
         num_groups, n_dim, k_dim, t, rows.shape[0] if gathered else t, _ext.dtype_code(dy.dtype),
     )  # fmt: skip
     return dw, dbias

@@ -5,6 +5,14 @@ softmax over the whole mixed sequence. All modality-specific matmuls of a layer 
 :class:`~sparsemm_kernels.plan.GroupPlan` (built once per forward by :class:`MoTTransformer`) and each is a
 single grouped GEMM over all modalities. With ``num_modalities=1`` the same modules run plain dense ops
 (``F.linear``, ``F.rms_norm``): that is the dense baseline, with the same parameter names.
+
+The group-sorted stream: inside a block the rows are kept in the plan's group order, so the norms, the FFN
+and the residual adds work on contiguous row blocks per modality (``grouped_mm``, ``grouped_rms_norm``:
+per-group weights are slices, no ``weight[ids]``). Only attention needs token order: the Q/K/V GEMM reads
+sorted rows and writes token order (scatter on store), the output projection reads token order and writes
+sorted rows (gather on load), so no permutation pass remains. :class:`MoTTransformer` sorts once (it embeds
+the tokens already sorted) and restores token order once before the LM head; every module also has a
+``forward_sorted`` entry point for callers that keep the stream themselves (MoMa groups, MoD).
 """
 
 from __future__ import annotations
@@ -19,7 +27,8 @@ from sparsemm_kernels.backend import prefer
 from sparsemm_kernels.nn.mot_linear import init_per_modality_
 from sparsemm_kernels.nn.norms import MoTLayerNorm, MoTRMSNorm
 from sparsemm_kernels.ops.attention import apply_rotary, attention_mask, check_position_ids, rotary_cos_sin, sdpa
-from sparsemm_kernels.ops.grouped_linear import grouped_linear
+from sparsemm_kernels.ops.grouped_linear import grouped_linear, grouped_mm
+from sparsemm_kernels.ops.permute import sort_rows, unsort_rows
 from sparsemm_kernels.ops.swiglu import swiglu
 from sparsemm_kernels.plan import GroupPlan, build_plan, checked_ids
 from sparsemm_kernels.utils.checks import check_float_tensor, check_int_tensor, check_positive_int
@@ -78,10 +87,44 @@ def _resolve_plan(
     return dataclasses.replace(plan, group_ids=ids), ids
 
 
-def _linear(x2d: torch.Tensor, weight: torch.Tensor, plan: GroupPlan | None, backend) -> torch.Tensor:
-    if plan is None:  # one modality: a plain dense matmul
-        return F.linear(x2d, weight[0])
-    return grouped_linear(x2d, weight, plan, backend=prefer(backend))
+def _sorted_input(x: torch.Tensor, plan: GroupPlan | None, num_modalities: int, dim: int) -> None:
+    """Checks for a ``forward_sorted`` entry point: ``x (T, dim)`` rows in the order of ``plan``."""
+    check_float_tensor(x, "x")
+    if x.dim() != 2 or x.shape[1] != dim:
+        raise ValueError(f"`x` must be (T, {dim}) rows in plan order, got shape {tuple(x.shape)}")
+    if num_modalities == 1:
+        return
+    if not isinstance(plan, GroupPlan):
+        raise TypeError(f"`plan` must be a GroupPlan with num_modalities={num_modalities}, got {type(plan).__name__}")
+    if plan.num_groups != num_modalities or plan.num_rows != x.shape[0]:
+        raise ValueError(
+            f"`plan` routes {plan.num_rows} rows into {plan.num_groups} groups, but `x` has {x.shape[0]} rows and "
+            f"the layer {num_modalities} modalities"
+        )
+
+
+def _offsets_validate(plan: GroupPlan) -> bool | None:
+    # A plan from group_plan has valid offsets by construction; a hand-made one is checked.
+    return False if plan.trusted else None
+
+
+def _token_ids(plan: GroupPlan | None, modality_ids, batch_shape) -> torch.Tensor | None:
+    """Token-order ids for QK-norm in ``forward_sorted``: the caller's, else the vetted ids the plan carries."""
+    if plan is None:
+        return modality_ids
+    ids = modality_ids if modality_ids is not None else plan.group_ids
+    if ids is None:
+        raise ValueError("`modality_ids` is required: the plan carries no ids (build it with group_plan)")
+    return ids.reshape(batch_shape)
+
+
+def _batch_shape(batch_shape, num_rows: int) -> tuple[int, int]:
+    if not isinstance(batch_shape, (tuple, list, torch.Size)) or len(batch_shape) != 2:
+        raise TypeError(f"`batch_shape` must be (B, S), got {batch_shape!r}")
+    B, S = (check_positive_int(v, "batch_shape") for v in batch_shape)
+    if B * S != num_rows:
+        raise ValueError(f"`batch_shape` {(B, S)} does not hold the {num_rows} rows of `x`")
+    return B, S
 
 
 class MoTAttention(nn.Module):
@@ -164,25 +207,68 @@ class MoTAttention(nn.Module):
         if x.dim() != 3:
             raise ValueError(f"`x` must be (B, S, dim), got shape {tuple(x.shape)}")
         B, S, _ = x.shape
-        H, Hkv, dh = self.n_heads, self.n_kv_heads, self.head_dim
         plan, ids = _resolve_plan(modality_ids, self.num_modalities, plan, self.backend)
-        w_qkv = torch.cat([self.wq, self.wk, self.wv], dim=1)
-        qkv = _linear(x.reshape(B * S, self.dim), w_qkv, plan, self.backend)
-        q, k, v = qkv.split([H * dh, Hkv * dh, Hkv * dh], dim=-1)
+        q, k, v = self._qkv(x.reshape(B * S, self.dim), plan, "token")
+        o = self._attend(q, k, v, B, S, ids, attn_mask, is_causal, position_ids, span_ids)
+        return self._out(o, plan, "token").view(B, S, self.dim)
+
+    def forward_sorted(
+        self,
+        x: torch.Tensor,
+        plan: GroupPlan | None,
+        batch_shape: tuple[int, int],
+        modality_ids: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = True,
+        position_ids: torch.Tensor | None = None,
+        span_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The sorted-rows entry point: ``x (T, dim)`` rows in ``plan`` order (token order for one modality,
+        ``plan=None``) -> the branch output ``(T, dim)`` in the same order.
+
+        ``batch_shape = (B, S)`` with ``B * S = T`` gives the sequences attention runs over (in token order);
+        ``modality_ids (B, S)`` (token order) defaults to the ids the plan was built from; the attention
+        arguments are those of :meth:`forward`. The Q/K/V GEMM reads the sorted rows and writes token order,
+        the output GEMM reads token order and writes sorted rows: no permutation pass.
+        """
+        _sorted_input(x, plan, self.num_modalities, self.dim)
+        B, S = _batch_shape(batch_shape, x.shape[0])
+        ids = _token_ids(plan if self.num_modalities > 1 else None, modality_ids, (B, S))
+        q, k, v = self._qkv(x, plan, "sorted")
+        o = self._attend(q, k, v, B, S, ids, attn_mask, is_causal, position_ids, span_ids)
+        return self._out(o, plan, "sorted")
+
+    def _qkv(self, x2d: torch.Tensor, plan: GroupPlan | None, input_order: str):
+        """``q (T, H d_h)``, ``k, v (T, H_kv d_h)`` in token order."""
+        if plan is None:  # one modality: the three dense projections of a plain block
+            return F.linear(x2d, self.wq[0]), F.linear(x2d, self.wk[0]), F.linear(x2d, self.wv[0])
+        w_qkv = torch.cat([self.wq, self.wk, self.wv], dim=1)  # one grouped GEMM reads x once
+        qkv = grouped_linear(x2d, w_qkv, plan, input_order=input_order, output_order="token",
+                             backend=prefer(self.backend))
+        return qkv.split([self.wq.shape[1], self.wk.shape[1], self.wv.shape[1]], dim=-1)
+
+    def _out(self, o: torch.Tensor, plan: GroupPlan | None, output_order: str) -> torch.Tensor:
+        if plan is None:
+            return F.linear(o, self.wo[0])
+        return grouped_linear(o, self.wo, plan, input_order="token", output_order=output_order,
+                              backend=prefer(self.backend))
+
+    def _attend(self, q, k, v, B, S, ids, attn_mask, is_causal, position_ids, span_ids) -> torch.Tensor:
+        """QK-norm, rotary and one global attention on token-order ``q, k, v``; ``(B * S, H * d_h)`` token order."""
+        H, Hkv, dh = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = q.view(B, S, H, dh), k.view(B, S, Hkv, dh), v.view(B, S, Hkv, dh)
         if self.q_norm is not None:  # ids were checked with the plan
             q = self.q_norm(q, ids, validate=False)
             k = self.k_norm(k, ids, validate=False)
         if self.rope_theta is not None:
             if position_ids is None:
-                position_ids = torch.arange(S, device=x.device)
-            position_ids = check_position_ids(position_ids, B, S, x.device)
+                position_ids = torch.arange(S, device=q.device)
+            position_ids = check_position_ids(position_ids, B, S, q.device)
             cos, sin = rotary_cos_sin(position_ids, dh, self.rope_theta, q.dtype)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        mask, causal = attention_mask(B, S, x.device, attn_mask, is_causal, span_ids)
+        mask, causal = attention_mask(B, S, q.device, attn_mask, is_causal, span_ids)
         o = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, causal)
-        o = o.transpose(1, 2).reshape(B * S, H * dh)
-        return _linear(o, self.wo, plan, self.backend).view(B, S, self.dim)
+        return o.transpose(1, 2).reshape(B * S, H * dh)
 
 
 class MoTFeedForward(nn.Module):
@@ -217,9 +303,27 @@ class MoTFeedForward(nn.Module):
         _check_tokens(x, modality_ids, self.num_modalities, self.dim)
         plan, _ = _resolve_plan(modality_ids, self.num_modalities, plan, self.backend)
         x2 = x.reshape(-1, self.dim)
-        gate_up = _linear(x2, torch.cat([self.w1, self.w3], dim=1), plan, self.backend)
+        if plan is None:
+            return self._dense(x2).view(x.shape)
+        gate_up = grouped_linear(x2, torch.cat([self.w1, self.w3], dim=1), plan, backend=prefer(self.backend))
         h = swiglu(gate_up, backend=prefer(self.backend))
-        return _linear(h, self.w2, plan, self.backend).view(x.shape)
+        return grouped_linear(h, self.w2, plan, backend=prefer(self.backend)).view(x.shape)
+
+    def forward_sorted(self, x: torch.Tensor, plan: GroupPlan | None) -> torch.Tensor:
+        """The sorted-rows entry point: ``x (T, dim)`` rows in ``plan`` order -> ``(T, dim)`` in that order. Both
+        GEMMs run on contiguous row blocks per modality (``grouped_mm``, no gather or scatter)."""
+        _sorted_input(x, plan, self.num_modalities, self.dim)
+        if self.num_modalities == 1:
+            return self._dense(x)
+        v = _offsets_validate(plan)
+        backend = prefer(self.backend)
+        gate_up = grouped_mm(x, torch.cat([self.w1, self.w3], dim=1), plan.offsets, backend=backend, validate=v)
+        h = swiglu(gate_up, backend=backend)
+        return grouped_mm(h, self.w2, plan.offsets, backend=backend, validate=v)
+
+    def _dense(self, x2d: torch.Tensor) -> torch.Tensor:
+        # One modality: what a plain dense SwiGLU does (no fused weight, so no per-step concatenation).
+        return F.linear(F.silu(F.linear(x2d, self.w1[0])) * F.linear(x2d, self.w3[0]), self.w2[0])
 
 
 class MoTBlock(nn.Module):
@@ -271,21 +375,45 @@ class MoTBlock(nn.Module):
     ) -> torch.Tensor:
         """x: ``(B, S, dim)``; modality_ids: ``(B, S)``; plan: a reusable plan of ``modality_ids``;
         ``attention_kwargs`` go to :meth:`MoTAttention.forward` (attn_mask, is_causal, position_ids,
-        span_ids). Returns ``(B, S, dim)``."""
+        span_ids). Returns ``(B, S, dim)``.
+
+        The block sorts its rows into the plan's group order, runs :meth:`forward_sorted` and restores token
+        order (a model that keeps the sorted stream across blocks skips both: :class:`MoTTransformer`)."""
         _check_tokens(x, modality_ids, self.num_modalities, self.dim)
+        if x.dim() != 3:
+            raise ValueError(f"`x` must be (B, S, dim), got shape {tuple(x.shape)}")
+        B, S, D = x.shape
         plan, ids = _resolve_plan(modality_ids, self.num_modalities, plan, self.backend)
+        if plan is None:
+            return self._stream(x.reshape(B * S, D), None, (B, S), ids, attention_kwargs).view(B, S, D)
+        h = self._stream(sort_rows(x.reshape(B * S, D), plan), plan, (B, S), ids, attention_kwargs)
+        return unsort_rows(h, plan).view(B, S, D)
 
-        def attn_norm(t):  # ids were checked with the plan
-            return self.attn_norm(t, ids, validate=False)
+    def forward_sorted(
+        self,
+        x: torch.Tensor,
+        plan: GroupPlan | None,
+        batch_shape: tuple[int, int],
+        modality_ids: torch.Tensor | None = None,
+        **attention_kwargs,
+    ) -> torch.Tensor:
+        """The sorted-rows entry point: ``x (T, dim)`` rows in ``plan`` order (token order with one modality,
+        ``plan=None``) -> ``(T, dim)`` in the same order; ``batch_shape = (B, S)``, ``modality_ids`` and the
+        attention arguments as in :meth:`MoTAttention.forward_sorted`. Norms, FFN and residuals run on the
+        sorted rows; only attention sees token order, inside its GEMMs."""
+        _sorted_input(x, plan, self.num_modalities, self.dim)
+        B, S = _batch_shape(batch_shape, x.shape[0])
+        return self._stream(x, plan, (B, S), modality_ids, attention_kwargs)
 
-        def ffn_norm(t):
-            return self.ffn_norm(t, ids, validate=False)
+    def _stream(self, h, plan, batch_shape, ids, attention_kwargs) -> torch.Tensor:
+        def attn(t):
+            return self.attn.forward_sorted(t, plan, batch_shape, ids, **attention_kwargs)
 
         if self.norm_placement == "post":
-            h = x + attn_norm(self.attn(x, ids, plan=plan, **attention_kwargs))
-            return h + ffn_norm(self.ffn(h, ids, plan=plan))
-        h = x + self.attn(attn_norm(x), ids, plan=plan, **attention_kwargs)
-        return h + self.ffn(ffn_norm(h), ids, plan=plan)
+            h = h + self.attn_norm.forward_sorted(attn(h), plan)
+            return h + self.ffn_norm.forward_sorted(self.ffn.forward_sorted(h, plan), plan)
+        h = h + attn(self.attn_norm.forward_sorted(h, plan))
+        return h + self.ffn.forward_sorted(self.ffn_norm.forward_sorted(h, plan), plan)
 
     @classmethod
     def from_dense(cls, block: MoTBlock, num_modalities: int, *, backend: str | None = None) -> MoTBlock:
@@ -363,13 +491,25 @@ class MoTTransformer(nn.Module):
         self.lm_head = nn.Linear(dim, vocab_size, bias=False, **factory)
 
     def forward(self, tokens: torch.Tensor, modality_ids: torch.Tensor | None = None, **attention_kwargs):
-        """tokens, modality_ids: ``(B, S)`` ints. Returns logits ``(B, S, vocab_size)``."""
+        """tokens, modality_ids: ``(B, S)`` ints. Returns logits ``(B, S, vocab_size)``.
+
+        With several modalities the rows stay in the plan's group order from the embedding (which looks up
+        the tokens already sorted) to the final norm, and go back to token order once, before the LM head."""
         check_int_tensor(tokens, "tokens")
         if tokens.dim() != 2:
             raise ValueError(f"`tokens` must be (B, S), got shape {tuple(tokens.shape)}")
-        h = self.embed(tokens)
-        _check_tokens(h, modality_ids, self.num_modalities, h.shape[-1])
+        B, S = tokens.shape
+        dim = self.embed.embedding_dim
+        if modality_ids is not None or self.num_modalities > 1:
+            _check_tokens(tokens.new_empty(B, S, dim, dtype=torch.float32), modality_ids, self.num_modalities, dim)
         plan, ids = _resolve_plan(modality_ids, self.num_modalities, None, self.backend)
+        if plan is None:
+            h = self.embed(tokens).view(B * S, dim)
+        else:
+            h = self.embed(tokens.reshape(-1).index_select(0, plan.sorted_to_orig))
         for layer in self.layers:
-            h = layer(h, ids, plan=plan, **attention_kwargs)
-        return self.lm_head(self.norm(h, ids, validate=False))
+            h = layer.forward_sorted(h, plan, (B, S), ids, **attention_kwargs)
+        h = self.norm.forward_sorted(h, plan)
+        if plan is not None:
+            h = unsort_rows(h, plan)
+        return self.lm_head(h.view(B, S, dim))

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from sparsemm_kernels.backend import check_backend_name, prefer
+from sparsemm_kernels.ops.grouped_linear import grouped_mm
 from sparsemm_kernels.ops.modality_linear import modality_linear
 from sparsemm_kernels.plan import GroupPlan
 from sparsemm_kernels.utils.checks import check_positive_int
@@ -71,6 +72,15 @@ class MoTLinear(nn.Module):
         """x: ``(..., in_features)``; modality_ids: ``x.shape[:-1]`` ints in ``[0, M)``; plan: optional
         reusable :class:`GroupPlan` of ``modality_ids``. Returns ``(..., out_features)``."""
         return modality_linear(x, modality_ids, self.weight, self.bias, plan, backend=prefer(self.backend))
+
+    def forward_sorted(self, x: torch.Tensor, plan: GroupPlan) -> torch.Tensor:
+        """The sorted-rows entry point: ``x (T, in_features)`` rows in ``plan`` order (group by group) ->
+        ``(T, out_features)`` in the same order: one :func:`~sparsemm_kernels.grouped_mm` over the plan's
+        offsets, no gather or scatter."""
+        if not isinstance(plan, GroupPlan):
+            raise TypeError(f"`plan` must be a GroupPlan, got {type(plan).__name__}")
+        return grouped_mm(x, self.weight, plan.offsets, self.bias, backend=prefer(self.backend),
+                          validate=False if plan.trusted else None)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, num_modalities: int, *, backend: str | None = None) -> MoTLinear:

@@ -7,7 +7,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsemm_kernels.backend import check_backend_name, prefer
-from sparsemm_kernels.ops.norms import check_eps, modality_layer_norm, modality_rms_norm
+from sparsemm_kernels.ops.norms import (
+    check_eps,
+    grouped_layer_norm,
+    grouped_rms_norm,
+    modality_layer_norm,
+    modality_rms_norm,
+)
+from sparsemm_kernels.plan import GroupPlan
 from sparsemm_kernels.utils.checks import autocast_to, check_float_tensor, check_positive_int, check_same_dtype
 
 
@@ -33,6 +40,21 @@ def _dense_input(x, dim: int, *params: torch.Tensor | None):
         if p is not None:
             check_same_dtype("x", x, name, p)
     return x, *params
+
+
+def _check_sorted(x, plan, num_modalities: int, dim: int) -> bool | None:
+    """Checks for ``forward_sorted``; the ``validate`` for the plan's offsets (trusted plans skip it)."""
+    check_float_tensor(x, "x")
+    if x.dim() != 2 or x.shape[1] != dim:
+        raise ValueError(f"`x` must be (T, {dim}) rows in plan order, got shape {tuple(x.shape)}")
+    if not isinstance(plan, GroupPlan):
+        raise TypeError(f"`plan` must be a GroupPlan with num_modalities={num_modalities}, got {type(plan).__name__}")
+    if plan.num_groups != num_modalities or plan.num_rows != x.shape[0]:
+        raise ValueError(
+            f"`plan` routes {plan.num_rows} rows into {plan.num_groups} groups, but `x` has {x.shape[0]} rows and "
+            f"the norm {num_modalities} modalities"
+        )
+    return False if plan.trusted else None
 
 
 def _single_dim(norm: nn.Module, kind: str) -> int:
@@ -96,6 +118,15 @@ class MoTRMSNorm(nn.Module):
             return F.rms_norm(x, (self.dim,), weight, self.eps)
         ids = _resolve_ids(x, modality_ids, self.num_modalities)
         return modality_rms_norm(x, ids, self.weight, self.eps, backend=prefer(self.backend), validate=validate)
+
+    def forward_sorted(self, x: torch.Tensor, plan: GroupPlan | None) -> torch.Tensor:
+        """The sorted-rows entry point: ``x (T, dim)`` rows in ``plan`` order (``plan=None`` with one
+        modality) -> ``(T, dim)``: :func:`~sparsemm_kernels.grouped_rms_norm` over the plan's offsets."""
+        if self.num_modalities == 1:
+            return self.forward(x)
+        validate = _check_sorted(x, plan, self.num_modalities, self.dim)
+        return grouped_rms_norm(x, self.weight, plan.offsets, self.eps, backend=prefer(self.backend),
+                                validate=validate)
 
     @classmethod
     def from_norm(cls, norm: nn.RMSNorm, num_modalities: int, *, backend: str | None = None) -> MoTRMSNorm:
@@ -167,6 +198,15 @@ class MoTLayerNorm(nn.Module):
         return modality_layer_norm(
             x, ids, self.weight, self.bias, self.eps, backend=prefer(self.backend), validate=validate
         )
+
+    def forward_sorted(self, x: torch.Tensor, plan: GroupPlan | None) -> torch.Tensor:
+        """The sorted-rows entry point, as :meth:`MoTRMSNorm.forward_sorted`, with
+        :func:`~sparsemm_kernels.grouped_layer_norm`."""
+        if self.num_modalities == 1:
+            return self.forward(x)
+        validate = _check_sorted(x, plan, self.num_modalities, self.dim)
+        return grouped_layer_norm(x, self.weight, self.bias, plan.offsets, self.eps, backend=prefer(self.backend),
+                                  validate=validate)
 
     @classmethod
     def from_norm(cls, norm: nn.LayerNorm, num_modalities: int, *, backend: str | None = None) -> MoTLayerNorm:

@@ -16,9 +16,11 @@ def rotary_cos_sin(
     position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``cos, sin`` of shape ``(B, S, 1, head_dim)`` for positions ``(B, S)`` (Llama-style, half-split)."""
-    exponents = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim
+    # float32 angles (float64 for float64 models, so a float64 run is exact to float64)
+    angle_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    exponents = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=angle_dtype) / head_dim
     inv_freq = 1.0 / theta**exponents
-    freqs = position_ids.to(torch.float32)[..., None] * inv_freq  # (B, S, head_dim/2)
+    freqs = position_ids.to(angle_dtype)[..., None] * inv_freq  # (B, S, head_dim/2)
     emb = torch.cat([freqs, freqs], dim=-1)[..., None, :]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 

@@ -8,9 +8,11 @@ Pipeline: two ``torch.library`` custom ops, each with a fake implementation and 
 
 The backward of each is built from the two of them, so second derivatives are exact to any order: the
 grouped GEMM is bilinear in ``(x, W)``, and the weight gradient is bilinear in ``(dY, X)``. In the routed form
-the kernels gather rows through ``plan.sorted_to_orig`` on load and scatter them back on store, so no
-permuted copy of ``x``, ``dY`` or the output exists. Index values (offsets, a plan's rows) are checked
-inside the op, where ``torch.compile`` does not trace, per the ``mode`` of :mod:`sparsemm_kernels.utils.checks`.
+the kernels gather rows through ``plan.sorted_to_orig`` on load and/or scatter them back on store, so no
+permuted copy of ``x``, ``dY`` or the output exists. The ``torch`` backend runs ATen per group, writing each
+group's product straight into its slice of the output (``addmm(out=)``): the fast path on CPU. Index values
+(offsets, a plan's rows) are checked inside the op, where ``torch.compile`` does not trace, per the ``mode`` of
+:mod:`sparsemm_kernels.utils.checks`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import torch
 
 from sparsemm_kernels.backend import check_backend_name, select_backend
 from sparsemm_kernels.plan import GroupPlan
-from sparsemm_kernels.reference.grouped import grouped_linear_ref, grouped_mm_dw_ref, grouped_mm_ref
 from sparsemm_kernels.utils.checks import (
     MODES,
     OFF,
@@ -62,39 +63,54 @@ def _host_offsets(offsets: torch.Tensor, num_rows: int, mode: str) -> torch.Tens
     return sanitized_offsets(offsets, num_rows) if mode == OFF else offsets
 
 
-def _gemm_torch(x, weight, bias, offsets, rows, transpose_w, mode):
-    w = weight.transpose(1, 2) if transpose_w else weight
-    offsets = _host_offsets(offsets, x.shape[0], mode)
-    if rows is None:
-        return grouped_mm_ref(x, w, offsets, bias)
-    if mode != OFF:
-        return grouped_linear_ref(x, w, rows, offsets, bias)
-    # Unchecked plan: positions whose row is out of range neither read nor write; unwritten rows are zero.
+def _valid_rows(rows: torch.Tensor | None, num_rows: int, mode: str):
+    """``(rows to index with, mask of positions whose row exists)``; the mask is None for a checked plan."""
+    if rows is None or mode != OFF:
+        return rows, None
+    valid = (rows >= 0) & (rows < num_rows)
+    return torch.where(valid, rows, 0), valid
+
+
+def _gemm_torch(x, weight, bias, offsets, rows, gather_a, scatter_c, transpose_w, mode):
+    """ATen per group: ``addmm`` straight into the group's slice of a sorted output (no concatenation, no
+    zero-fill), gathering with ``index_select`` and scattering with ``index_copy_``."""
     T = x.shape[0]
-    valid = (rows >= 0) & (rows < T)
-    safe = rows.clamp(0, max(T - 1, 0))
-    y_sorted = grouped_mm_ref(x[safe], w, offsets, bias)
-    out = x.new_zeros(T, w.shape[1])
-    out[safe[valid]] = y_sorted[valid]  # sync-ok: torch backend, host-side by design
-    return out
+    w = weight.transpose(1, 2) if transpose_w else weight  # (G, J, K)
+    bounds = _host_offsets(offsets, T, mode).tolist()  # sync-ok: the torch backend loops on the host
+    idx, valid = _valid_rows(rows, T, mode)
+    a = x.index_select(0, idx) if gather_a else x
+    out = torch.empty(T, w.shape[1], dtype=x.dtype, device=x.device)
+    for g in range(w.shape[0]):
+        s, e = bounds[g], bounds[g + 1]
+        if e > s:
+            if bias is not None:
+                torch.addmm(bias[g], a[s:e], w[g].t(), out=out[s:e])
+            else:
+                torch.mm(a[s:e], w[g].t(), out=out[s:e])
+    if valid is not None:  # unchecked plan: a position whose row does not exist writes nothing
+        out = out * valid[:, None]
+    if not scatter_c:
+        return out
+    if valid is None:
+        return torch.empty_like(out).index_copy_(0, idx, out)
+    return torch.zeros_like(out).index_put_((idx[valid],), out[valid])  # sync-ok: torch backend, host-side
 
 
-def _gemm_kernel(name, x, weight, bias, offsets, rows, transpose_w, mode):
-    routed = rows is not None
+def _gemm_kernel(name, x, weight, bias, offsets, rows, gather_a, scatter_c, transpose_w, mode):
     T, J = x.shape[0], (weight.shape[2] if transpose_w else weight.shape[1])
     # An unchecked plan may not be a permutation: start from zeros so that no output row is left unwritten.
-    out = x.new_zeros(T, J) if (routed and mode == OFF) else None
+    out = x.new_zeros(T, J) if (mode == OFF and rows is not None) else None
     if name == "triton":
         from sparsemm_kernels.kernels.triton.grouped_gemm import grouped_gemm
 
         return grouped_gemm(
-            x, weight, offsets, bias=bias, rows=rows, gather_a=routed, scatter_c=routed, transpose_w=transpose_w,
-            out=out,
+            x, weight, offsets, bias=bias, rows=rows, gather_a=gather_a, scatter_c=scatter_c,
+            transpose_w=transpose_w, out=out,
         )
     from sparsemm_kernels.kernels.cpu import grouped_gemm_cpu
 
     return grouped_gemm_cpu(
-        x, weight, _host_offsets(offsets, T, mode), bias=bias, rows=rows, gather_a=routed, scatter_c=routed,
+        x, weight, _host_offsets(offsets, T, mode), bias=bias, rows=rows, gather_a=gather_a, scatter_c=scatter_c,
         transpose_w=transpose_w, out=out, check_rows=False,
     )
 
@@ -106,6 +122,8 @@ def grouped_gemm_op(
     bias: torch.Tensor | None,
     offsets: torch.Tensor,
     rows: torch.Tensor | None,
+    gather_a: bool,
+    scatter_c: bool,
     transpose_w: bool,
     mode: str,
     backend: str | None,
@@ -113,27 +131,55 @@ def grouped_gemm_op(
     """``out[c_r] = x[a_r] @ B_g (+ bias[g])`` over the sorted positions ``r`` of each group ``g``.
 
     ``B_g = weight[g]^T`` (``weight (G, N, K)``, out ``(T, N)``) or ``weight[g]`` with ``transpose_w``
-    (out ``(T, K)``); ``a_r = c_r = rows[r]`` when ``rows`` is given (routed), else ``r``. ``offsets
-    (G+1,) int64``; ``mode`` one of :data:`~sparsemm_kernels.utils.checks.MODES`.
+    (out ``(T, K)``); ``a_r = rows[r]`` with ``gather_a`` (x in original row order) else ``r``, ``c_r =
+    rows[r]`` with ``scatter_c`` (output in original order) else ``r``. ``offsets (G+1,) int64``; ``mode``
+    one of :data:`~sparsemm_kernels.utils.checks.MODES`.
     """
     if transpose_w and bias is not None:
         raise ValueError("`bias` is not supported with transpose_w (the dX pass has none)")
+    if (gather_a or scatter_c) and rows is None:
+        raise ValueError("`rows` is required to gather or scatter")
     _check_index_values(offsets, rows, x.shape[0], mode)
     G = weight.shape[0]
     T, K = x.shape
     J = weight.shape[2] if transpose_w else weight.shape[1]
     name = _backend(x, G, backend)
-    if name == "torch" or T == 0 or K == 0 or J == 0 or G == 0:
-        if G == 0:  # no group owns a row: nothing to compute, and every row must still be written
-            return x.new_zeros(T, J)
-        return _gemm_torch(x, weight, bias, offsets, rows, transpose_w, mode)
-    return _gemm_kernel(name, x, weight, bias, offsets, rows, transpose_w, mode)
+    if G == 0:  # no group owns a row: nothing to compute, and every row must still be written
+        return x.new_zeros(T, J)
+    if name == "torch" or T == 0 or K == 0 or J == 0:
+        return _gemm_torch(x, weight, bias, offsets, rows, gather_a, scatter_c, transpose_w, mode)
+    return _gemm_kernel(name, x, weight, bias, offsets, rows, gather_a, scatter_c, transpose_w, mode)
 
 
 @grouped_gemm_op.register_fake
-def _(x, weight, bias, offsets, rows, transpose_w, mode, backend):
+def _(x, weight, bias, offsets, rows, gather_a, scatter_c, transpose_w, mode, backend):
     J = weight.shape[2] if transpose_w else weight.shape[1]
     return x.new_empty(x.shape[0], J)
+
+
+def _dw_torch(dy, x, offsets, rows, gather_dy, gather_x, compute_dbias, mode):
+    """ATen per group: ``dW[g] = dY_g^T X_g`` by ``mm`` straight into ``dW[g]``, ``db[g]`` by ``sum``."""
+    T, N, K = dy.shape[0], dy.shape[1], x.shape[1]
+    G = offsets.shape[0] - 1
+    bounds = _host_offsets(offsets, T, mode).tolist()  # sync-ok: the torch backend loops on the host
+    idx, valid = _valid_rows(rows, T, mode)
+    d = dy.index_select(0, idx) if gather_dy else dy
+    xs = x.index_select(0, idx) if gather_x else x
+    if valid is not None:  # unchecked plan: a position whose row does not exist adds nothing
+        d = d * valid[:, None]
+    dw = torch.empty(G, N, K, dtype=dy.dtype, device=dy.device)
+    db = torch.empty(G, N, dtype=dy.dtype, device=dy.device) if compute_dbias else dy.new_empty(0)
+    for g in range(G):
+        s, e = bounds[g], bounds[g + 1]
+        if e > s:
+            torch.mm(d[s:e].t(), xs[s:e], out=dw[g])
+            if compute_dbias:
+                torch.sum(d[s:e], 0, out=db[g])
+        else:
+            dw[g].zero_()
+            if compute_dbias:
+                db[g].zero_()
+    return dw, db
 
 
 @torch.library.custom_op("sparsemm::grouped_gemm_dw", mutates_args=())
@@ -142,39 +188,41 @@ def grouped_gemm_dw_op(
     x: torch.Tensor,
     offsets: torch.Tensor,
     rows: torch.Tensor | None,
+    gather_dy: bool,
+    gather_x: bool,
     compute_dbias: bool,
     mode: str,
     backend: str | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``dW (G, N, K)`` with ``dW[g] = dY_g^T X_g`` and ``db (G, N)`` with ``db[g] = sum_r dY_g[r]`` (an empty
-    ``(0,)`` tensor unless ``compute_dbias``); rows read through ``rows`` when given. ``dy (T, N)``,
-    ``x (T, K)``. Empty groups get exact zeros."""
+    ``(0,)`` tensor unless ``compute_dbias``); ``dy`` (``x``) read through ``rows`` with ``gather_dy``
+    (``gather_x``). ``dy (T, N)``, ``x (T, K)``. Empty groups get exact zeros."""
+    if (gather_dy or gather_x) and rows is None:
+        raise ValueError("`rows` is required to gather")
     _check_index_values(offsets, rows, dy.shape[0], mode)
     G = offsets.shape[0] - 1
     T, N, K = dy.shape[0], dy.shape[1], x.shape[1]
     name = _backend(dy, G, backend)
     if name == "torch" or T == 0 or N == 0 or K == 0 or G == 0:
-        safe_rows = rows
-        if rows is not None and mode == OFF:  # unchecked plan: rows out of range contribute nothing
-            safe_rows = torch.where((rows >= 0) & (rows < T), rows, -1)
-            dy, x = torch.cat([dy, dy.new_zeros(1, N)]), torch.cat([x, x.new_zeros(1, K)])
-        dw, db = grouped_mm_dw_ref(dy, x, _host_offsets(offsets, T, mode), safe_rows, compute_dbias)
-    elif name == "triton":
+        return _dw_torch(dy, x, offsets, rows, gather_dy, gather_x, compute_dbias, mode)
+    if name == "triton":
         from sparsemm_kernels.kernels.triton.grouped_gemm import grouped_gemm_dw
 
-        dw, db = grouped_gemm_dw(dy, x, offsets, rows=rows, gathered=rows is not None, compute_dbias=compute_dbias)
+        dw, db = grouped_gemm_dw(
+            dy, x, offsets, rows=rows, gather_dy=gather_dy, gather_x=gather_x, compute_dbias=compute_dbias
+        )
     else:
         from sparsemm_kernels.kernels.cpu import grouped_gemm_dw_cpu
 
         dw, db = grouped_gemm_dw_cpu(
-            dy, x, _host_offsets(offsets, T, mode), rows=rows, gathered=rows is not None,
+            dy, x, _host_offsets(offsets, T, mode), rows=rows, gather_dy=gather_dy, gather_x=gather_x,
             compute_dbias=compute_dbias, check_rows=False,
         )
     return dw, (db if db is not None else dy.new_empty(0))
 
 
 @grouped_gemm_dw_op.register_fake
-def _(dy, x, offsets, rows, compute_dbias, mode, backend):
+def _(dy, x, offsets, rows, gather_dy, gather_x, compute_dbias, mode, backend):
     G = offsets.shape[0] - 1
     db = dy.new_empty(G, dy.shape[1]) if compute_dbias else dy.new_empty(0)
     return dy.new_empty(G, dy.shape[1], x.shape[1]), db
@@ -186,43 +234,49 @@ def _backward_mode(mode: str) -> str:
 
 
 def _gemm_setup(ctx, inputs, output):
-    x, weight, bias, offsets, rows, transpose_w, mode, backend = inputs
+    x, weight, bias, offsets, rows, gather_a, scatter_c, transpose_w, mode, backend = inputs
     ctx.save_for_backward(x, weight, offsets, rows)
-    ctx.transpose_w, ctx.mode, ctx.backend = transpose_w, _backward_mode(mode), backend
+    ctx.gather_a, ctx.scatter_c, ctx.transpose_w = gather_a, scatter_c, transpose_w
+    ctx.mode, ctx.backend = _backward_mode(mode), backend
 
 
 def _gemm_backward(ctx, dy):
+    """``C = A B_g``: ``dA = dC B_g^T`` (dC read where C was written, dA written where A was read) and
+    ``dW_g = dC_g^T A_g`` (or its transpose for ``transpose_w``)."""
     x, weight, offsets, rows = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    ga, sc, mode, backend = ctx.gather_a, ctx.scatter_c, ctx.mode, ctx.backend
     dx = dw = db = None
     if need_x:
-        dx = grouped_gemm_op(dy, weight, None, offsets, rows, not ctx.transpose_w, ctx.mode, ctx.backend)
+        dx = grouped_gemm_op(dy, weight, None, offsets, rows, sc, ga, not ctx.transpose_w, mode, backend)
     if need_w or need_b:
         if ctx.transpose_w:  # C = A W_g: dW_g = A_g^T dC_g (bias is refused in this mode)
-            dw, _ = grouped_gemm_dw_op(x, dy, offsets, rows, False, ctx.mode, ctx.backend)
+            dw, _ = grouped_gemm_dw_op(x, dy, offsets, rows, ga, sc, False, mode, backend)
         else:
-            dw, db = grouped_gemm_dw_op(dy, x, offsets, rows, need_b, ctx.mode, ctx.backend)
-    return dx, (dw if need_w else None), (db if need_b else None), None, None, None, None, None
+            dw, db = grouped_gemm_dw_op(dy, x, offsets, rows, sc, ga, need_b, mode, backend)
+    return dx, (dw if need_w else None), (db if need_b else None), None, None, None, None, None, None, None
 
 
 def _dw_setup(ctx, inputs, output):
-    dy, x, offsets, rows, compute_dbias, mode, backend = inputs
+    dy, x, offsets, rows, gather_dy, gather_x, compute_dbias, mode, backend = inputs
     ctx.save_for_backward(dy, x, offsets, rows)
-    ctx.compute_dbias, ctx.mode, ctx.backend = compute_dbias, _backward_mode(mode), backend
+    ctx.gather_dy, ctx.gather_x, ctx.compute_dbias = gather_dy, gather_x, compute_dbias
+    ctx.mode, ctx.backend = _backward_mode(mode), backend
 
 
 def _dw_backward(ctx, ddw, ddb):
     """``dW = dY^T X`` and ``db = sum dY`` are bilinear: ``d(dY) = X ddW^T + ddb``, ``dX = dY ddW``."""
     dy, x, offsets, rows = ctx.saved_tensors
+    gd, gx, mode, backend = ctx.gather_dy, ctx.gather_x, ctx.mode, ctx.backend
     if ddw is None:
         ddw = dy.new_zeros(offsets.shape[0] - 1, dy.shape[1], x.shape[1])
     bias = ddb if (ctx.compute_dbias and ddb is not None) else None
     d_dy = d_x = None
     if ctx.needs_input_grad[0]:
-        d_dy = grouped_gemm_op(x, ddw, bias, offsets, rows, False, ctx.mode, ctx.backend)
+        d_dy = grouped_gemm_op(x, ddw, bias, offsets, rows, gx, gd, False, mode, backend)
     if ctx.needs_input_grad[1]:
-        d_x = grouped_gemm_op(dy, ddw, None, offsets, rows, True, ctx.mode, ctx.backend)
-    return d_dy, d_x, None, None, None, None, None
+        d_x = grouped_gemm_op(dy, ddw, None, offsets, rows, gd, gx, True, mode, backend)
+    return d_dy, d_x, None, None, None, None, None, None, None
 
 
 grouped_gemm_op.register_autograd(_gemm_backward, setup_context=_gemm_setup)
@@ -300,7 +354,10 @@ def grouped_mm(
     backend = check_backend_name(backend)
     offsets = offsets.to(torch.int64).contiguous()
     mode = validation_mode(validate, x.device)
-    return torch.ops.sparsemm.grouped_gemm(x, weight, bias, offsets, None, False, mode, backend)
+    return torch.ops.sparsemm.grouped_gemm(x, weight, bias, offsets, None, False, False, False, mode, backend)
+
+
+_ORDERS = ("token", "sorted")
 
 
 def grouped_linear(
@@ -309,34 +366,46 @@ def grouped_linear(
     plan: GroupPlan,
     bias: torch.Tensor | None = None,
     *,
+    input_order: str = "token",
+    output_order: str = "token",
     backend: str | None = None,
     validate: bool | None = None,
 ) -> torch.Tensor:
-    """``out[i] = x[i] @ weight[g_i]^T + bias[g_i]`` with rows in their original order.
+    """``out[i] = x[i] @ weight[g_i]^T + bias[g_i]`` for rows routed by ``plan``.
 
-    The kernels read row ``i`` of ``x`` through ``plan.sorted_to_orig`` and write row ``i`` of the result
-    back to its original place: no permuted copy of ``x`` or of the output is made.
+    With ``input_order="token"`` (default) the kernels read row ``i`` of ``x`` through
+    ``plan.sorted_to_orig``; with ``output_order="token"`` (default) they write each result back to its
+    original row: no permuted copy of ``x`` or of the output is made. ``"sorted"`` means rows in plan order
+    (group by group, as :func:`grouped_mm` takes them), so layers that keep a group-sorted stream can switch
+    order inside the GEMM itself: ``input_order="sorted", output_order="token"`` (Q/K/V for global
+    attention) and ``"token"``/``"sorted"`` (the attention output projection).
 
     Args:
-        x: ``(T, K)`` float16 | bfloat16 | float32 | float64 in original row order.
+        x: ``(T, K)`` float16 | bfloat16 | float32 | float64, rows in ``input_order``.
         weight: ``(G, N, K)``; bias: optional ``(G, N)``.
         plan: :class:`GroupPlan` over the ``T`` rows with ``G`` groups (from :func:`group_plan`).
+        input_order, output_order: ``"token"`` or ``"sorted"``.
         backend: see :mod:`sparsemm_kernels.backend`.
         validate: for a plan not built by :func:`group_plan` (``plan.trusted`` False): its offsets and
             ``sorted_to_orig`` (a permutation) are checked as in :func:`grouped_mm`. With ``False`` they are
             not, and a position whose row is out of range is skipped (rows nobody writes are zero).
 
     Returns:
-        ``(T, N)`` in ``x``'s dtype (the autocast dtype under autocast); differentiable in ``x``, ``weight``
-        and ``bias``, to any order.
+        ``(T, N)`` in ``x``'s dtype (the autocast dtype under autocast), rows in ``output_order``;
+        differentiable in ``x``, ``weight`` and ``bias``, to any order.
     """
     x, weight, bias = autocast_to(x, weight, bias)
     _check_operands(x, weight, bias)
     _check_plan(plan, x.shape[0], weight.shape[0], x)
+    for name, order in (("input_order", input_order), ("output_order", output_order)):
+        if order not in _ORDERS:
+            raise ValueError(f"`{name}` must be 'token' or 'sorted', got {order!r}")
     backend = check_backend_name(backend)
     mode = TRUSTED if plan.trusted else validation_mode(validate, x.device)
-    rows = plan.sorted_to_orig.contiguous()
-    return torch.ops.sparsemm.grouped_gemm(x, weight, bias, plan.offsets.contiguous(), rows, False, mode, backend)
+    gather, scatter = input_order == "token", output_order == "token"
+    rows = plan.sorted_to_orig.contiguous() if (gather or scatter) else None
+    offsets = plan.offsets.contiguous()
+    return torch.ops.sparsemm.grouped_gemm(x, weight, bias, offsets, rows, gather, scatter, False, mode, backend)
 
 
 def _check_plan(plan, num_rows: int, num_groups: int, x: torch.Tensor) -> None:

@@ -15,17 +15,22 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from sparsemm_kernels.backend import BackendUnavailableError, check_backend_name, select_backend
 from sparsemm_kernels.reference.norms import modality_layer_norm_ref, modality_norm_bwd_ref, modality_rms_norm_ref
 from sparsemm_kernels.utils.checks import (
+    OFF,
+    TRUSTED,
     autocast_to,
     check_dim,
     check_float_tensor,
     check_ids_values,
     check_int_tensor,
+    check_offsets_values,
     check_same_device,
     check_same_dtype,
+    sanitized_offsets,
     validation_mode,
 )
 
@@ -174,6 +179,168 @@ modality_norm_op.register_autograd(_norm_backward, setup_context=_norm_setup)
 modality_norm_bwd_op.register_autograd(_refuse_double_backward, setup_context=_bwd_setup)
 
 
+# ---- the same norms on rows already grouped (a plan's sorted stream): group g is rows offsets[g]:offsets[g+1] ----
+
+
+def _group_of_rows(offsets: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """``(T,)`` group id of every sorted row, from the offsets on the device (no host read)."""
+    rows = torch.arange(num_rows, device=offsets.device)
+    return torch.searchsorted(offsets[1:].contiguous(), rows, right=True).clamp_(max=offsets.shape[0] - 2)
+
+
+def _normalized(x: torch.Tensor, eps: float, is_rms: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x_hat, rstd)`` in the statistics dtype (float32, float64 for float64 input)."""
+    xf = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    xc = xf if is_rms else xf - xf.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(xc.square().mean(-1, keepdim=True) + eps)
+    return xc * rstd, rstd
+
+
+def _grouped_norm_torch(x, weight, bias, offsets, eps: float, is_rms: bool, mode: str) -> torch.Tensor:
+    """ATen: one fused unweighted norm over all rows, then each group's slice scaled by its weights."""
+    bounds = (sanitized_offsets(offsets, x.shape[0]) if mode == OFF else offsets).tolist()  # sync-ok: host backend
+    xf = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    D = x.shape[-1]
+    x_hat = F.rms_norm(xf, (D,), None, eps) if is_rms else F.layer_norm(xf, (D,), None, None, eps)
+    y = torch.empty_like(x)
+    for g in range(weight.shape[0]):
+        s, e = bounds[g], bounds[g + 1]
+        if e > s:
+            if bias is not None:
+                torch.addcmul(bias[g], x_hat[s:e], weight[g], out=y[s:e])
+            else:
+                torch.mul(x_hat[s:e], weight[g], out=y[s:e])
+    return y
+
+
+def _grouped_norm_bwd_torch(dy, x, weight, offsets, eps, is_rms, need_dx, need_dw, need_db, mode):
+    bounds = (sanitized_offsets(offsets, x.shape[0]) if mode == OFF else offsets).tolist()  # sync-ok: host backend
+    x_hat, rstd = _normalized(x, eps, is_rms)
+    d = dy.to(x_hat.dtype)
+    M, D = weight.shape
+    dw = torch.zeros(M, D, dtype=x_hat.dtype, device=x.device) if need_dw else None
+    db = torch.zeros(M, D, dtype=x_hat.dtype, device=x.device) if need_db else None
+    g_ = torch.empty_like(d) if need_dx else None
+    prod = d * x_hat if need_dw else None
+    for g in range(M):
+        s, e = bounds[g], bounds[g + 1]
+        if e > s:
+            if need_dw:
+                torch.sum(prod[s:e], 0, out=dw[g])
+            if need_db:
+                torch.sum(d[s:e], 0, out=db[g])
+            if need_dx:
+                torch.mul(d[s:e], weight[g], out=g_[s:e])
+    dx = None
+    if need_dx:
+        dx = g_ - x_hat * (g_ * x_hat).mean(-1, keepdim=True)
+        if not is_rms:
+            dx = dx - g_.mean(-1, keepdim=True)
+        dx = (dx * rstd).to(x.dtype)
+    return dx, (dw.to(weight.dtype) if need_dw else None), (db.to(weight.dtype) if need_db else None)
+
+
+@torch.library.custom_op("sparsemm::grouped_norm", mutates_args=())
+def grouped_norm_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    offsets: torch.Tensor,
+    eps: float,
+    is_rms: bool,
+    mode: str,
+    backend: str | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y, mean, rstd)`` of the per-group norm of ``x (T, D)``, rows of group ``g`` at
+    ``offsets[g]:offsets[g+1]`` scaled by ``weight[g]`` (``+ bias[g]``); statistics as in
+    :func:`modality_norm_op` (``(0,)`` tensors where a backend recomputes them)."""
+    check_offsets_values(offsets, x.shape[0], "offsets", mode)
+    if _select(x, backend) == "torch":
+        y = _grouped_norm_torch(x, weight, bias, offsets, eps, is_rms, mode)
+        return y, x.new_empty(0, dtype=torch.float32), x.new_empty(0, dtype=torch.float32)
+    from sparsemm_kernels.kernels.triton.norms import modality_norm_fwd
+
+    ids = _group_of_rows(offsets, x.shape[0])
+    bias = bias.contiguous() if bias is not None else None
+    y, mean, rstd = modality_norm_fwd(x.unsqueeze(1), ids, weight.contiguous(), bias, eps, is_rms=is_rms)
+    return y.view(x.shape), (mean if mean is not None else rstd.new_empty(0)), rstd
+
+
+@grouped_norm_op.register_fake
+def _(x, weight, bias, offsets, eps, is_rms, mode, backend):
+    stats = x.new_empty(x.shape[0], dtype=torch.float32)
+    return x.new_empty(x.shape), (x.new_empty(0, dtype=torch.float32) if is_rms else stats), stats.clone()
+
+
+@torch.library.custom_op("sparsemm::grouped_norm_bwd", mutates_args=())
+def grouped_norm_bwd_op(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    offsets: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    eps: float,
+    is_rms: bool,
+    has_bias: bool,
+    need_dx: bool,
+    need_dw: bool,
+    need_db: bool,
+    mode: str,
+    backend: str | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx, dW, db)`` of :func:`grouped_norm_op`; a gradient not asked for is an empty ``(0,)`` tensor."""
+    need_db = need_db and has_bias
+    if _select(x, backend) == "torch":
+        dx, dw, db = _grouped_norm_bwd_torch(dy, x, weight, offsets, eps, is_rms, need_dx, need_dw, need_db, mode)
+    else:
+        from sparsemm_kernels.kernels.triton.norms import modality_norm_bwd
+
+        ids = _group_of_rows(offsets, x.shape[0])
+        dx, dw, db = modality_norm_bwd(
+            dy.reshape(x.shape[0], 1, x.shape[1]), x.unsqueeze(1), ids, weight.contiguous(),
+            mean if not is_rms else None, rstd, is_rms=is_rms, compute_dx=need_dx, compute_dw=need_dw,
+            compute_db=need_db,
+        )
+    return (
+        dx.reshape(x.shape).contiguous() if need_dx else x.new_empty(0),
+        dw if need_dw else x.new_empty(0),
+        db if need_db else x.new_empty(0),
+    )
+
+
+@grouped_norm_bwd_op.register_fake
+def _(dy, x, weight, offsets, mean, rstd, eps, is_rms, has_bias, need_dx, need_dw, need_db, mode, backend):
+    return (
+        x.new_empty(x.shape) if need_dx else x.new_empty(0),
+        weight.new_empty(weight.shape) if need_dw else x.new_empty(0),
+        weight.new_empty(weight.shape) if (need_db and has_bias) else x.new_empty(0),
+    )
+
+
+def _grouped_setup(ctx, inputs, output):
+    x, weight, bias, offsets, eps, is_rms, mode, backend = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, offsets, mean, rstd)
+    ctx.eps, ctx.is_rms, ctx.has_bias, ctx.backend = eps, is_rms, bias is not None, backend
+    ctx.mode = OFF if mode == OFF else TRUSTED
+
+
+def _grouped_backward(ctx, dy, _dmean, _drstd):
+    x, weight, offsets, mean, rstd = ctx.saved_tensors
+    need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+    need_db = need_db and ctx.has_bias
+    dx, dw, db = grouped_norm_bwd_op(
+        dy, x, weight, offsets, mean, rstd, ctx.eps, ctx.is_rms, ctx.has_bias, need_dx, need_dw, need_db,
+        ctx.mode, ctx.backend,
+    )
+    return (dx if need_dx else None), (dw if need_dw else None), (db if need_db else None), None, None, None, None, None
+
+
+grouped_norm_op.register_autograd(_grouped_backward, setup_context=_grouped_setup)
+grouped_norm_bwd_op.register_autograd(_refuse_double_backward, setup_context=_bwd_setup)
+
+
 def check_eps(eps) -> float:
     """``eps`` as a float: a positive finite number (``TypeError``/``ValueError`` naming ``eps`` otherwise)."""
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
@@ -279,3 +446,63 @@ def _modality_norm(x, modality_ids, weight, bias, eps, is_rms: bool, backend, va
     mode = validation_mode(validate, modality_ids.device)
     y, _, _ = torch.ops.sparsemm.modality_norm(x, modality_ids, weight, bias, eps, is_rms, mode, backend)
     return y
+
+
+def _grouped_norm(x, weight, bias, offsets, eps, is_rms: bool, backend, validate) -> torch.Tensor:
+    x, weight, bias = autocast_to(x, weight, bias, policy="fp32")
+    check_float_tensor(x, "x")
+    check_dim(x, 2, "x", "(T, D), rows grouped by `offsets`")
+    if x.shape[-1] == 0:
+        raise ValueError(f"`x` must have D >= 1, got shape {tuple(x.shape)}")
+    _check_param(weight, "weight", x, None)
+    if bias is not None:
+        _check_param(bias, "bias", x, weight.shape[0])
+    check_int_tensor(offsets, "offsets")
+    check_same_device("x", x, "offsets", offsets)
+    if offsets.dim() != 1 or offsets.shape[0] != weight.shape[0] + 1:
+        raise ValueError(
+            f"`offsets` must be 1-D of length G+1 = {weight.shape[0] + 1} (G from `weight`), "
+            f"got shape {tuple(offsets.shape)}"
+        )
+    eps = check_eps(eps)
+    backend = check_backend_name(backend)
+    mode = validation_mode(validate, x.device)
+    offsets = offsets.to(torch.int64).contiguous()
+    y, _, _ = torch.ops.sparsemm.grouped_norm(x, weight, bias, offsets, eps, is_rms, mode, backend)
+    return y
+
+
+def grouped_rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    offsets: torch.Tensor,
+    eps: float = 1e-5,
+    *,
+    backend: str | None = None,
+    validate: bool | None = None,
+) -> torch.Tensor:
+    """Per-group RMSNorm of rows already grouped (a plan's sorted stream), the norm beside :func:`grouped_mm`:
+    rows ``offsets[g]:offsets[g+1]`` of ``x (T, D)`` get ``x / sqrt(mean_d(x^2) + eps) * weight[g]``.
+
+    On the ``torch`` backend (the CPU default) one fused unweighted norm covers all rows, then each group's
+    slice is scaled by its weights (no ``weight[ids]`` tensor); the weight gradient is a per-slice sum.
+    ``offsets`` as in :func:`grouped_mm` (``validate`` likewise); ``weight (G, D)``. Returns ``x.shape`` in
+    ``x``'s dtype (float32 under autocast); differentiable in ``x`` and ``weight`` (first derivatives).
+    """
+    return _grouped_norm(x, weight, None, offsets, eps, True, backend, validate)
+
+
+def grouped_layer_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    offsets: torch.Tensor,
+    eps: float = 1e-5,
+    *,
+    backend: str | None = None,
+    validate: bool | None = None,
+) -> torch.Tensor:
+    """Per-group LayerNorm of rows already grouped: ``(x - mean) / sqrt(var + eps) * weight[g] + bias[g]`` for
+    the rows ``offsets[g]:offsets[g+1]`` (biased variance). As :func:`grouped_rms_norm`; ``bias (G, D)`` or None.
+    """
+    return _grouped_norm(x, weight, bias, offsets, eps, False, backend, validate)

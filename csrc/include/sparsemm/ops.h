@@ -26,13 +26,13 @@ void grouped_gemm_cpu(std::uintptr_t a, int64_t a_stride_row, std::uintptr_t b, 
                       bool gather_a, bool scatter_c, int64_t num_groups, int64_t k_dim, int64_t j_dim,
                       int64_t a_rows, int64_t c_rows, int64_t num_positions, int dtype);
 
-// dW[g, n, k] = sum_r dY[rr, n] * X[rr, k] and dbias[g, n] = sum_r dY[rr, n] (when dbias != 0), summed over
-// the sorted positions r of group g in increasing order, rr = gathered ? rows[r] : r. dW is contiguous
-// [G, N, K], dbias contiguous [G, N]; an empty group gives exact zeros. Offsets sorted within
-// [0, num_positions]; a gathered rr outside [0, num_rows) is skipped.
+// dW[g, n, k] = sum_r dY[rd, n] * X[rx, k] and dbias[g, n] = sum_r dY[rd, n] (when dbias != 0), summed over
+// the sorted positions r of group g in increasing order, rd = gather_dy ? rows[r] : r, rx = gather_x ?
+// rows[r] : r. dW is contiguous [G, N, K], dbias contiguous [G, N]; an empty group gives exact zeros. Offsets
+// sorted within [0, num_positions]; a position whose rows[r] is outside [0, num_rows) is skipped.
 void grouped_gemm_dw_cpu(std::uintptr_t dy, int64_t dy_stride_row, std::uintptr_t x, int64_t x_stride_row,
                          std::uintptr_t dw, std::uintptr_t dbias, std::uintptr_t offsets,
-                         std::uintptr_t rows, bool gathered, int64_t num_groups, int64_t n_dim,
+                         std::uintptr_t rows, bool gather_dy, bool gather_x, int64_t num_groups, int64_t n_dim,
                          int64_t k_dim, int64_t num_rows, int64_t num_positions, int dtype);
 
 #if defined(SPARSEMM_WITH_CUDA)

@@ -142,7 +142,7 @@ def _grouped_gemm_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & j_mask[None, :])
 
 
-@triton.autotune(configs=grouped_gemm_dw_configs(), key=["N", "K", "GATHERED", "HAS_DBIAS"])
+@triton.autotune(configs=grouped_gemm_dw_configs(), key=["N", "K", "GATHER_DY", "GATHER_X", "HAS_DBIAS"])
 @triton.jit
 def _grouped_gemm_dw_kernel(
     # inputs
@@ -154,11 +154,13 @@ def _grouped_gemm_dw_kernel(
     # strides
     stride_dym, stride_dyn, stride_xm, stride_xk, stride_dwg, stride_dwn, stride_dwk, stride_dbias_g,
     # modes
-    GATHERED: tl.constexpr, HAS_DBIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    GATHER_DY: tl.constexpr, GATHER_X: tl.constexpr, HAS_DBIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
     # tiles
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """dW[g, n, k] = sum_r dY[r, n] * X[r, k] over the rows r of group g; dbias[g, n] = sum_r dY[r, n].
+    """dW[g, n, k] = sum_r dY[r_dy, n] * X[r_x, k] over the positions r of group g; dbias[g, n] = sum_r dY[r_dy, n],
+    with ``r_dy = rows[r]`` when GATHER_DY (dY in original row order) else ``r``, and ``r_x`` likewise.
 
     Group bounds are clamped into ``[0, T]`` and a gathered row outside ``[0, T)`` is masked (see
     ``_group_bounds``). Grid: (cdiv(N, BLOCK_N) * cdiv(K, BLOCK_K), G). An empty group stores zeros.
@@ -179,14 +181,14 @@ def _grouped_gemm_dw_kernel(
     for m0 in range(row_start, row_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         row_mask = offs_m < row_end
-        if GATHERED:
+        if GATHER_DY or GATHER_X:
             r = tl.load(rows_ptr + offs_m, mask=row_mask, other=0).to(tl.int64)
             row_mask = row_mask & (r >= 0) & (r < T)
-        else:
-            r = offs_m.to(tl.int64)
-        dy = tl.load(dy_ptr + r[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+        r_dy = r if GATHER_DY else offs_m.to(tl.int64)
+        r_x = r if GATHER_X else offs_m.to(tl.int64)
+        dy = tl.load(dy_ptr + r_dy[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
                      mask=row_mask[:, None] & n_mask[None, :], other=0.0)
-        x = tl.load(x_ptr + r[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+        x = tl.load(x_ptr + r_x[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         if UPCAST:
             dy = dy.to(tl.float32)
@@ -275,12 +277,14 @@ def grouped_gemm_dw(
     rows: torch.Tensor | None = None,
     gathered: bool = False,
     compute_dbias: bool = False,
+    gather_dy: bool | None = None,
+    gather_x: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-group weight (and bias) gradients.
 
     Args:
         dy: ``(T, N)`` output gradient; x: ``(T, K)`` forward input; both in sorted order, or in original
-            order read through ``rows`` when ``gathered``.
+            order read through ``rows`` when ``gathered`` (``gather_dy`` / ``gather_x`` set it per operand).
         offsets: ``(G+1,) int64`` group bounds over sorted positions.
 
     Returns:
@@ -302,7 +306,8 @@ def grouped_gemm_dw(
         dy.shape[0], N, K, G,
         dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
         dbias.stride(0) if dbias is not None else 0,
-        GATHERED=gathered, HAS_DBIAS=compute_dbias,
+        GATHER_DY=gathered if gather_dy is None else gather_dy, GATHER_X=gathered if gather_x is None else gather_x,
+        HAS_DBIAS=compute_dbias,
         DOT_PRECISION=_dot_precision(dy.dtype), UPCAST=is_interpreting() and dy.dtype == torch.bfloat16,
     )
     return dw, dbias
