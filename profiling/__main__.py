@@ -295,6 +295,11 @@ def _summary(data: dict, paths: dict) -> None:
         source = "derived from the paper's figures" if t.get("paper_derived") else "paper, A100"
         paper = "" if t["paper_ratio"] is None else f" ({source}: {t['paper_ratio']:.2f})"
         print(f"  {t['name']} vs {t['baseline']}: {t['ratio']:.3f}x dense throughput{paper}")
+        if t.get("untrusted"):
+            print(f"    WARNING, do not trust this ratio: {'; '.join(t['untrusted'])}")
+    for r in data["results"]:
+        for w in r.get("trust_warnings") or []:
+            print(f"WARNING: {r['name']}: {w}; its timing is not trustworthy")
     print(f"ceiling {data['ceiling']['tflops']:.3g} TFLOP/s; {data['elapsed_s']:.1f} s; report: {paths['md']}")
 
 

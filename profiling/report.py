@@ -69,6 +69,7 @@ def derive_tables(results: list[dict]) -> dict:
                 "paper_derived": paper.derived if paper else None,
                 "paper_source": paper.source if paper else None,
                 "differs": _differs(r, base),
+                "untrusted": untrusted(r) + untrusted(base, f"{base['name']}: "),
             })
             if r["family"] in PROJECTION_FAMILIES and r["num_modalities"] == 2:
                 step_ratio = 1 / ratio  # time per token, MoT over dense
@@ -89,8 +90,21 @@ def derive_tables(results: list[dict]) -> dict:
                 "kernels_tokens_per_s": kern["tokens_per_s"], "reference_tokens_per_s": r["tokens_per_s"],
                 "kernels_peak_mem_gib": kern.get("peak_mem_gib"), "reference_peak_mem_gib": r.get("peak_mem_gib"),
                 "differs": _differs(kern, r, (*_SHAPE, "num_modalities", "mix")),
+                "untrusted": untrusted(kern) + untrusted(r, f"{r['name']}: "),
             })
     return {"relative_to_dense": relative, "mot_projection": projection, "kernels_vs_reference": reference}
+
+
+def untrusted(row: dict, prefix: str = "") -> list[str]:
+    """The reasons a result row's timing cannot be trusted (see ``profiling.run.trust_warnings``), prefixed."""
+    return [prefix + w for w in row.get("trust_warnings") or []]
+
+
+def _note(t: dict) -> str:
+    parts = [f"not like for like: {t['differs']}"] if t.get("differs") else []
+    if t.get("untrusted"):
+        parts.append("**do not trust**: " + "; ".join(t["untrusted"]))
+    return "; ".join(parts)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -188,7 +202,8 @@ def render_markdown(data: dict) -> str:
             r["name"], r["family"], r["mix"], _f(r["params_total"] / 1e6, ".4g"), _f(r["params_active"] / 1e6, ".4g"),
             r["batch"], r["tokens_per_step"], _f(t["median_ms"], ".4g"), f"{t['p20_ms']:.4g}-{t['p80_ms']:.4g}",
             _f(r["tokens_per_s"], ".4g"), _f(r["tflops"], ".3g"), _f(r["mfu"], ".1%") if r["mfu"] else "n/a",
-            _f(r.get("peak_mem_gib"), ".3g"), "ok",
+            _f(r.get("peak_mem_gib"), ".3g"),
+            "ok" if not untrusted(r) else "ok, **do not trust**: " + "; ".join(untrusted(r)),
         ])
     md += _table(["config", "family", "text/image", "params M", "active M", "batch", "tokens/step", "step ms",
                   "p20-p80 ms", "tokens/s", "TFLOP/s", "MFU", "peak GiB", "status"], rows)
@@ -205,8 +220,7 @@ def render_markdown(data: dict) -> str:
     for t in tables["relative_to_dense"]:
         paper = "-" if t["paper_ratio"] is None else f"{t['paper_ratio']:.2f}{' †' if t['paper_derived'] else ''}"
         rows.append([t["name"], t["baseline"], t["mix"], t["batch"], _f(t["tokens_per_s"], ".4g"),
-                     _f(t["baseline_tokens_per_s"], ".4g"), _f(t["ratio"], ".3f"), paper,
-                     f"not like for like: {t['differs']}" if t.get("differs") else ""])
+                     _f(t["baseline_tokens_per_s"], ".4g"), _f(t["ratio"], ".3f"), paper, _note(t)])
     md += _table(["config", "dense baseline", "text/image", "batch", "tokens/s", "dense tokens/s",
                   "ratio (measured)", "paper ratio (A100)", "note"], rows)
     used = {t["name"] for t in tables["relative_to_dense"]}
@@ -247,8 +261,7 @@ def render_markdown(data: dict) -> str:
     rows = [[t["name"], t["reference"], t["mix"], t["batch"], _f(t["kernels_step_ms"], ".4g"),
              _f(t["reference_step_ms"], ".4g"), _f(t["speedup"], ".2f") + "x", _f(t["kernels_tokens_per_s"], ".4g"),
              _f(t["reference_tokens_per_s"], ".4g"), _f(t["kernels_peak_mem_gib"], ".3g"),
-             _f(t["reference_peak_mem_gib"], ".3g"),
-             f"not like for like: {t['differs']}" if t.get("differs") else ""]
+             _f(t["reference_peak_mem_gib"], ".3g"), _note(t)]
             for t in tables["kernels_vs_reference"]]
     md += _table(["kernels", "reference", "text/image", "batch", "kernels step ms", "reference step ms", "speedup",
                   "kernels tokens/s", "reference tokens/s", "kernels peak GiB", "reference peak GiB", "note"], rows)

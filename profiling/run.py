@@ -13,6 +13,7 @@ step count), ``time.perf_counter`` on the CPU.
 from __future__ import annotations
 
 import gc
+import os
 import re
 import statistics
 import sys
@@ -162,6 +163,37 @@ def time_steps(step, zero, device: torch.device, n: int, desc: str = "", progres
         step()
         out.append((time.perf_counter() - t0) * 1e3)
     return out
+
+
+# A measurement is flagged as untrustworthy past these (the report and the console summary say so).
+MAX_SPREAD = 0.10  # (p80 - p20) / median
+LOAD_PER_CORE = 1.0  # 1-minute load average per core
+
+
+def machine_load() -> float | None:
+    """The 1-minute load average, or None where the OS does not report one."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def trust_warnings(timing: dict, load: float | None, cores: int) -> list[str]:
+    """Why a timing cannot be trusted (empty when it can): a wide p20-p80 spread, or a busy machine."""
+    warnings = []
+    spread = (timing["p80_ms"] - timing["p20_ms"]) / timing["median_ms"] if timing["median_ms"] > 0 else 0.0
+    if spread > MAX_SPREAD:
+        warnings.append(f"p20-p80 spread {spread:.0%} of the median (> {MAX_SPREAD:.0%})")
+    if load is not None and load > LOAD_PER_CORE * cores:
+        warnings.append(f"load average {load:.1f} > {cores} cores (other work was running)")
+    return warnings
 
 
 def summarize(ms: list[float]) -> dict:
@@ -367,11 +399,17 @@ def measure_config(cfg: ModelConfig, batch: int, settings: Settings, ceiling_tfl
     time_steps(step, zero, device, settings.warmup, f"{cfg.name} warm-up", settings.progress)
     _sync(device)
     row["warmup_s"] = time.perf_counter() - t0
+    load_before = machine_load()
     with nvml.Sampler(device.index or 0, enabled=cuda) as sampler:
         ms = time_steps(step, zero, device, settings.steps, f"{cfg.name} timed", settings.progress)
+    load_after = machine_load()
     row["telemetry"] = sampler.summary(len(ms))
     row["step_ms"] = ms
     row["timing"] = summarize(ms)
+    loads = [v for v in (load_before, load_after) if v is not None]
+    row["load_avg"] = max(loads) if loads else None
+    row["cores"] = usable_cores()
+    row["trust_warnings"] = trust_warnings(row["timing"], row["load_avg"], row["cores"])
     median_s = row["timing"]["median_ms"] / 1e3
     row["tokens_per_s"] = row["tokens_per_step"] / median_s
     row["tflops"] = row["flops_per_step"] / median_s / 1e12

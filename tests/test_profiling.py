@@ -409,3 +409,30 @@ def test_auto_batch_is_shared_by_a_group(monkeypatch):
 )
 def test_breakdown_categories(role, path, category):
     assert categorize(role, path) == category
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Untrustworthy measurements are flagged, not reported as if they were clean
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_trust_warnings_for_spread_and_load():
+    timing = {"median_ms": 10.0, "p20_ms": 9.8, "p80_ms": 10.3}
+    assert run_mod.trust_warnings(timing, 1.5, 2) == []
+    assert run_mod.trust_warnings(timing, None, 2) == []
+    wide = {"median_ms": 10.0, "p20_ms": 9.0, "p80_ms": 11.5}
+    assert "spread 25%" in run_mod.trust_warnings(wide, 0.5, 2)[0]
+    assert "load average 6.2 > 2 cores" in run_mod.trust_warnings(timing, 6.2, 2)[0]
+
+
+def test_a_busy_machine_marks_the_report_and_the_summary(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(run_mod, "machine_load", lambda: 64.0)
+    assert main(["--quick", "--no-progress", "--no-breakdown", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "WARNING" in out and "load average 64.0" in out and "do not trust this ratio" in out
+    md = next(tmp_path.rglob("report.md")).read_text()
+    results = _table_rows(_sections(md)[SECTIONS["results"]])
+    assert results and all("do not trust" in row for row in results)
+    data = json.loads(next(tmp_path.rglob("report.json")).read_text())
+    assert all(r["trust_warnings"] for r in data["results"] if r["status"] == "ok")
