@@ -1,16 +1,19 @@
 """Mixture-of-Transformers block benchmark: MoT block vs the dense block vs the mask-loop reference style.
 
-Per (block config, text/image split): one dense block, one MoT block made from it, inputs and modality ids ->
-higher-precision references -> per mode and provider: validate -> time -> peak memory -> row -> markdown + JSON.
+Per (block config, text/image split, modality layout): one dense block, one MoT block made from it, inputs and
+modality ids -> higher-precision references -> per mode: every provider validated -> timed (on the CPU side by
+side, alternating runs) -> peak memory -> rows -> markdown + JSON.
 
     python -m benchmarks.bench_mot_block [--device auto|cuda|cpu] [--dtype bf16|fp16|fp32] [--quick]
-        [--configs 443M,1.5B] [--batch N] [--modes forward,full] [--providers a,b] [--out DIR]
-        [--time-budget SECONDS] [--threads N] [--seed S]
+        [--configs 443M,1.5B] [--layouts spans,random] [--batch N] [--modes forward,full] [--providers a,b]
+        [--out DIR] [--time-budget SECONDS] [--threads N] [--seed S]
 
 Providers (:data:`PROVIDERS`), each one block forward ``y (B, S, dim)`` of ``x (B, S, dim)`` (post-norm, RMSNorm,
 rotary, causal attention, SwiGLU; the defaults of :class:`sparsemm_kernels.nn.MoTBlock`):
 
-* ``dense``     - :class:`sparsemm_kernels.nn.DenseBlock` (plain ``F.linear``, ``F.rms_norm``, SDPA): the baseline;
+* ``plain``     - the same dense block written by hand in plain PyTorch (2-D weights, ``F.linear``, ``F.rms_norm``,
+  SDPA, ``silu * up``): the baseline, what a user would write themselves;
+* ``dense``     - :class:`sparsemm_kernels.nn.DenseBlock`, the package's block with one modality;
 * ``mot``       - :class:`sparsemm_kernels.nn.MoTBlock` with 2 modalities (text, image), made by ``from_dense`` and
   then perturbed per modality; the timed forward builds the plan, ``smk.group_plan(ids, 2)``, as a model does
   once per forward;
@@ -30,16 +33,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import sparsemm_kernels as smk
 from benchmarks import harness
-from benchmarks.shapes import MOT_BLOCK_CONFIGS, MOT_SPLITS, BlockConfig, interleaved_modality_ids, mot_block_set
+from benchmarks.shapes import (
+    MOT_BLOCK_CONFIGS,
+    MOT_LAYOUTS,
+    MOT_SPLITS,
+    BlockConfig,
+    modality_layout_ids,
+    mot_block_set,
+)
 from sparsemm_kernels.backend import select_backend
 from sparsemm_kernels.nn import DenseBlock, MoTBlock
+from sparsemm_kernels.ops.attention import apply_rotary, rotary_cos_sin
 from sparsemm_kernels.reference.mot import mot_block_ref
 
 OP = "mot_block"
 NUM_MODALITIES = 2  # 0 = text, 1 = image
+BASELINE = "plain"  # "step time x dense" is relative to this provider (to "dense" when plain did not run)
 PERTURB = 0.1  # each MoT weight += PERTURB * rms(weight) * N(0, 1), independently per modality
 GOAL_X_DENSE = 1.05  # MoT step time <= 1.05 x dense
 GOAL_VS_MASK_LOOP = 1.3  # MoT >= 1.3 x faster than the mask loop
@@ -67,9 +81,18 @@ class Case:
     modality (so text and image differ). ``x`` is one leaf shared by all providers; ``dy`` the output gradient.
     """
 
-    def __init__(self, cfg: BlockConfig, split: str, batch: int, device: torch.device, dtype: torch.dtype, seed: int):
+    def __init__(
+        self,
+        cfg: BlockConfig,
+        split: str,
+        batch: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        seed: int,
+        layout: str = "spans",
+    ):
         torch.manual_seed(seed)
-        self.cfg, self.split, self.batch, self.dtype = cfg, split, batch, dtype
+        self.cfg, self.split, self.batch, self.dtype, self.layout = cfg, split, batch, dtype, layout
         self.tokens = batch * cfg.seq
         factory = {"device": device, "dtype": dtype}
         self.dense = DenseBlock(cfg.dim, cfg.n_heads, cfg.hidden, norm="rms", norm_placement="post", **factory)
@@ -78,14 +101,15 @@ class Case:
             for p in self.mot.parameters():
                 rms = p.float().pow(2).mean().sqrt().item()
                 p.add_(torch.randn(p.shape, device=device).mul_(PERTURB * rms).to(dtype))
-        self.ids = interleaved_modality_ids(batch, cfg.seq, MOT_SPLITS[split], cfg.image_span, seed).to(device)
+        self.plain = PlainBlock(self.dense)
+        self.ids = modality_layout_ids(layout, batch, cfg.seq, MOT_SPLITS[split], cfg.image_span, seed).to(device)
         self.image_fraction = self.ids.float().mean().item()
         self.x = torch.randn(batch, cfg.seq, cfg.dim, device=device).to(dtype).requires_grad_()
         self.dy = torch.randn(batch, cfg.seq, cfg.dim, device=device).to(dtype)
         self._refs: dict[str, tuple] = {}
 
-    def block(self, name: str) -> MoTBlock:
-        return self.dense if name == "dense" else self.mot
+    def block(self, name: str) -> nn.Module:
+        return {"dense": self.dense, "plain": self.plain}.get(name, self.mot)
 
     def leaves(self, block: str) -> list[torch.Tensor]:
         """The tensors that get gradients: ``x`` and every parameter of the block."""
@@ -100,13 +124,52 @@ class Case:
             for p in ref_block.parameters():
                 p.grad = None
             x = self.x.detach().to(rd).requires_grad_()
-            ids = None if block == "dense" else self.ids
+            if block == "plain":  # the same function as the dense block: its reference, on the plain weights
+                ref_block = copy.deepcopy(self.dense).to(rd)
+                with torch.no_grad():
+                    for (_, p), q in zip(ref_block.named_parameters(), self.plain.parameters()):
+                        p.copy_(q.detach().view(p.shape))
+            ids = None if block in ("dense", "plain") else self.ids
             out = mot_block_ref(ref_block, x, ids, math_attention=False)
             out.backward(self.dy.to(rd))
             grads = {n: p.grad for n, p in ref_block.named_parameters()}
             self._refs[block] = (out.detach(), x.grad, grads)
             del ref_block, out
         return self._refs[block]
+
+
+class PlainBlock(nn.Module):
+    """The dense block as one would write it by hand: 2-D weights, ``F.linear``, ``F.rms_norm``, rotary, causal
+    SDPA, ``silu(x W1^T) * (x W3^T)``; post-norm, as :class:`DenseBlock` (whose weights it copies, in the same
+    order and under the same names without the modality axis)."""
+
+    def __init__(self, dense: MoTBlock):
+        super().__init__()
+        for name, p in dense.named_parameters():
+            self.register_parameter(name.replace(".", "_"), nn.Parameter(p.detach()[0].clone()))
+        a = dense.attn
+        self.n_heads, self.n_kv_heads, self.head_dim, self.theta = a.n_heads, a.n_kv_heads, a.head_dim, a.rope_theta
+        self.eps = dense.attn_norm.eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, S, D = x.shape
+        H, Hkv, dh = self.n_heads, self.n_kv_heads, self.head_dim
+        q = F.linear(x, self.attn_wq).view(B, S, H, dh)
+        k = F.linear(x, self.attn_wk).view(B, S, Hkv, dh)
+        v = F.linear(x, self.attn_wv).view(B, S, Hkv, dh)
+        cos, sin = rotary_cos_sin(torch.arange(S, device=x.device).expand(B, S), dh, self.theta, x.dtype)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=Hkv != H
+        )
+        a = F.linear(o.transpose(1, 2).reshape(B, S, H * dh), self.attn_wo)
+        h = x + F.rms_norm(a, (D,), self.attn_norm_weight, self.eps)
+        f = F.linear(F.silu(F.linear(h, self.ffn_w1)) * F.linear(h, self.ffn_w3), self.ffn_w2)
+        return h + F.rms_norm(f, (D,), self.ffn_norm_weight, self.eps)
+
+
+def _plain(c: Case) -> Callable[[], torch.Tensor]:
+    return lambda: c.plain(c.x)
 
 
 def _dense(c: Case) -> Callable[[], torch.Tensor]:
@@ -141,8 +204,13 @@ class Provider:
     make: Callable[[Case], Callable[[], torch.Tensor]]
 
 
-# dense first (the baseline of "step time x dense"), mask_loop last (mot's speedup over it is filled in after it ran).
-PROVIDERS = [Provider("dense", "dense", _dense), Provider("mot", "mot", _mot), Provider("mask_loop", "mot", _mask_loop)]
+# plain first (the baseline of "step time x dense"), mask_loop last (mot's speedup over it is filled in after it ran).
+PROVIDERS = [
+    Provider("plain", "plain", _plain),
+    Provider("dense", "dense", _dense),
+    Provider("mot", "mot", _mot),
+    Provider("mask_loop", "mot", _mask_loop),
+]
 
 
 def _reset(tensors) -> None:
@@ -175,8 +243,8 @@ def _validate(fn, case: Case, p: Provider, mode: str) -> tuple[dict[str, float],
             errors["dx"] = harness.rel_err(case.x.grad, ref_dx) if case.x.grad is not None else nan
             diff2 = ref2 = 0.0
             worst = ("", 0.0)
-            for name, param in case.block(p.block).named_parameters():
-                ref = ref_grads[name]
+            for (name, param), ref in zip(case.block(p.block).named_parameters(), ref_grads.values()):
+                ref = ref.reshape(param.shape)  # the plain block's weights lack the modality axis
                 if param.grad is None:
                     diff2, worst = nan, (name, nan)
                     continue
@@ -198,26 +266,33 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0][:160] if text else ''}".strip()
 
 
-def _peak_memory(fn, case: Case, p: Provider, mode: str) -> tuple[float, float]:
+def _peak_memory(run, case: Case, p: Provider) -> tuple[float, float]:
     """CUDA: ``(peak GiB allocated during one run, peak GiB above what was allocated before it)``."""
     leaves = case.leaves(p.block)
     _reset(leaves)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    if mode == "forward":
-        with torch.no_grad():
-            fn()
-    else:
-        fn().backward(case.dy)
+    run()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
     _reset(leaves)
     return peak / 2**30, (peak - base) / 2**30
 
 
-def _measure(p: Provider, case: Case, mode: str, time_fn) -> dict:
-    """Validate, then time, then (CUDA) peak memory of one provider in one mode; the row's measurement fields.
+def _runner(fn, case: Case, mode: str) -> Callable[[], object]:
+    """What one timed run does: the forward under ``no_grad``, or forward then ``backward(dy)``."""
+    if mode == "forward":
+        def run():
+            with torch.no_grad():
+                return fn()
+
+        return run
+    return lambda: fn().backward(case.dy)
+
+
+def _prepare(p: Provider, case: Case, mode: str) -> tuple[dict, Callable[[], object] | None]:
+    """Validate one provider in one mode: its row fields, and the run to time (None when it FAILED).
 
     A provider that raises (out of memory included) or disagrees with the reference is FAILED and not timed.
     """
@@ -232,28 +307,27 @@ def _measure(p: Provider, case: Case, mode: str, time_fn) -> dict:
         if not harness.within_tolerance(errors, case.dtype):
             worst = max(errors, key=lambda k: errors[k] if errors[k] == errors[k] else float("inf"))
             note = f"rel. error {worst} {errors[worst]:.3g} > {harness.TOLERANCE[case.dtype]:g}; not timed"
-            return {**fields, "status": "FAILED", "note": note}
+            return {**fields, "status": "FAILED", "note": note}, None
         tol = harness.TOLERANCE[case.dtype]
         if extra.get("dparam_worst", {}).get("rel_err", 0.0) > tol:
             w = extra["dparam_worst"]
             fields["note"] = f"warning: {w['param']} grad rel. error {w['rel_err']:.3g} > {tol:g} (not gating)"
-        leaves = case.leaves(p.block)
-        if mode == "forward":
-            with torch.no_grad():
-                q = time_fn(fn)
-        else:
-            q = time_fn(lambda: fn().backward(case.dy), grad_to_none=leaves)
-        _reset(leaves)
-        if device.type == "cuda":
-            fields["peak_mem_gib"], fields["step_mem_gib"] = _peak_memory(fn, case, p, mode)
     except Exception as exc:  # noqa: BLE001 - a provider that raises (e.g. OOM) is reported, never fatal to the run
         failure = f"raised {_first_line(exc)}"
     if failure is not None:  # outside the except: its traceback (holding activations) is gone
-        _reset(case.leaves(p.block))
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        return {**fields, "status": "FAILED", "note": failure}
+        _forget(case, p)
+        return {**fields, "status": "FAILED", "note": failure}, None
+    return fields, _runner(fn, case, mode)
+
+
+def _forget(case: Case, p: Provider) -> None:
+    _reset(case.leaves(p.block))
+    gc.collect()
+    if case.x.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _timed(fields: dict, q: list[float], case: Case, mode: str) -> dict:
     fl = block_flops(case.cfg.dim, case.cfg.hidden, case.batch, case.cfg.seq, mode)
     return {
         **fields,
@@ -265,6 +339,33 @@ def _measure(p: Provider, case: Case, mode: str, time_fn) -> dict:
     }
 
 
+def _measure(p: Provider, case: Case, mode: str, time_fn) -> dict:
+    """Validate, then time, then (CUDA) peak memory of one provider in one mode; the row's measurement fields."""
+    fields, run = _prepare(p, case, mode)
+    if run is None:
+        return fields
+    try:
+        q = time_fn(run, grad_to_none=case.leaves(p.block))
+        _reset(case.leaves(p.block))
+        if case.x.device.type == "cuda":
+            fields["peak_mem_gib"], fields["step_mem_gib"] = _peak_memory(run, case, p)
+    except Exception as exc:  # noqa: BLE001 - e.g. out of memory while timing: reported, not fatal
+        _forget(case, p)
+        return {**fields, "status": "FAILED", "note": f"raised {_first_line(exc)}"}
+    return _timed(fields, q, case, mode)
+
+
+def _measure_side_by_side(providers: list[Provider], case: Case, mode: str) -> list[dict]:
+    """CPU: every provider validated, then all timed in alternating runs (:func:`harness.time_cpu_alternating`)."""
+    prepared = [(p, *_prepare(p, case, mode)) for p in providers]
+    ok = [(p, f, run) for p, f, run in prepared if run is not None]
+    times = harness.time_cpu_alternating([run for _, _, run in ok], [case.leaves(p.block) for p, _, _ in ok])
+    timed = {p.name: _timed(f, q, case, mode) for (p, f, _), q in zip(ok, times)}
+    for p, _, _ in ok:
+        _reset(case.leaves(p.block))
+    return [timed.get(p.name, f) for p, f, _ in prepared]
+
+
 def _fmt(value, spec: str) -> str:
     return "" if value is None else format(value, spec)
 
@@ -272,8 +373,8 @@ def _fmt(value, spec: str) -> str:
 def markdown_table(rows: list[dict], mode: str) -> str:
     """The rows of one mode, in run order: config, batch x seq, split, provider, times, ratios, memory, note."""
     head = (
-        "| config | batch x seq | split (text/image) | provider | backend | median ms | p20-p80 ms | tokens/s | "
-        "TFLOP/s | step time x dense | mask_loop / mot | peak GiB (step) | note |"
+        "| config | batch x seq | split (text/image) | layout | provider | backend | median ms | p20-p80 ms | "
+        "tokens/s | TFLOP/s | step time x dense | mask_loop / mot | peak GiB (step) | note |"
     )
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in (r for r in rows if r["mode"] == mode):
@@ -288,6 +389,7 @@ def markdown_table(rows: list[dict], mode: str) -> str:
             f"{r['config']} (d{r['dim']}, h{r['n_heads']}, ff{r['hidden']})",
             f"{r['batch']}x{r['seq']}",
             r["split"],
+            r.get("layout", "spans"),
             r["provider"],
             r.get("backend") or "",
             _fmt(r.get("ms_p50"), ".4g"),
@@ -308,8 +410,8 @@ def goal_table(rows: list[dict], device_type: str, dtype_name: str) -> str:
 
     The goal is for a training step (forward+backward) on H100/H200 in bf16: judged only for such rows.
     """
-    head = "| config | split | mode | mot step time x dense | mask_loop / mot | goal met |"
-    lines = [head, "|---|---|---|---|---|---|"]
+    head = "| config | split | layout | mode | mot step time x dense | mask_loop / mot | goal met |"
+    lines = [head, "|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["provider"] != "mot":
             continue
@@ -322,7 +424,8 @@ def goal_table(rows: list[dict], device_type: str, dtype_name: str) -> str:
             met = "n/a (a provider did not run)"
         else:
             met = "yes" if xd <= GOAL_X_DENSE and sp >= GOAL_VS_MASK_LOOP else "no"
-        lines.append(f"| {r['config']} | {r['split']} | {r['mode']} | {_fmt(xd, '.3f')} | {_fmt(sp, '.2f')} | {met} |")
+        lines.append(f"| {r['config']} | {r['split']} | {r.get('layout', 'spans')} | {r['mode']} | {_fmt(xd, '.3f')} | "
+                     f"{_fmt(sp, '.2f')} | {met} |")
     return "\n".join(lines)
 
 
@@ -351,8 +454,10 @@ def _parse(argv):
         help=f"comma list of {list(MOT_BLOCK_CONFIGS)} (default: 443M,1.5B on cuda, tiny on cpu)",
     )
     ap.add_argument("--batch", type=int, default=None, help="sequences per batch (default: the config's, 4 on GPU)")
+    ap.add_argument("--layouts", default="spans", help=f"comma list of {list(MOT_LAYOUTS)} (default: spans)")
     args = harness.parse_cli(ap, argv)
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()] if args.configs else None
+    args.layouts = [t.strip() for t in args.layouts.split(",") if t.strip()]
     return args
 
 
@@ -367,6 +472,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.batch is not None and args.batch < 1:
         print(f"error: --batch must be >= 1, got {args.batch}", file=sys.stderr)
+        return 2
+    bad_layouts = sorted(set(args.layouts) - set(MOT_LAYOUTS))
+    if bad_layouts or not args.layouts:
+        print(f"error: unknown layouts {bad_layouts}; known: {list(MOT_LAYOUTS)}", file=sys.stderr)
         return 2
     device = torch.device(args.device)
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
@@ -413,15 +522,16 @@ def main(argv: list[str] | None = None) -> int:
         "- block: one transformer layer, post-norm RMSNorm, rotary, causal SDPA attention (no QK-norm, no GQA), "
         f"SwiGLU; MoT with {NUM_MODALITIES} modalities (0 = text, 1 = image), made by MoTBlock.from_dense(dense) then "
         f"each weight perturbed by {PERTURB:g} x its RMS x N(0,1) per modality",
-        "- providers: dense = DenseBlock (F.linear, F.rms_norm, SDPA), the baseline; mot = smk.group_plan(ids, 2) + "
+        "- providers: plain = the dense block written by hand (2-D weights, F.linear, F.rms_norm, SDPA, silu*up), "
+        "the baseline; dense = DenseBlock (the package's block with one modality); mot = smk.group_plan(ids, 2) + "
         "MoTBlock(x, ids, plan=plan), plan built inside the timed region; mask_loop = reference.mot.mot_block_ref "
         "(boolean masks, loop over modalities, SDPA) on the MoT parameters",
-        "- modality layout: interleaved; each sequence alternates text runs and image spans, exactly the split's "
-        "image fraction per sequence, random cut points (benchmarks/shapes.py: interleaved_modality_ids, --seed "
-        f"{args.seed})",
+        f"- modality layouts: {', '.join(args.layouts)}; spans = each sequence alternates text runs and image spans "
+        "(random cut points), random = every token's modality drawn independently; exactly the split's image "
+        f"fraction per sequence either way (benchmarks/shapes.py: modality_layout_ids, --seed {args.seed})",
         f"- timing: {method}; median = p50",
         f"- {FLOP_FORMULA} TFLOP/s = FLOPs / median time; tokens/s = batch*seq / median time",
-        "- step time x dense = provider median / dense median, same config, split and mode (the goal: mot <= "
+        "- step time x dense = provider median / plain median, same config, split, layout and mode (the goal: mot <= "
         f"{GOAL_X_DENSE}); mask_loop / mot = mask_loop median / mot median (the goal: >= {GOAL_VS_MASK_LOOP}; "
         "the goal is set for H100/H200 in bf16)",
         "- peak GiB (step): CUDA torch.cuda.max_memory_allocated() during one extra run after "
@@ -439,24 +549,29 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(header), flush=True)
     rows: list[dict] = []
     done = 0
-    for cfg, split in cases:
+    runs = [(cfg, split, layout) for cfg, split in cases for layout in args.layouts]
+    for cfg, split, layout in runs:
         batch = args.batch or cfg.batch
+        label = f"{cfg.label(batch)} {split} {layout}"
         if args.time_budget is not None and time.monotonic() - start > args.time_budget:
-            print(f"time budget {args.time_budget:g} s spent: stopping before {cfg.label(batch)} {split}", flush=True)
+            print(f"time budget {args.time_budget:g} s spent: stopping before {label}", flush=True)
             break
         try:
-            case = Case(cfg, split, batch, device, dtype, args.seed)
+            case = Case(cfg, split, batch, device, dtype, args.seed, layout)
         except Exception as exc:  # noqa: BLE001 - e.g. out of memory building the blocks: report, go on
             note = f"setup raised {_first_line(exc)}"
-            print(f"{cfg.label(batch)} {split}: {note}", flush=True)
+            print(f"{label}: {note}", flush=True)
             case = None
         for mode in args.modes:
+            if case is None:
+                measured = [dict(provider=p.name, backend=None, status="FAILED", note=note, rel_err=None)
+                            for p in providers]
+            elif device.type == "cpu":
+                measured = _measure_side_by_side(providers, case, mode)
+            else:
+                measured = [_measure(p, case, mode, time_fn) for p in providers]
             mode_rows = []
-            for p in providers:
-                if case is None:
-                    m = dict(provider=p.name, backend=None, status="FAILED", note=note, rel_err=None)
-                else:
-                    m = _measure(p, case, mode, time_fn)
+            for p, m in zip(providers, measured):
                 row = harness.make_row(
                     env,
                     op=OP,
@@ -468,19 +583,21 @@ def main(argv: list[str] | None = None) -> int:
                     seq=cfg.seq,
                     batch=batch,
                     split=split,
+                    layout=layout,
                     image_fraction=case.image_fraction if case is not None else MOT_SPLITS[split],
                     dtype=dtype_name,
                     flops=block_flops(cfg.dim, cfg.hidden, batch, cfg.seq, mode),
-                    timing="do_bench" if device.type == "cuda" else "perf_counter",
+                    timing="do_bench" if device.type == "cuda" else "perf_counter, alternating",
                     **{"peak_mem_gib": None, "step_mem_gib": None, **m},
                 )
                 mode_rows.append(row)
                 ms = f"{row['ms_p50']:.4g} ms  {row['tflops']:.3g} TFLOP/s" if row["status"] == "ok" else row["note"]
-                label = f"{cfg.label(batch)} {split}"
-                print(f"{label:40s} {mode:16s} {p.name:10s} {row['status']:7s} {ms}", flush=True)
+                print(f"{label:48s} {mode:16s} {p.name:10s} {row['status']:7s} {ms}", flush=True)
             ms_of = {r["provider"]: r.get("ms_p50") for r in mode_rows if r["status"] == "ok"}
+            base = BASELINE if BASELINE in ms_of else "dense"
             for r in mode_rows:
-                r["time_vs_dense"] = r["ms_p50"] / ms_of["dense"] if "dense" in ms_of and r.get("ms_p50") else None
+                r["baseline"] = base if base in ms_of else None
+                r["time_vs_dense"] = r["ms_p50"] / ms_of[base] if base in ms_of and r.get("ms_p50") else None
                 r["mask_loop_over_mot"] = None
                 if r["provider"] == "mot" and "mot" in ms_of and "mask_loop" in ms_of:
                     r["mask_loop_over_mot"] = ms_of["mask_loop"] / ms_of["mot"]
@@ -491,7 +608,7 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    md, js = write_results(stem, header, env, rows, args.modes, done == len(cases), dtype_name)
+    md, js = write_results(stem, header, env, rows, args.modes, done == len(runs), dtype_name)
     for mode in args.modes:
         print(f"\n## {mode}\n\n{markdown_table(rows, mode)}")
     print(f"\n## goal check\n\n{goal_table(rows, device.type, dtype_name)}")

@@ -126,6 +126,39 @@ def time_cpu(
     return [deciles[1], statistics.median(samples), deciles[7]]
 
 
+def time_cpu_alternating(
+    fns: list[Callable[[], object]],
+    grads_to_none: list | None = None,
+    warmup: int = 2,
+    min_rounds: int = 7,
+    max_rounds: int = 200,
+    budget_s: float = 2.0,
+) -> list[list[float]]:
+    """p20/p50/p80 ms of each of ``fns``, timed side by side: every round runs each function once, in turn, so
+    drift of the machine (other load, clocks, caches) falls on all of them alike. At least ``min_rounds``
+    rounds, more until ``budget_s`` seconds have passed or ``max_rounds`` were taken."""
+    grads_to_none = grads_to_none or [None] * len(fns)
+    for _ in range(warmup):
+        for fn, g in zip(fns, grads_to_none):
+            _reset(g)
+            fn()
+    samples: list[list[float]] = [[] for _ in fns]
+    stop = time.perf_counter() + budget_s
+    rounds = 0
+    while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() < stop):
+        for i, (fn, g) in enumerate(zip(fns, grads_to_none)):
+            _reset(g)
+            t0 = time.perf_counter()
+            fn()
+            samples[i].append((time.perf_counter() - t0) * 1e3)
+        rounds += 1
+    out = []
+    for s in samples:
+        deciles = statistics.quantiles(s, n=10, method="inclusive")
+        out.append([deciles[1], statistics.median(s), deciles[7]])
+    return out
+
+
 def timer(device: torch.device) -> tuple[Callable[..., list[float]], str]:
     """The timing function for ``device`` and a one-line description of the method for the report."""
     if device.type == "cuda":

@@ -139,7 +139,14 @@ MOT_BLOCK_CONFIGS: dict[str, BlockConfig] = {
     "1.5B": BlockConfig("1.5B", 2048, 16, swiglu_hidden(2048), 4096, 4, 1024),  # hidden 5632
     # CPU preset: the same layout scaled down (seq / 32, image spans of seq / 4), runs in seconds on 2 cores.
     "tiny": BlockConfig("tiny", 64, 4, 192, 128, 2, 32),
+    # The CPU comparison of the sorted-stream issue: small layers whose time is dominated by data movement.
+    "cpu256": BlockConfig("cpu256", 256, 4, 704, 512, 2, 128),
+    "cpu512": BlockConfig("cpu512", 512, 8, 1408, 1024, 2, 256),
 }
+
+# How modalities sit in a sequence: "spans" = text runs and image spans (interleaved_modality_ids),
+# "random" = every token's modality drawn independently (the worst case for contiguous runs).
+MOT_LAYOUTS = ("spans", "random")
 
 # Text/image token splits -> the image fraction of every sequence.
 MOT_SPLITS: dict[str, float] = {"50/50": 0.5, "80/20": 0.2}
@@ -159,6 +166,21 @@ def mot_block_set(device: str, quick: bool, configs: list[str] | None = None) ->
     if quick:
         return [(MOT_BLOCK_CONFIGS[names[0]], "80/20")]
     return [(MOT_BLOCK_CONFIGS[n], split) for n in names for split in ("80/20", "50/50")]
+
+
+def modality_layout_ids(
+    layout: str, batch: int, seq: int, image_fraction: float, image_span: int, seed: int
+) -> torch.Tensor:
+    """``(batch, seq)`` modality ids in one of :data:`MOT_LAYOUTS`, exactly ``round(image_fraction * seq)`` image
+    tokens per sequence either way."""
+    if layout == "spans":
+        return interleaved_modality_ids(batch, seq, image_fraction, image_span, seed)
+    if layout != "random":
+        raise ValueError(f"unknown layout {layout!r}; known: {MOT_LAYOUTS}")
+    g = torch.Generator().manual_seed(seed)
+    n_image = round(image_fraction * seq)
+    base = torch.cat([torch.zeros(seq - n_image), torch.ones(n_image)]).long()
+    return torch.stack([base[torch.randperm(seq, generator=g)] for _ in range(batch)])
 
 
 def interleaved_modality_ids(batch: int, seq: int, image_fraction: float, image_span: int, seed: int) -> torch.Tensor:

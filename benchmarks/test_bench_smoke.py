@@ -24,6 +24,7 @@ from benchmarks.shapes import (
     MOT_SPLITS,
     Shape,
     interleaved_modality_ids,
+    modality_layout_ids,
     mot_block_set,
     swiglu_hidden,
 )
@@ -163,15 +164,39 @@ def test_mot_script_end_to_end(tmp_path):
     got = {(r["config"], r["split"], r["mode"], r["provider"]) for r in data["rows"]}
     want = {("tiny", s, m, p.name) for s in MOT_SPLITS for m in harness.MODES for p in mot_bench.PROVIDERS}
     assert got == want
+    assert {r["layout"] for r in data["rows"]} == {"spans"}
     for row in data["rows"]:
         assert row["status"] == "ok", row
         assert row["device"] and row["torch"] and row["timestamp"] and row["batch"] == 1
         assert row["ms_p20"] <= row["ms_p50"] <= row["ms_p80"] and row["tflops"] > 0 and row["tokens_per_s"] > 0
         assert row["peak_mem_gib"] is None  # CPU: n/a
         assert (row["mask_loop_over_mot"] is not None) == (row["provider"] == "mot")
-        if row["provider"] == "dense":
-            assert row["time_vs_dense"] == 1.0
+        if row["provider"] == "plain":  # the baseline of every ratio
+            assert row["time_vs_dense"] == 1.0 and row["baseline"] == "plain"
         assert row["provider"] in text
+
+
+@pytest.mark.usefixtures("_restore_threads")
+def test_mot_script_layouts_and_side_by_side_timing(tmp_path):
+    """--layouts runs each layout; on the CPU the providers are timed in alternating runs."""
+    args = ["--device", "cpu", "--batch", "1", "--quick", "--modes", "forward", "--providers", "plain,mot",
+            "--layouts", "spans,random", "--out", str(tmp_path)]
+    assert mot_bench.main(args) == 0
+    (js,) = tmp_path.glob("mot_block-*-fp32-*.json")
+    rows = json.loads(js.read_text())["rows"]
+    want = {(t, p) for t in ("spans", "random") for p in ("plain", "mot")}
+    assert {(r["layout"], r["provider"]) for r in rows} == want
+    assert all(r["timing"] == "perf_counter, alternating" and r["status"] == "ok" for r in rows)
+    assert mot_bench.main(["--device", "cpu", "--layouts", "diagonal", "--out", str(tmp_path)]) == 2
+
+
+def test_random_layout_keeps_the_image_fraction():
+    ids = modality_layout_ids("random", 3, 64, 0.25, 16, seed=2)
+    assert ids.shape == (3, 64) and (ids.sum(1) == 16).all()
+    assert torch.equal(ids, modality_layout_ids("random", 3, 64, 0.25, 16, seed=2))
+    assert torch.equal(modality_layout_ids("spans", 2, 64, 0.5, 16, 1), interleaved_modality_ids(2, 64, 0.5, 16, 1))
+    with pytest.raises(ValueError, match="layout"):
+        modality_layout_ids("diagonal", 1, 8, 0.5, 4, 0)
 
 
 def test_mot_wrong_provider_is_failed_not_timed():

@@ -27,7 +27,7 @@ from sparsemm_kernels.backend import prefer
 from sparsemm_kernels.nn.mot_linear import init_per_modality_
 from sparsemm_kernels.nn.norms import MoTLayerNorm, MoTRMSNorm
 from sparsemm_kernels.ops.attention import apply_rotary, attention_mask, check_position_ids, rotary_cos_sin, sdpa
-from sparsemm_kernels.ops.grouped_linear import grouped_linear, grouped_mm
+from sparsemm_kernels.ops.grouped_linear import grouped_linear
 from sparsemm_kernels.ops.permute import sort_rows, unsort_rows
 from sparsemm_kernels.ops.swiglu import swiglu
 from sparsemm_kernels.plan import GroupPlan, build_plan, checked_ids
@@ -87,6 +87,12 @@ def _resolve_plan(
     return dataclasses.replace(plan, group_ids=ids), ids
 
 
+def _only(weight: torch.Tensor) -> torch.Tensor:
+    """The one modality's weights: a view whose backward is a view too (``weight[0]`` would allocate and zero a
+    full-size gradient in every backward)."""
+    return weight.squeeze(0)
+
+
 def _sorted_input(x: torch.Tensor, plan: GroupPlan | None, num_modalities: int, dim: int) -> None:
     """Checks for a ``forward_sorted`` entry point: ``x (T, dim)`` rows in the order of ``plan``."""
     check_float_tensor(x, "x")
@@ -101,11 +107,6 @@ def _sorted_input(x: torch.Tensor, plan: GroupPlan | None, num_modalities: int, 
             f"`plan` routes {plan.num_rows} rows into {plan.num_groups} groups, but `x` has {x.shape[0]} rows and "
             f"the layer {num_modalities} modalities"
         )
-
-
-def _offsets_validate(plan: GroupPlan) -> bool | None:
-    # A plan from group_plan has valid offsets by construction; a hand-made one is checked.
-    return False if plan.trusted else None
 
 
 def _token_ids(plan: GroupPlan | None, modality_ids, batch_shape) -> torch.Tensor | None:
@@ -241,7 +242,7 @@ class MoTAttention(nn.Module):
     def _qkv(self, x2d: torch.Tensor, plan: GroupPlan | None, input_order: str):
         """``q (T, H d_h)``, ``k, v (T, H_kv d_h)`` in token order."""
         if plan is None:  # one modality: the three dense projections of a plain block
-            return F.linear(x2d, self.wq[0]), F.linear(x2d, self.wk[0]), F.linear(x2d, self.wv[0])
+            return F.linear(x2d, _only(self.wq)), F.linear(x2d, _only(self.wk)), F.linear(x2d, _only(self.wv))
         w_qkv = torch.cat([self.wq, self.wk, self.wv], dim=1)  # one grouped GEMM reads x once
         qkv = grouped_linear(x2d, w_qkv, plan, input_order=input_order, output_order="token",
                              backend=prefer(self.backend))
@@ -249,7 +250,7 @@ class MoTAttention(nn.Module):
 
     def _out(self, o: torch.Tensor, plan: GroupPlan | None, output_order: str) -> torch.Tensor:
         if plan is None:
-            return F.linear(o, self.wo[0])
+            return F.linear(o, _only(self.wo))
         return grouped_linear(o, self.wo, plan, input_order="token", output_order=output_order,
                               backend=prefer(self.backend))
 
@@ -315,15 +316,15 @@ class MoTFeedForward(nn.Module):
         _sorted_input(x, plan, self.num_modalities, self.dim)
         if self.num_modalities == 1:
             return self._dense(x)
-        v = _offsets_validate(plan)
         backend = prefer(self.backend)
-        gate_up = grouped_mm(x, torch.cat([self.w1, self.w3], dim=1), plan.offsets, backend=backend, validate=v)
+        gate_up = grouped_linear(x, torch.cat([self.w1, self.w3], dim=1), plan, input_order="sorted",
+                                 output_order="sorted", backend=backend)
         h = swiglu(gate_up, backend=backend)
-        return grouped_mm(h, self.w2, plan.offsets, backend=backend, validate=v)
+        return grouped_linear(h, self.w2, plan, input_order="sorted", output_order="sorted", backend=backend)
 
     def _dense(self, x2d: torch.Tensor) -> torch.Tensor:
         # One modality: what a plain dense SwiGLU does (no fused weight, so no per-step concatenation).
-        return F.linear(F.silu(F.linear(x2d, self.w1[0])) * F.linear(x2d, self.w3[0]), self.w2[0])
+        return F.linear(F.silu(F.linear(x2d, _only(self.w1))) * F.linear(x2d, _only(self.w3)), _only(self.w2))
 
 
 class MoTBlock(nn.Module):

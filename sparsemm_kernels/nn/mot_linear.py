@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from sparsemm_kernels.backend import check_backend_name, prefer
-from sparsemm_kernels.ops.grouped_linear import grouped_mm
+from sparsemm_kernels.ops.grouped_linear import grouped_linear
 from sparsemm_kernels.ops.modality_linear import modality_linear
 from sparsemm_kernels.plan import GroupPlan
 from sparsemm_kernels.utils.checks import check_positive_int
@@ -76,11 +76,9 @@ class MoTLinear(nn.Module):
     def forward_sorted(self, x: torch.Tensor, plan: GroupPlan) -> torch.Tensor:
         """The sorted-rows entry point: ``x (T, in_features)`` rows in ``plan`` order (group by group) ->
         ``(T, out_features)`` in the same order: one :func:`~sparsemm_kernels.grouped_mm` over the plan's
-        offsets, no gather or scatter."""
-        if not isinstance(plan, GroupPlan):
-            raise TypeError(f"`plan` must be a GroupPlan, got {type(plan).__name__}")
-        return grouped_mm(x, self.weight, plan.offsets, self.bias, backend=prefer(self.backend),
-                          validate=False if plan.trusted else None)
+        offsets (:func:`~sparsemm_kernels.grouped_linear` with both orders ``"sorted"``), no gather or scatter."""
+        return grouped_linear(x, self.weight, plan, self.bias, input_order="sorted", output_order="sorted",
+                              backend=prefer(self.backend))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, num_modalities: int, *, backend: str | None = None) -> MoTLinear:

@@ -7,13 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsemm_kernels.backend import check_backend_name, prefer
-from sparsemm_kernels.ops.norms import (
-    check_eps,
-    grouped_layer_norm,
-    grouped_rms_norm,
-    modality_layer_norm,
-    modality_rms_norm,
-)
+from sparsemm_kernels.ops.norms import check_eps, modality_layer_norm, modality_rms_norm, plan_norm
 from sparsemm_kernels.plan import GroupPlan
 from sparsemm_kernels.utils.checks import autocast_to, check_float_tensor, check_positive_int, check_same_dtype
 
@@ -42,8 +36,8 @@ def _dense_input(x, dim: int, *params: torch.Tensor | None):
     return x, *params
 
 
-def _check_sorted(x, plan, num_modalities: int, dim: int) -> bool | None:
-    """Checks for ``forward_sorted``; the ``validate`` for the plan's offsets (trusted plans skip it)."""
+def _check_sorted(x, plan, num_modalities: int, dim: int) -> None:
+    """Checks for ``forward_sorted``: ``x (T, dim)`` rows in the order of ``plan``."""
     check_float_tensor(x, "x")
     if x.dim() != 2 or x.shape[1] != dim:
         raise ValueError(f"`x` must be (T, {dim}) rows in plan order, got shape {tuple(x.shape)}")
@@ -54,7 +48,6 @@ def _check_sorted(x, plan, num_modalities: int, dim: int) -> bool | None:
             f"`plan` routes {plan.num_rows} rows into {plan.num_groups} groups, but `x` has {x.shape[0]} rows and "
             f"the norm {num_modalities} modalities"
         )
-    return False if plan.trusted else None
 
 
 def _single_dim(norm: nn.Module, kind: str) -> int:
@@ -114,7 +107,7 @@ class MoTRMSNorm(nn.Module):
         the dense ``F.rms_norm`` runs. ``validate``: as in :func:`~sparsemm_kernels.modality_rms_norm`.
         Returns ``x.shape`` in x's dtype."""
         if self.num_modalities == 1:
-            x, weight = _dense_input(x, self.dim, self.weight[0])
+            x, weight = _dense_input(x, self.dim, self.weight.squeeze(0))  # a view: see nn.mot._only
             return F.rms_norm(x, (self.dim,), weight, self.eps)
         ids = _resolve_ids(x, modality_ids, self.num_modalities)
         return modality_rms_norm(x, ids, self.weight, self.eps, backend=prefer(self.backend), validate=validate)
@@ -124,9 +117,8 @@ class MoTRMSNorm(nn.Module):
         modality) -> ``(T, dim)``: :func:`~sparsemm_kernels.grouped_rms_norm` over the plan's offsets."""
         if self.num_modalities == 1:
             return self.forward(x)
-        validate = _check_sorted(x, plan, self.num_modalities, self.dim)
-        return grouped_rms_norm(x, self.weight, plan.offsets, self.eps, backend=prefer(self.backend),
-                                validate=validate)
+        _check_sorted(x, plan, self.num_modalities, self.dim)
+        return plan_norm(x, self.weight, None, plan, self.eps, True, prefer(self.backend))
 
     @classmethod
     def from_norm(cls, norm: nn.RMSNorm, num_modalities: int, *, backend: str | None = None) -> MoTRMSNorm:
@@ -192,7 +184,8 @@ class MoTLayerNorm(nn.Module):
         """Shapes, the one-modality dense path and ``validate`` as :meth:`MoTRMSNorm.forward`.
         Returns ``x.shape`` in x's dtype."""
         if self.num_modalities == 1:
-            x, weight, bias = _dense_input(x, self.dim, self.weight[0], self.bias[0] if self.bias is not None else None)
+            bias = self.bias.squeeze(0) if self.bias is not None else None
+            x, weight, bias = _dense_input(x, self.dim, self.weight.squeeze(0), bias)
             return F.layer_norm(x, (self.dim,), weight, bias, self.eps)
         ids = _resolve_ids(x, modality_ids, self.num_modalities)
         return modality_layer_norm(
@@ -204,9 +197,8 @@ class MoTLayerNorm(nn.Module):
         :func:`~sparsemm_kernels.grouped_layer_norm`."""
         if self.num_modalities == 1:
             return self.forward(x)
-        validate = _check_sorted(x, plan, self.num_modalities, self.dim)
-        return grouped_layer_norm(x, self.weight, self.bias, plan.offsets, self.eps, backend=prefer(self.backend),
-                                  validate=validate)
+        _check_sorted(x, plan, self.num_modalities, self.dim)
+        return plan_norm(x, self.weight, self.bias, plan, self.eps, False, prefer(self.backend))
 
     @classmethod
     def from_norm(cls, norm: nn.LayerNorm, num_modalities: int, *, backend: str | None = None) -> MoTLayerNorm:

@@ -448,7 +448,7 @@ def _modality_norm(x, modality_ids, weight, bias, eps, is_rms: bool, backend, va
     return y
 
 
-def _grouped_norm(x, weight, bias, offsets, eps, is_rms: bool, backend, validate) -> torch.Tensor:
+def _grouped_norm(x, weight, bias, offsets, eps, is_rms: bool, backend, validate, trusted=False) -> torch.Tensor:
     x, weight, bias = autocast_to(x, weight, bias, policy="fp32")
     check_float_tensor(x, "x")
     check_dim(x, 2, "x", "(T, D), rows grouped by `offsets`")
@@ -466,10 +466,16 @@ def _grouped_norm(x, weight, bias, offsets, eps, is_rms: bool, backend, validate
         )
     eps = check_eps(eps)
     backend = check_backend_name(backend)
-    mode = validation_mode(validate, x.device)
+    mode = TRUSTED if trusted else validation_mode(validate, x.device)
     offsets = offsets.to(torch.int64).contiguous()
     y, _, _ = torch.ops.sparsemm.grouped_norm(x, weight, bias, offsets, eps, is_rms, mode, backend)
     return y
+
+
+def plan_norm(x, weight, bias, plan, eps, is_rms: bool, backend) -> torch.Tensor:
+    """:func:`grouped_rms_norm` (``is_rms``) / :func:`grouped_layer_norm` over ``plan.offsets``, for layers that
+    hold a plan: one built by ``group_plan`` (``plan.trusted``) has valid offsets and is not re-checked."""
+    return _grouped_norm(x, weight, bias, plan.offsets, eps, is_rms, backend, None, trusted=plan.trusted)
 
 
 def grouped_rms_norm(
