@@ -20,7 +20,7 @@ from sparsemm_kernels.ops.grouped_linear import grouped_linear, grouped_mm
 from sparsemm_kernels.ops.modality_linear import modality_linear
 from sparsemm_kernels.ops.norms import grouped_layer_norm, grouped_rms_norm, modality_layer_norm, modality_rms_norm
 from sparsemm_kernels.ops.permute import sort_rows, unsort_rows
-from sparsemm_kernels.ops.swiglu import swiglu
+from sparsemm_kernels.ops.swiglu import silu_mul, swiglu
 from sparsemm_kernels.plan import GroupPlan, group_plan
 
 __version__ = "0.1.0"
@@ -41,6 +41,7 @@ __all__ = [
     "modality_rms_norm",
     "nn",
     "select_backend",
+    "silu_mul",
     "sort_rows",
     "swiglu",
     "unsort_rows",

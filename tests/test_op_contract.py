@@ -83,6 +83,11 @@ def test_opcheck_norms_and_swiglu(backend):
     opcheck(OPS.modality_norm_bwd.default, bwd)
     opcheck(OPS.swiglu.default, (_rg(4, 3, 10), backend))
     opcheck(OPS.swiglu_bwd.default, (torch.randn(4, 10), torch.randn(4, 5), backend))
+    opcheck(OPS.silu_mul.default, (_rg(4, 3, 5), _rg(4, 3, 5), backend))
+    opcheck(OPS.silu_mul_bwd.default, (torch.randn(4, 5), torch.randn(4, 5), torch.randn(4, 5), backend))
+    offsets = torch.tensor([0, 4, 4, 10])
+    opcheck(OPS.grouped_norm.default, (_rg(10, 8), _rg(3, 8), _rg(3, 8), offsets, 1e-5, False, "eager", backend))
+    opcheck(OPS.permute_rows.default, (_rg(10, 3), torch.randperm(10), torch.arange(10), "off"))
 
 
 @pytest.mark.parametrize("backend", ["triton", "cpu", "torch"])
@@ -269,6 +274,14 @@ def test_norm_and_swiglu_refuse_double_backward(backend):
     (gg,) = torch.autograd.grad(smk.swiglu(g, backend=backend).square().sum(), g, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
         gg.sum().backward()
+    (gg,) = torch.autograd.grad(smk.silu_mul(g, g * 2, backend=backend).square().sum(), g, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        gg.sum().backward()
+    offsets = torch.tensor([0, 2, 2, 5])
+    (gx,) = torch.autograd.grad(smk.grouped_rms_norm(x, w, offsets, backend=backend).square().sum(), x,
+                                create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        gx.sum().backward()
 
 
 # ---- a module-wide backend is a preference ----

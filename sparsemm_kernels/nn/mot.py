@@ -29,7 +29,7 @@ from sparsemm_kernels.nn.norms import MoTLayerNorm, MoTRMSNorm
 from sparsemm_kernels.ops.attention import apply_rotary, attention_mask, check_position_ids, rotary_cos_sin, sdpa
 from sparsemm_kernels.ops.grouped_linear import grouped_linear
 from sparsemm_kernels.ops.permute import sort_rows, unsort_rows
-from sparsemm_kernels.ops.swiglu import swiglu
+from sparsemm_kernels.ops.swiglu import silu_mul
 from sparsemm_kernels.plan import GroupPlan, build_plan, checked_ids
 from sparsemm_kernels.utils.checks import check_float_tensor, check_int_tensor, check_positive_int
 
@@ -131,7 +131,7 @@ def _batch_shape(batch_shape, num_rows: int) -> tuple[int, int]:
 class MoTAttention(nn.Module):
     """Modality-untied attention projections around one global attention.
 
-    ``q, k, v = x W_{Q,K,V}^{m}`` from one grouped GEMM over the concatenated weights; optional per-head
+    ``q, k, v = x W_{Q,K,V}^{m}`` from three grouped GEMMs (no per-step weight concatenation); optional per-head
     QK RMSNorm per modality; rotary embeddings from ``position_ids`` (default ``0..S-1``; ``rope_theta=None``
     disables them); ``softmax(q k^T / sqrt(d_h) + mask) v`` over all tokens (grouped-query when
     ``n_kv_heads < n_heads``); output ``o W_O^{m}``.
@@ -243,10 +243,12 @@ class MoTAttention(nn.Module):
         """``q (T, H d_h)``, ``k, v (T, H_kv d_h)`` in token order."""
         if plan is None:  # one modality: the three dense projections of a plain block
             return F.linear(x2d, _only(self.wq)), F.linear(x2d, _only(self.wk)), F.linear(x2d, _only(self.wv))
-        w_qkv = torch.cat([self.wq, self.wk, self.wv], dim=1)  # one grouped GEMM reads x once
-        qkv = grouped_linear(x2d, w_qkv, plan, input_order=input_order, output_order="token",
-                             backend=prefer(self.backend))
-        return qkv.split([self.wq.shape[1], self.wk.shape[1], self.wv.shape[1]], dim=-1)
+        # Three grouped GEMMs rather than one over [wq; wk; wv]: no weight concatenation per step, and q, k, v
+        # come out as separate contiguous tensors.
+        return tuple(
+            grouped_linear(x2d, w, plan, input_order=input_order, output_order="token", backend=prefer(self.backend))
+            for w in (self.wq, self.wk, self.wv)
+        )
 
     def _out(self, o: torch.Tensor, plan: GroupPlan | None, output_order: str) -> torch.Tensor:
         if plan is None:
@@ -275,8 +277,9 @@ class MoTAttention(nn.Module):
 class MoTFeedForward(nn.Module):
     """Per-modality SwiGLU: ``(silu(x W1^{m}ᵀ) ⊙ x W3^{m}ᵀ) W2^{m}ᵀ``.
 
-    ``W1, W3`` run as one grouped GEMM over their concatenation, then one fused SwiGLU kernel (forward and
-    backward), then the ``W2`` grouped GEMM. Parameters: ``w1, w3 (M, hidden, dim)``, ``w2 (M, dim, hidden)``.
+    ``W1`` and ``W3`` as two grouped GEMMs, then one fused SwiGLU kernel (:func:`~sparsemm_kernels.silu_mul`,
+    forward and backward), then the ``W2`` grouped GEMM. Parameters: ``w1, w3 (M, hidden, dim)``,
+    ``w2 (M, dim, hidden)``.
     """
 
     def __init__(
@@ -306,9 +309,7 @@ class MoTFeedForward(nn.Module):
         x2 = x.reshape(-1, self.dim)
         if plan is None:
             return self._dense(x2).view(x.shape)
-        gate_up = grouped_linear(x2, torch.cat([self.w1, self.w3], dim=1), plan, backend=prefer(self.backend))
-        h = swiglu(gate_up, backend=prefer(self.backend))
-        return grouped_linear(h, self.w2, plan, backend=prefer(self.backend)).view(x.shape)
+        return self._grouped(x2, plan, "token").view(x.shape)
 
     def forward_sorted(self, x: torch.Tensor, plan: GroupPlan | None) -> torch.Tensor:
         """The sorted-rows entry point: ``x (T, dim)`` rows in ``plan`` order -> ``(T, dim)`` in that order. Both
@@ -316,11 +317,17 @@ class MoTFeedForward(nn.Module):
         _sorted_input(x, plan, self.num_modalities, self.dim)
         if self.num_modalities == 1:
             return self._dense(x)
+        return self._grouped(x, plan, "sorted")
+
+    def _grouped(self, x2d: torch.Tensor, plan: GroupPlan, order: str) -> torch.Tensor:
+        # W1 and W3 as two grouped GEMMs (no concatenated weight per step), then the fused two-tensor SwiGLU.
         backend = prefer(self.backend)
-        gate_up = grouped_linear(x, torch.cat([self.w1, self.w3], dim=1), plan, input_order="sorted",
-                                 output_order="sorted", backend=backend)
-        h = swiglu(gate_up, backend=backend)
-        return grouped_linear(h, self.w2, plan, input_order="sorted", output_order="sorted", backend=backend)
+        gate, up = (
+            grouped_linear(x2d, w, plan, input_order=order, output_order=order, backend=backend)
+            for w in (self.w1, self.w3)
+        )
+        h = silu_mul(gate, up, backend=backend)
+        return grouped_linear(h, self.w2, plan, input_order=order, output_order=order, backend=backend)
 
     def _dense(self, x2d: torch.Tensor) -> torch.Tensor:
         # One modality: what a plain dense SwiGLU does (no fused weight, so no per-step concatenation).

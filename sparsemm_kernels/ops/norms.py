@@ -81,12 +81,8 @@ def modality_norm_op(
     RMSNorm). ``ids`` has shape ``x.shape[:-1]`` or ``x.shape[:-2]`` (per head); checked per ``mode``."""
     check_ids_values(ids, weight.shape[0], "modality_ids", mode)
     if _select(x, backend) == "torch":
-        y = _norm_torch(x, ids, weight, bias, eps, is_rms).contiguous()
-        xf = x.reshape(-1, x.shape[-1]).to(torch.float32)
-        mean = xf.mean(-1) if not is_rms else xf.new_empty(0)
-        xc = xf - mean[:, None] if not is_rms else xf
-        rstd = torch.rsqrt(xc.square().mean(-1) + eps)
-        return y, mean, rstd
+        _, mean, rstd = _stats(x.reshape(-1, x.shape[-1]), eps, is_rms)
+        return _norm_torch(x, ids, weight, bias, eps, is_rms).contiguous(), mean, rstd
     from sparsemm_kernels.kernels.triton.norms import modality_norm_fwd
 
     x3, flat_ids = _rows(x, ids)
@@ -98,8 +94,8 @@ def modality_norm_op(
 @modality_norm_op.register_fake
 def _(x, ids, weight, bias, eps, is_rms, mode, backend):
     R = x.numel() // x.shape[-1]
-    stats = x.new_empty(R, dtype=torch.float32)
-    return x.new_empty(x.shape), (x.new_empty(0, dtype=torch.float32) if is_rms else stats), stats.clone()
+    stats = x.new_empty(R, dtype=_stats_dtype(x))
+    return x.new_empty(x.shape), (x.new_empty(0, dtype=stats.dtype) if is_rms else stats), stats.clone()
 
 
 @torch.library.custom_op("sparsemm::modality_norm_bwd", mutates_args=())
@@ -188,19 +184,28 @@ def _group_of_rows(offsets: torch.Tensor, num_rows: int) -> torch.Tensor:
     return torch.searchsorted(offsets[1:].contiguous(), rows, right=True).clamp_(max=offsets.shape[0] - 2)
 
 
-def _normalized(x: torch.Tensor, eps: float, is_rms: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x_hat, rstd)`` in the statistics dtype (float32, float64 for float64 input)."""
-    xf = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-    xc = xf if is_rms else xf - xf.mean(-1, keepdim=True)
-    rstd = torch.rsqrt(xc.square().mean(-1, keepdim=True) + eps)
-    return xc * rstd, rstd
+def _stats_dtype(x: torch.Tensor) -> torch.dtype:
+    """Row statistics are float32 (float64 for float64 input, so a float64 run stays exact)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _grouped_norm_torch(x, weight, bias, offsets, eps: float, is_rms: bool, mode: str) -> torch.Tensor:
-    """ATen: one fused unweighted norm over all rows, then each group's slice scaled by its weights."""
+def _stats(x: torch.Tensor, eps: float, is_rms: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x in the statistics dtype, mean (R,) or (0,) for RMSNorm, rstd (R,))``, in one pass over ``x``."""
+    xf = x.to(_stats_dtype(x))
+    if is_rms:
+        ms = torch.linalg.vector_norm(xf, dim=-1).square_().div_(x.shape[-1])
+        mean = xf.new_empty(0)
+    else:
+        ms, mean = torch.var_mean(xf, dim=-1, correction=0)
+    return xf, mean, torch.rsqrt(ms + eps)
+
+
+def _grouped_norm_torch(x, weight, bias, offsets, eps: float, is_rms: bool, mode: str):
+    """ATen: one fused unweighted norm over all rows, then each group's slice scaled by its weights (no
+    ``weight[ids]`` tensor). Returns ``(y, mean, rstd)`` like the kernels."""
     bounds = (sanitized_offsets(offsets, x.shape[0]) if mode == OFF else offsets).tolist()  # sync-ok: host backend
-    xf = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
     D = x.shape[-1]
+    xf, mean, rstd = _stats(x, eps, is_rms)
     x_hat = F.rms_norm(xf, (D,), None, eps) if is_rms else F.layer_norm(xf, (D,), None, None, eps)
     y = torch.empty_like(x)
     for g in range(weight.shape[0]):
@@ -210,12 +215,14 @@ def _grouped_norm_torch(x, weight, bias, offsets, eps: float, is_rms: bool, mode
                 torch.addcmul(bias[g], x_hat[s:e], weight[g], out=y[s:e])
             else:
                 torch.mul(x_hat[s:e], weight[g], out=y[s:e])
-    return y
+    return y, mean, rstd
 
 
-def _grouped_norm_bwd_torch(dy, x, weight, offsets, eps, is_rms, need_dx, need_dw, need_db, mode):
+def _grouped_norm_bwd_torch(dy, x, weight, offsets, mean, rstd, need_dx, need_dw, need_db, mode):
     bounds = (sanitized_offsets(offsets, x.shape[0]) if mode == OFF else offsets).tolist()  # sync-ok: host backend
-    x_hat, rstd = _normalized(x, eps, is_rms)
+    xf = x.to(_stats_dtype(x))
+    r = rstd.to(xf.dtype)[:, None]
+    x_hat = (xf if mean.numel() == 0 else xf - mean.to(xf.dtype)[:, None]) * r
     d = dy.to(x_hat.dtype)
     M, D = weight.shape
     dw = torch.zeros(M, D, dtype=x_hat.dtype, device=x.device) if need_dw else None
@@ -234,9 +241,9 @@ def _grouped_norm_bwd_torch(dy, x, weight, offsets, eps, is_rms, need_dx, need_d
     dx = None
     if need_dx:
         dx = g_ - x_hat * (g_ * x_hat).mean(-1, keepdim=True)
-        if not is_rms:
+        if mean.numel():
             dx = dx - g_.mean(-1, keepdim=True)
-        dx = (dx * rstd).to(x.dtype)
+        dx = (dx * r).to(x.dtype)
     return dx, (dw.to(weight.dtype) if need_dw else None), (db.to(weight.dtype) if need_db else None)
 
 
@@ -253,11 +260,10 @@ def grouped_norm_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(y, mean, rstd)`` of the per-group norm of ``x (T, D)``, rows of group ``g`` at
     ``offsets[g]:offsets[g+1]`` scaled by ``weight[g]`` (``+ bias[g]``); statistics as in
-    :func:`modality_norm_op` (``(0,)`` tensors where a backend recomputes them)."""
+    :func:`modality_norm_op`."""
     check_offsets_values(offsets, x.shape[0], "offsets", mode)
     if _select(x, backend) == "torch":
-        y = _grouped_norm_torch(x, weight, bias, offsets, eps, is_rms, mode)
-        return y, x.new_empty(0, dtype=torch.float32), x.new_empty(0, dtype=torch.float32)
+        return _grouped_norm_torch(x, weight, bias, offsets, eps, is_rms, mode)
     from sparsemm_kernels.kernels.triton.norms import modality_norm_fwd
 
     ids = _group_of_rows(offsets, x.shape[0])
@@ -268,8 +274,8 @@ def grouped_norm_op(
 
 @grouped_norm_op.register_fake
 def _(x, weight, bias, offsets, eps, is_rms, mode, backend):
-    stats = x.new_empty(x.shape[0], dtype=torch.float32)
-    return x.new_empty(x.shape), (x.new_empty(0, dtype=torch.float32) if is_rms else stats), stats.clone()
+    stats = x.new_empty(x.shape[0], dtype=_stats_dtype(x))
+    return x.new_empty(x.shape), (x.new_empty(0, dtype=stats.dtype) if is_rms else stats), stats.clone()
 
 
 @torch.library.custom_op("sparsemm::grouped_norm_bwd", mutates_args=())
@@ -292,7 +298,7 @@ def grouped_norm_bwd_op(
     """``(dx, dW, db)`` of :func:`grouped_norm_op`; a gradient not asked for is an empty ``(0,)`` tensor."""
     need_db = need_db and has_bias
     if _select(x, backend) == "torch":
-        dx, dw, db = _grouped_norm_bwd_torch(dy, x, weight, offsets, eps, is_rms, need_dx, need_dw, need_db, mode)
+        dx, dw, db = _grouped_norm_bwd_torch(dy, x, weight, offsets, mean, rstd, need_dx, need_dw, need_db, mode)
     else:
         from sparsemm_kernels.kernels.triton.norms import modality_norm_bwd
 

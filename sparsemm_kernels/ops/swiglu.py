@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from sparsemm_kernels.backend import check_backend_name, select_backend
-from sparsemm_kernels.reference.swiglu import swiglu_bwd_ref, swiglu_ref
+from sparsemm_kernels.reference.swiglu import silu_mul_bwd_ref, silu_mul_ref, swiglu_bwd_ref, swiglu_ref
 from sparsemm_kernels.utils.checks import check_float_tensor
 
 
@@ -65,6 +65,83 @@ def _refuse_double_backward(ctx, *grads):
 
 swiglu_op.register_autograd(_backward, setup_context=_setup)
 swiglu_bwd_op.register_autograd(_refuse_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+@torch.library.custom_op("sparsemm::silu_mul", mutates_args=())
+def silu_mul_op(gate: torch.Tensor, up: torch.Tensor, backend: str | None) -> torch.Tensor:
+    """``silu(gate) * up`` for two tensors of one shape; contiguous output."""
+    if select_backend("swiglu", gate.device, gate.dtype, backend) == "torch":
+        return silu_mul_ref(gate, up).contiguous()
+    from sparsemm_kernels.kernels.triton.swiglu import silu_mul_fwd
+
+    return silu_mul_fwd(gate, up)
+
+
+@silu_mul_op.register_fake
+def _(gate, up, backend):
+    return gate.new_empty(gate.shape)
+
+
+@torch.library.custom_op("sparsemm::silu_mul_bwd", mutates_args=())
+def silu_mul_bwd_op(
+    gate: torch.Tensor, up: torch.Tensor, dy: torch.Tensor, backend: str | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(d gate, d up) = (dy * up * s * (1 + gate (1 - s)), dy * silu(gate))`` with ``s = sigmoid(gate)``."""
+    if select_backend("swiglu", gate.device, gate.dtype, backend) == "torch":
+        dg, du = silu_mul_bwd_ref(gate, up, dy)
+        return dg.contiguous(), du.contiguous()
+    from sparsemm_kernels.kernels.triton.swiglu import silu_mul_bwd
+
+    return silu_mul_bwd(gate, up, dy)
+
+
+@silu_mul_bwd_op.register_fake
+def _(gate, up, dy, backend):
+    return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
+
+
+def _silu_mul_setup(ctx, inputs, output):
+    gate, up, backend = inputs
+    ctx.save_for_backward(gate, up)
+    ctx.backend = backend
+
+
+def _silu_mul_backward(ctx, dy):
+    gate, up = ctx.saved_tensors
+    dg, du = silu_mul_bwd_op(gate, up, dy, ctx.backend)
+    return dg, du, None
+
+
+silu_mul_op.register_autograd(_silu_mul_backward, setup_context=_silu_mul_setup)
+silu_mul_bwd_op.register_autograd(_refuse_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """SwiGLU activation of separate gate and up projections: ``silu(gate) * up``.
+
+    The two-tensor form of :func:`swiglu` (``gate = x W1^T``, ``up = x W3^T``, each from its own GEMM: no
+    concatenated weight, and contiguous operands for the elementwise work). Same kernels, precision and
+    backends as :func:`swiglu`.
+
+    Args:
+        gate, up: ``(..., H)`` float16 | bfloat16 | float32 | float64 of one shape, dtype and device; any row
+            strides.
+        backend: ``"triton"``, ``"torch"`` or ``"auto"``/None.
+
+    Returns:
+        ``(..., H)`` in ``gate``'s dtype; differentiable in ``gate`` and ``up`` (first derivatives only).
+    """
+    check_float_tensor(gate, "gate")
+    check_float_tensor(up, "up")
+    if gate.shape != up.shape:
+        raise ValueError(f"`up` must have the shape of `gate` {tuple(gate.shape)}, got {tuple(up.shape)}")
+    if gate.dtype != up.dtype:
+        raise TypeError(f"`up` has dtype {up.dtype} but `gate` has dtype {gate.dtype}; they must match")
+    if gate.device != up.device:
+        raise ValueError(f"`up` is on {up.device} but `gate` is on {gate.device}")
+    if gate.dim() < 1:
+        raise ValueError("`gate` must be at least 1-D (..., H), got a 0-d tensor")
+    return torch.ops.sparsemm.silu_mul(gate, up, check_backend_name(backend))
 
 
 def swiglu(gate_up: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:

@@ -9,7 +9,7 @@ from sparsemm_kernels.reference.grouped import grouped_linear_ref, grouped_mm_dw
 from sparsemm_kernels.reference.mot import mot_attention_ref, mot_block_ref, mot_feed_forward_ref
 from sparsemm_kernels.reference.norms import modality_layer_norm_ref, modality_norm_bwd_ref, modality_rms_norm_ref
 from sparsemm_kernels.reference.plan import group_plan_ref
-from sparsemm_kernels.reference.swiglu import swiglu_bwd_ref, swiglu_ref
+from sparsemm_kernels.reference.swiglu import silu_mul_bwd_ref, silu_mul_ref, swiglu_bwd_ref, swiglu_ref
 
 __all__ = [
     "group_plan_ref",
@@ -22,6 +22,8 @@ __all__ = [
     "mot_attention_ref",
     "mot_block_ref",
     "mot_feed_forward_ref",
+    "silu_mul_bwd_ref",
+    "silu_mul_ref",
     "swiglu_bwd_ref",
     "swiglu_ref",
 ]

@@ -36,3 +36,17 @@ def swiglu_bwd_ref(gate_up: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     torch.ops.aten.silu_backward.grad_input(d * b, a, grad_input=out[..., :h])
     torch.mul(d, F.silu(a), out=out[..., h:])
     return out.to(gate_up.dtype)
+
+
+def silu_mul_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` (the two-tensor SwiGLU); float16/bfloat16 computed in float32, ``gate``'s dtype out."""
+    compute = torch.float32 if gate.dtype in (torch.float16, torch.bfloat16) else gate.dtype
+    return (F.silu(gate.to(compute)) * up.to(compute)).to(gate.dtype)
+
+
+def silu_mul_bwd_ref(gate: torch.Tensor, up: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(d gate, d up)`` of :func:`silu_mul_ref` by the closed form of :func:`swiglu_bwd_ref`."""
+    compute = torch.float32 if gate.dtype in (torch.float16, torch.bfloat16) else gate.dtype
+    a, b, d = gate.to(compute), up.to(compute), dy.to(compute)
+    da = torch.ops.aten.silu_backward(d * b, a)
+    return da.to(gate.dtype), (d * F.silu(a)).to(gate.dtype)
