@@ -55,7 +55,7 @@ def _grouped_gemm_kernel(
     # sizes
     T, K, J, G,
     # strides
-    stride_am, stride_ak, stride_bg, stride_bk, stride_bj, stride_bias_g, stride_cm, stride_cj,
+    stride_am, stride_ak, stride_bg, stride_bk, stride_bj, stride_bias_g, stride_bias_j, stride_cm, stride_cj,
     # modes
     HAS_BIAS: tl.constexpr, GATHER_A: tl.constexpr, SCATTER_C: tl.constexpr, G_POW2: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -108,7 +108,7 @@ def _grouped_gemm_kernel(
         b_ptrs += BLOCK_K * stride_bk
 
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + g.to(tl.int64) * stride_bias_g + offs_j, mask=j_mask, other=0.0)
+        bias = tl.load(bias_ptr + g.to(tl.int64) * stride_bias_g + offs_j * stride_bias_j, mask=j_mask, other=0.0)
         acc += bias.to(tl.float32)[None, :]
     c_ptrs = c_ptr + c_rows[:, None] * stride_cm + offs_j[None, :] * stride_cj
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & j_mask[None, :])
@@ -225,7 +225,8 @@ def grouped_gemm(
         out,
         T, K, J, G,
         a.stride(0), a.stride(1), w.stride(0), stride_bk, stride_bj,
-        bias.stride(0) if bias is not None else 0, out.stride(0), out.stride(1),
+        bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0,
+        out.stride(0), out.stride(1),
         HAS_BIAS=bias is not None, GATHER_A=gather_a, SCATTER_C=scatter_c,
         G_POW2=max(triton.next_power_of_2(G), 2),
         DOT_PRECISION=_dot_precision(a.dtype), UPCAST=is_interpreting() and a.dtype == torch.bfloat16,
