@@ -307,6 +307,32 @@ def test_routed_rows_past_the_end_are_never_read(backend, device):
     )
 
 
+_STRIDED_PLAN_BUG = (
+    "package bug: the triton grouped_linear passes plan.sorted_to_orig to kernels that assume a unit stride "
+    "(fix: .contiguous() in ops/grouped_linear.py or GroupPlan.__post_init__)"
+)
+
+
+@pytest.mark.parametrize(
+    "backend", [pytest.param("triton", marks=pytest.mark.xfail(strict=True, reason=_STRIDED_PLAN_BUG)), "cpu", "torch"]
+)
+def test_plan_with_a_strided_row_index(backend, device):
+    """A GroupPlan is a plain dataclass of tensors: one built by hand may hold a strided ``sorted_to_orig``.
+    (The buffer interleaves it with its reverse, so a kernel that ignores the stride still reads valid rows.)"""
+    _skip_unless_runs(backend, device, torch.float32)
+    counts, K, N = [9, 0, 14, 5], 12, 10
+    ids = ids_from_counts(counts, shuffle=True).to(device)
+    plan = smk.group_plan(ids, len(counts))
+    both = torch.stack([plan.sorted_to_orig, plan.sorted_to_orig.flip(0)], dim=1)
+    strided = GroupPlan(both[:, 0], plan.offsets, plan.counts, plan.num_groups, plan.num_rows)
+    assert strided.sorted_to_orig.stride() == (2,)
+    x, w, b = _operands(counts, K, N, torch.float32, device)
+    check_multilinear(
+        lambda x, w, b: smk.grouped_linear(x, w, strided, b, backend=backend),
+        _truth_routed(ids), [x, w, b], torch.float32, _tol(backend, torch.float32),
+    )
+
+
 @pytest.mark.parametrize("launcher", ["triton", "cpu"])
 @pytest.mark.parametrize("transpose_w", [False, True], ids=["forward", "dX"])
 def test_launcher_writes_only_its_rows(launcher, transpose_w, device):
