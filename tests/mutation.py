@@ -214,9 +214,21 @@ def _build_extension(repo: Path) -> tuple[bool, str]:
     return proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
-def _run_tests(repo: Path, tests: list[str], timeout: float) -> tuple[str, str, float]:
-    """(outcome, detail, seconds): outcome is "passed", "failed", "crashed", "timeout" or "error"."""
-    env = dict(os.environ, PYTHONPATH=str(repo), TRITON_INTERPRET="1", SPARSEMM_REQUIRE_EXT="1")
+def _extension_path(repo: Path) -> str:
+    """Where ``sparsemm_kernels._C`` is loaded from in ``repo`` ("" if it does not load)."""
+    code = "import sparsemm_kernels._ext as e; m = e.load(); print(m.__file__ if m else '')"
+    env = dict(os.environ, PYTHONPATH=str(repo))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True)
+    return proc.stdout.strip()
+
+
+def _run_tests(repo: Path, tests: list[str], timeout: float, require_ext: bool) -> tuple[str, str, float]:
+    """(outcome, detail, seconds): outcome is "passed", "failed", "crashed", "timeout" or "error".
+
+    ``require_ext``: the unmutated baseline must load the copy's extension; mutants run without that session
+    check (conftest's smoke call of _C would otherwise catch a C++ mutant before any test names it).
+    """
+    env = dict(os.environ, PYTHONPATH=str(repo), TRITON_INTERPRET="1", SPARSEMM_REQUIRE_EXT=str(int(require_ext)))
     env.pop("SPARSEMM_TOL_LOG", None)
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not gpu", *tests]
     start = time.monotonic()
@@ -265,7 +277,7 @@ def main(argv=None) -> int:
             return 2
         selections = sorted({tuple(m.tests) for m in chosen})
         for tests in selections:
-            outcome, detail, seconds = _run_tests(base, list(tests), args.timeout)
+            outcome, detail, seconds = _run_tests(base, list(tests), args.timeout, require_ext=True)
             print(f"baseline {' '.join(tests)}: {outcome} ({seconds:.0f} s) {detail}", flush=True)
             if outcome != "passed":
                 print("the unmutated tests must pass before mutants mean anything", file=sys.stderr)
@@ -285,7 +297,10 @@ def main(argv=None) -> int:
                         return m, "error", "rebuild failed: " + log.strip().splitlines()[-1], 0.0
                 else:
                     shutil.copy2(so, repo / "sparsemm_kernels" / so.name)
-                outcome, detail, seconds = _run_tests(repo, m.tests, args.timeout)
+                loaded = _extension_path(repo)
+                if not loaded.startswith(str(repo)):
+                    return m, "error", f"the copy loads _C from {loaded or 'nowhere'}, not its own", 0.0
+                outcome, detail, seconds = _run_tests(repo, m.tests, args.timeout, require_ext=False)
                 return m, outcome, detail, seconds
             finally:
                 shutil.rmtree(work, ignore_errors=True)

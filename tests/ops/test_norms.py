@@ -38,6 +38,7 @@ CASES = [
     ([3, 4, 2], 3, True),           # tiny odd D (D = 2 makes the LayerNorm dx a pure cancellation)
     ([0, 0, 0], 8, False),          # R = 0
     ([23, 17, 11], 40, True),       # several rows per program, uneven last block
+    ([40, 0, 60], 96, True),        # 100 rows: 4 forward row tiles (32 rows at D=96), 2 backward steps per program
 ]
 DTYPES = [torch.float32, FP16, BF16]
 BACKENDS = ["triton", "torch"]
