@@ -276,12 +276,13 @@ def main(argv=None) -> int:
             print("cannot build the extension in the unmutated copy:\n" + log, file=sys.stderr)
             return 2
         selections = sorted({tuple(m.tests) for m in chosen})
-        for tests in selections:
-            outcome, detail, seconds = _run_tests(base, list(tests), args.timeout, require_ext=True)
-            print(f"baseline {' '.join(tests)}: {outcome} ({seconds:.0f} s) {detail}", flush=True)
-            if outcome != "passed":
-                print("the unmutated tests must pass before mutants mean anything", file=sys.stderr)
-                return 2
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            runs = pool.map(lambda t: (t, *_run_tests(base, list(t), args.timeout, require_ext=True)), selections)
+            for tests, outcome, detail, seconds in runs:
+                print(f"baseline {' '.join(tests)}: {outcome} ({seconds:.0f} s) {detail}", flush=True)
+                if outcome != "passed":
+                    print("the unmutated tests must pass before mutants mean anything", file=sys.stderr)
+                    return 2
 
         so = next((base / "sparsemm_kernels").glob("_C*.so"))
 
