@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+# The old bound, relative to the largest reference value (see assert_close_verbose with neither tol nor scale).
+REL_TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 # Machine epsilon (the ulp of 1.0) per dtype.
 EPS = {dtype: torch.finfo(dtype).eps for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16)}
 EPS32 = EPS[torch.float32]
@@ -106,15 +108,22 @@ def assert_close_verbose(
         what: the name printed on failure.
         tol: the bound; default ``DEFAULT_TOL[dtype]``.
         scale: per-element magnitude of the summed terms, broadcastable to ``expected``; None means the root
-            mean square of ``expected`` (see :func:`error_ratio`).
+            mean square of ``expected`` (see :func:`error_ratio`). With neither ``tol`` nor ``scale``, the old
+            bound ``REL_TOL[dtype] * max|expected|`` applies (for callers written before this module had
+            per-element bounds; it cannot see errors in small elements).
 
     On failure the message lists the worst elements with their indices, values and bounds.
     """
     if actual.shape != expected.shape:
         raise AssertionError(f"{what}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
-    tol = DEFAULT_TOL[dtype] if tol is None else tol
     if actual.numel() == 0:
         return
+    if tol is None and scale is None:
+        # The bound of callers written before per-element tolerances: REL_TOL * max|expected|, kept so they keep
+        # their meaning. It hides errors in small elements; pass `tol` (and `scale`) instead.
+        tol = Tol(rtol=0.0, atol=REL_TOL[dtype])
+        scale = torch.tensor(max(_as64(expected).abs().max().item(), 1e-3))
+    tol = DEFAULT_TOL[dtype] if tol is None else tol
     a = _as64(actual)
     if not torch.isfinite(a).all():
         bad = (~torch.isfinite(a)).nonzero()[:5].tolist()
