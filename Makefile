@@ -16,7 +16,7 @@ BUILT  := $(VENV)/.ext-built
 DEPS   := torch==2.13.0 triton==3.9.0 numpy pytest pytest-benchmark pybind11 ninja setuptools wheel ruff \
           matplotlib tqdm nvidia-ml-py
 
-.PHONY: test report bench lint build gpu-check clean
+.PHONY: test report bench lint build gpu-check clean mutate
 
 $(STAMP): Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ report: $(BUILT)
 
 bench: $(BUILT)
 	$(PY) -m pytest -q -p no:cacheprovider benchmarks/test_bench_smoke.py benchmarks/test_bench_ops.py --benchmark-only
+
+mutate: $(BUILT)
+	TRITON_INTERPRET=1 $(PY) -m tests.mutation
 
 lint: $(STAMP)
 	$(PY) -m ruff check sparsemm_kernels tests benchmarks profiling

@@ -10,9 +10,14 @@ from sparsemm_kernels.backend import unsupported_reasons
 from sparsemm_kernels.nn.mot import DenseBlock, MoTAttention, MoTBlock, MoTFeedForward, MoTTransformer
 from sparsemm_kernels.ops.attention import hybrid_mask
 from sparsemm_kernels.reference.mot import _allowed, mot_attention_ref, mot_block_ref, mot_feed_forward_ref
-from sparsemm_kernels.utils.testing import assert_close_verbose
+from sparsemm_kernels.utils.testing import EPS32, Tol, assert_close_verbose
 
 BACKENDS = ["triton", "torch"]
+# A block chains a dozen GEMMs, norms, attention and SwiGLU: no per-element scale is tracked through it, so the
+# bound is relative to the root mean square of each compared tensor (utils.testing, scale=None). Measured
+# (SPARSEMM_TOL_LOG, float32, both backends): worst 51 eps32 * rms (d ffn.w3), outputs and dx <= 20 eps32 * rms
+# -> atol = 150 eps32 (the per-op tests hold the tight, per-element bounds).
+TOL = Tol(rtol=0.0, atol=150 * EPS32)
 DIM, HEADS, HIDDEN = 32, 4, 48
 
 # (num_modalities, modality layout, block kwargs, attention kwargs) — each row names the edge it covers.
@@ -69,14 +74,14 @@ def _check_block_vs_ref(module, ref_module, ref_fn, x, ids, kw):
     out = module(x, ids, **kw)
     kw64 = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in kw.items()}
     ref = ref_fn(ref_module, x64, ids, **kw64)
-    assert_close_verbose(out, ref, torch.float32, "out")
+    assert_close_verbose(out, ref, torch.float32, "out", tol=TOL)
     dy = torch.randn_like(out)
     out.backward(dy)
     ref.backward(dy.double())
-    assert_close_verbose(x.grad, x64.grad, torch.float32, "dx")
+    assert_close_verbose(x.grad, x64.grad, torch.float32, "dx", tol=TOL)
     ref_params = dict(ref_module.named_parameters())
     for name, p in module.named_parameters():
-        assert_close_verbose(p.grad, ref_params[name].grad, torch.float32, f"d{name}")
+        assert_close_verbose(p.grad, ref_params[name].grad, torch.float32, f"d{name}", tol=TOL)
 
 
 def _case_id(case):
@@ -126,18 +131,19 @@ def test_same_weights_equal_dense(block_kw, backend):
                 p.uniform_(0.5, 1.5)
     mot = MoTBlock.from_dense(dense, 3, backend=backend)
     assert {n: p.shape[1:] for n, p in mot.named_parameters()} == {n: p.shape[1:] for n, p in dense.named_parameters()}
+    dense = dense.double()  # the truth: the dense block in float64
     x = torch.randn(2, 10, DIM)
     ids = _ids("interleaved", 3, 2, 10)
-    xd, xm = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    xd, xm = x.double().requires_grad_(True), x.clone().requires_grad_(True)
     out_d, out_m = dense(xd), mot(xm, ids)
-    assert_close_verbose(out_m, out_d.double(), torch.float32, "out")
-    dy = torch.randn_like(out_d)
-    out_d.backward(dy)
+    assert_close_verbose(out_m, out_d, torch.float32, "out", tol=TOL)
+    dy = torch.randn_like(out_m)
+    out_d.backward(dy.double())
     out_m.backward(dy)
-    assert_close_verbose(xm.grad, xd.grad.double(), torch.float32, "dx")
+    assert_close_verbose(xm.grad, xd.grad, torch.float32, "dx", tol=TOL)
     mot_params = dict(mot.named_parameters())
     for name, p in dense.named_parameters():  # dense grad = sum of the modalities' grads
-        assert_close_verbose(mot_params[name].grad.sum(0), p.grad[0].double(), torch.float32, f"d{name}")
+        assert_close_verbose(mot_params[name].grad.sum(0), p.grad[0], torch.float32, f"d{name}", tol=TOL)
 
 
 def test_dense_block_equals_reference():
@@ -211,15 +217,3 @@ def test_block_forward_backward_has_no_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
-
-
-@pytest.mark.gpu
-def test_block_bf16_on_gpu_matches_reference():
-    dev = torch.device("cuda")
-    block = MoTBlock(256, 4, 512, 3, qk_norm=True, n_kv_heads=2, device=dev)
-    ids = torch.randint(0, 3, (2, 256), device=dev)
-    x = torch.randn(2, 256, 256, device=dev)
-    out = copy.deepcopy(block).bfloat16()(x.bfloat16(), ids)
-    ref = mot_block_ref(copy.deepcopy(block).double(), x.double(), ids)
-    rel = ((out.double() - ref).norm() / ref.norm()).item()
-    assert rel < 2e-2, rel

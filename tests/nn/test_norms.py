@@ -5,9 +5,13 @@ import torch
 
 from sparsemm_kernels.backend import unsupported_reasons
 from sparsemm_kernels.nn.norms import MoTLayerNorm, MoTRMSNorm
-from sparsemm_kernels.utils.testing import assert_close_verbose
+from sparsemm_kernels.utils.testing import EPS32, Tol, assert_close_verbose
 
 BACKENDS = ["triton", "torch"]
+# Module-level parity, bounded relative to the root mean square of each compared tensor (the per-element bounds
+# are in tests/ops/test_norms.py). Measured worst (SPARSEMM_TOL_LOG, float32, both backends): 4.7 eps32 * rms
+# (dx) -> atol = 14 eps32.
+TOL = Tol(rtol=0.0, atol=14 * EPS32)
 
 
 def _skip_unless_runs(backend, device, dtype=torch.float32):
@@ -51,15 +55,15 @@ def test_matches_one_dense_norm_per_modality(kind, bias, num_modalities, backend
     for m, norm in enumerate(dense):  # the MoT paper's style: boolean masks, a loop over modalities
         mask = ids == m
         ref = ref.masked_scatter(mask[..., None].expand_as(ref), norm(x64[mask]))
-    assert_close_verbose(out, ref, torch.float32, "out")
+    assert_close_verbose(out, ref, torch.float32, "out", tol=TOL)
     dy = torch.randn(B, S, D, device=device)
     out.backward(dy)
     ref.backward(dy.double())
-    assert_close_verbose(x.grad, x64.grad, torch.float32, "dx")
+    assert_close_verbose(x.grad, x64.grad, torch.float32, "dx", tol=TOL)
     for m, norm in enumerate(dense):
-        assert_close_verbose(mot.weight.grad[m], norm.weight.grad, torch.float32, f"dW[{m}]")
+        assert_close_verbose(mot.weight.grad[m], norm.weight.grad, torch.float32, f"dW[{m}]", tol=TOL)
         if bias:
-            assert_close_verbose(mot.bias.grad[m], norm.bias.grad, torch.float32, f"db[{m}]")
+            assert_close_verbose(mot.bias.grad[m], norm.bias.grad, torch.float32, f"db[{m}]", tol=TOL)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -73,7 +77,7 @@ def test_qk_norm_per_head(backend, device):
     ref = torch.zeros(B, S, H, dh, dtype=torch.float64, device=device)
     for m, norm in enumerate(dense):
         ref = torch.where((ids == m)[..., None, None], norm(q.double()), ref)
-    assert_close_verbose(mot(q, ids), ref, torch.float32, "out")
+    assert_close_verbose(mot(q, ids), ref, torch.float32, "out", tol=TOL)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -91,7 +95,7 @@ def test_from_norm_equals_dense_for_every_modality(kind, backend, device):
     assert mot.weight.data_ptr() != dense.weight.data_ptr()
     x = torch.randn(17, D, device=device)
     ids = torch.randint(0, 3, (17,), device=device)
-    assert_close_verbose(mot(x, ids), dense(x), torch.float32, "out")
+    assert_close_verbose(mot(x, ids), dense.double()(x.double()), torch.float32, "out", tol=TOL)
 
 
 def test_from_norm_defaults_and_refusals():
@@ -138,4 +142,4 @@ def test_one_modality_without_ids(backend, device):
         (MoTRMSNorm(8, 1, device=device, backend=backend), torch.nn.RMSNorm(8, eps=1e-5, device=device)),
         (MoTLayerNorm(8, 1, device=device, backend=backend), torch.nn.LayerNorm(8, device=device)),
     ):
-        assert_close_verbose(mot(x), dense(x), torch.float32, type(mot).__name__)
+        assert_close_verbose(mot(x), dense.double()(x.double()), torch.float32, type(mot).__name__, tol=TOL)

@@ -1,0 +1,332 @@
+"""Mutation check: is the test suite as strong as it claims?
+
+Each mutation below is a one-line bug, planted alone in a temporary copy of the repository (the C++ ones are
+rebuilt there); the tests that should catch it run against that copy, and the table says which were caught.
+
+    python -m tests.mutation              # every mutation (``make mutate``)
+    python -m tests.mutation -k bias      # those whose name contains "bias"
+    python -m tests.mutation --list       # names and the bug each plants
+
+The exit status is 1 if any mutation survives (or cannot be planted: its ``old`` text must occur exactly once
+in its file, so a refactor that moves the code makes this script fail loudly until the list is updated).
+Before the mutants, the selected tests run once on an unmutated copy and must pass (else "caught" would mean
+nothing). Not collected by pytest (no ``test_`` prefix); run from the repository root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+IGNORE = shutil.ignore_patterns(
+    ".git", ".venv", "build", "dist", "__pycache__", ".pytest_cache", ".ruff_cache", "*.egg-info", "reports",
+    ".benchmarks",
+)
+
+GEMM = "sparsemm_kernels/kernels/triton/grouped_gemm.py"
+NORMS = "sparsemm_kernels/kernels/triton/norms.py"
+SWIGLU = "sparsemm_kernels/kernels/triton/swiglu.py"
+PLAN = "sparsemm_kernels/kernels/triton/group_plan.py"
+CPU = "sparsemm_kernels/kernels/cpu.py"
+CXX_GEMM = "csrc/cpu/grouped_gemm.cpp"
+CXX_PLAN = "csrc/cpu/group_plan.cpp"
+
+T_GEMM = ["tests/ops/test_grouped_mm.py", "tests/nn/test_mot_linear.py"]
+T_CXX_GEMM = ["tests/test_extension.py", "tests/ops/test_grouped_mm.py"]
+T_NORMS = ["tests/ops/test_norms.py", "tests/nn/test_norms.py"]
+T_SWIGLU = ["tests/ops/test_swiglu.py"]
+T_PLAN = ["tests/test_plan.py"]
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    file: str  # relative to the repository root
+    old: str  # exact text; must occur exactly once in `file`
+    new: str
+    tests: list[str]  # pytest arguments
+    why: str
+
+    @property
+    def native(self) -> bool:
+        return self.file.startswith("csrc/")
+
+
+MUTATIONS = [
+    # ---- the seven of issue 8 ----
+    Mutation(
+        "triton-bias-row-stride-is-J", GEMM,
+        "bias_ptr + g.to(tl.int64) * stride_bias_g +", "bias_ptr + g.to(tl.int64) * J +", T_GEMM,
+        "forward bias: group g's row assumed at g * J (a contiguous bias)",
+    ),
+    Mutation(
+        "triton-bias-col-stride-ignored", GEMM,
+        "+ offs_j * stride_bias_j, mask=j_mask", "+ offs_j, mask=j_mask", T_GEMM,
+        "the strided-bias bug of issue 8: bias.stride(1) ignored",
+    ),
+    Mutation(
+        "triton-dw-acc-rounded-per-tile", GEMM,
+        "acc = tl.dot(tl.trans(dy), x, acc, input_precision=DOT_PRECISION)",
+        "acc = tl.dot(tl.trans(dy), x, acc, input_precision=DOT_PRECISION).to(dw_ptr.dtype.element_ty).to(tl.float32)",
+        T_GEMM, "dW accumulator rounded to the input dtype after every 32-row step",
+    ),
+    Mutation(
+        "norm-dw-partials-cast-before-sum", NORMS,
+        "dw = dw_part[:, :M].sum(0).to(weight.dtype)", "dw = dw_part[:, :M].to(weight.dtype).sum(0).to(weight.dtype)",
+        T_NORMS, "per-program dW partials rounded to the weight dtype before their sum",
+    ),
+    Mutation(
+        "triton-fwd-row-mask-le", GEMM,
+        "row_mask = offs_m < group_end", "row_mask = offs_m <= group_end",
+        # The guard tests catch it with an assertion; the rest of the file would first write past the end of a
+        # fresh output and abort the process (also "caught", but by luck of the allocator).
+        ["tests/ops/test_grouped_mm.py::test_launcher_writes_only_its_rows",
+         "tests/ops/test_grouped_mm.py::test_routed_rows_past_the_end_are_never_read"],
+        "forward/dX row mask admits one row past the group",
+    ),
+    Mutation(
+        "cxx-pack-drops-column-offset", CXX_GEMM,
+        "bg[k * p.b_stride_k + (j0 + j) * p.b_stride_j]", "bg[k * p.b_stride_k + j * p.b_stride_j]", T_CXX_GEMM,
+        "C++ forward packs every 128-column block from column 0",
+    ),
+    Mutation(
+        "norm-fwd-drops-eps", NORMS,
+        "rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / D + eps)", "rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 1) / D)", T_NORMS,
+        "eps left out of the forward's variance",
+    ),
+    # ---- one or more per kernel ----
+    Mutation(
+        "plan-drops-last-partial-chunk", PLAN,
+        "chunks = triton.cdiv(n, block)", "chunks = n // block", T_PLAN,
+        "triton plan: histogram/scatter grid misses the last partial chunk of ids",
+    ),
+    Mutation(
+        "plan-scatter-unstable", PLAN,
+        "rank = tl.cumsum(onehot, 0) - onehot", "rank = tl.sum(onehot, 0)[None, :] - tl.cumsum(onehot, 0)", T_PLAN,
+        "triton plan: rows of a group placed in reverse order inside a chunk (not stable)",
+    ),
+    Mutation(
+        "triton-swizzle-full-last-band", GEMM,
+        "band_m = tl.minimum(num_m_tiles - first_m, GROUP_M)", "band_m = GROUP_M", T_GEMM,
+        "forward: the last, partial band of row tiles is walked as if full (tiles skipped)",
+    ),
+    Mutation(
+        "triton-dx-assumes-contiguous-w", GEMM,
+        "w.shape[1], w.shape[2], w.stride(1), w.stride(2)", "w.shape[1], w.shape[2], w.stride(1), 1", T_GEMM,
+        "dX launcher assumes W's last stride is 1",
+    ),
+    Mutation(
+        "dx-routed-not-scattered", "sparsemm_kernels/ops/grouped_linear.py",
+        "gather_a=ctx.routed, scatter_c=ctx.routed, transpose_w=True",
+        "gather_a=ctx.routed, scatter_c=False, transpose_w=True", T_GEMM,
+        "routed dX left in sorted order",
+    ),
+    Mutation(
+        "triton-dbias-last-step-only", GEMM,
+        "dbias += tl.sum(dy.to(tl.float32), 0)", "dbias = tl.sum(dy.to(tl.float32), 0)", T_GEMM,
+        "dW kernel: db keeps only the last 32-row step",
+    ),
+    Mutation(
+        "triton-dw-x-col-stride-ignored", GEMM,
+        "x = tl.load(x_ptr + r[:, None] * stride_xm + offs_k[None, :] * stride_xk,",
+        "x = tl.load(x_ptr + r[:, None] * stride_xm + offs_k[None, :],", T_GEMM,
+        "dW kernel reads x as if its columns were contiguous",
+    ),
+    Mutation(
+        "cxx-bias-assumes-unit-col-stride", CPU,
+        "bias = _unit_col_stride(bias)", "bias = bias", T_CXX_GEMM,
+        "C++ launcher hands a column-strided bias to a kernel that reads rows contiguously",
+    ),
+    Mutation(
+        "cxx-dw-drops-last-row-of-block", CXX_GEMM,
+        "const int64_t re = std::min(rb + kDwRowBlock, offsets[g + 1]);",
+        "const int64_t re = std::min(rb + kDwRowBlock - 1, offsets[g + 1]);", T_CXX_GEMM,
+        "C++ dW skips the last row of every 256-row block",
+    ),
+    Mutation(
+        "cxx-plan-unstable", CXX_PLAN,
+        "for (int64_t i = 0; i < n; ++i) sorted_to_orig[",
+        "for (int64_t i = n - 1; i >= 0; --i) sorted_to_orig[", ["tests/test_extension.py", *T_PLAN],
+        "C++ plan places rows in reverse (not stable)",
+    ),
+    Mutation(
+        "norm-bwd-mean-over-block", NORMS,
+        "c1 = tl.sum(g * x_hat, 1) / D", "c1 = tl.sum(g * x_hat, 1) / BLOCK_D", T_NORMS,
+        "norm backward divides by the padded block width",
+    ),
+    Mutation(
+        "norm-bwd-dy-col-stride-ignored", NORMS,
+        "head[:, None] * stride_dyh + cols[None, :] * stride_dyd,", "head[:, None] * stride_dyh + cols[None, :],",
+        T_NORMS, "norm backward reads dy as if its last dim were contiguous",
+    ),
+    Mutation(
+        "swiglu-fwd-assumes-contiguous-rows", SWIGLU,
+        "g.stride(0), H,", "2 * H, H,", T_SWIGLU,
+        "swiglu forward ignores gate_up's row stride",
+    ),
+    Mutation(
+        "swiglu-bwd-assumes-contiguous-dy", SWIGLU,
+        "g.stride(0), d.stride(0), 2 * H,", "g.stride(0), H, 2 * H,", T_SWIGLU,
+        "swiglu backward ignores dy's row stride",
+    ),
+    Mutation(
+        "swiglu-bwd-silu-derivative-sign", SWIGLU,
+        "da = dy * b * s * (1.0 + a * (1.0 - s))", "da = dy * b * s * (1.0 - a * (1.0 - s))", T_SWIGLU,
+        "swiglu backward: wrong sign in d silu / da",
+    ),
+]
+
+
+def check_planted(mutations) -> list[str]:
+    """Problems with the list itself: old text missing or ambiguous."""
+    problems = []
+    for m in mutations:
+        text = (ROOT / m.file).read_text()
+        count = text.count(m.old)
+        if count != 1:
+            problems.append(f"{m.name}: {m.old!r} occurs {count} times in {m.file} (must be exactly once)")
+    return problems
+
+
+def _copy_tree(dest: Path) -> Path:
+    repo = dest / "repo"
+    shutil.copytree(ROOT, repo, ignore=IGNORE)
+    return repo
+
+
+def _build_extension(repo: Path) -> tuple[bool, str]:
+    for so in (repo / "sparsemm_kernels").glob("_C*.so"):
+        so.unlink()
+    env = dict(os.environ, SPARSEMM_BUILD_CUDA="0")
+    proc = subprocess.run(
+        [sys.executable, "setup.py", "build_ext", "--inplace"], cwd=repo, env=env, capture_output=True, text=True
+    )
+    return proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+def _extension_path(repo: Path) -> str:
+    """Where ``sparsemm_kernels._C`` is loaded from in ``repo`` ("" if it does not load)."""
+    code = "import sparsemm_kernels._ext as e; m = e.load(); print(m.__file__ if m else '')"
+    env = dict(os.environ, PYTHONPATH=str(repo))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True, text=True)
+    return proc.stdout.strip()
+
+
+def _run_tests(repo: Path, tests: list[str], timeout: float, require_ext: bool) -> tuple[str, str, float]:
+    """(outcome, detail, seconds): outcome is "passed", "failed", "crashed", "timeout" or "error".
+
+    ``require_ext``: the unmutated baseline must load the copy's extension; mutants run without that session
+    check (conftest's smoke call of _C would otherwise catch a C++ mutant before any test names it).
+    """
+    env = dict(os.environ, PYTHONPATH=str(repo), TRITON_INTERPRET="1", SPARSEMM_REQUIRE_EXT=str(int(require_ext)))
+    env.pop("SPARSEMM_TOL_LOG", None)
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-m", "not gpu", *tests]
+    start = time.monotonic()
+    try:
+        proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "timeout", f"no result in {timeout:.0f} s", time.monotonic() - start
+    seconds = time.monotonic() - start
+    out = proc.stdout + proc.stderr
+    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", out, flags=re.M)
+    if proc.returncode == 0:
+        return "passed", "", seconds
+    if proc.returncode == 1:
+        return "failed", failed[0] if failed else out.strip().splitlines()[-1], seconds
+    if proc.returncode < 0 or proc.returncode > 5:
+        return "crashed", f"exit status {proc.returncode}", seconds
+    tail = out.strip().splitlines()[-3:] if out.strip() else ["(no output)"]
+    return "error", f"pytest exit status {proc.returncode}: " + " | ".join(tail), seconds
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-k", default="", help="run only mutations whose name contains this text")
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per test run")
+    parser.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1, help="mutants tested at once")
+    args = parser.parse_args(argv)
+    chosen = [m for m in MUTATIONS if args.k in m.name]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:38s} {m.file:48s} {m.why}")
+        return 0
+    problems = check_planted(chosen)
+    if problems:
+        print("the mutation list is out of date:\n  " + "\n  ".join(problems), file=sys.stderr)
+        return 2
+    if not chosen:
+        print(f"no mutation matches -k {args.k!r}", file=sys.stderr)
+        return 2
+
+    with tempfile.TemporaryDirectory(prefix="sparsemm-mutate-") as tmp:
+        base = _copy_tree(Path(tmp) / "base")
+        ok, log = _build_extension(base)
+        if not ok:
+            print("cannot build the extension in the unmutated copy:\n" + log, file=sys.stderr)
+            return 2
+        selections = sorted({tuple(m.tests) for m in chosen})
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            runs = pool.map(lambda t: (t, *_run_tests(base, list(t), args.timeout, require_ext=True)), selections)
+            for tests, outcome, detail, seconds in runs:
+                print(f"baseline {' '.join(tests)}: {outcome} ({seconds:.0f} s) {detail}", flush=True)
+                if outcome != "passed":
+                    print("the unmutated tests must pass before mutants mean anything", file=sys.stderr)
+                    return 2
+
+        so = next((base / "sparsemm_kernels").glob("_C*.so"))
+
+        def one(m: Mutation):
+            work = Path(tmp) / m.name
+            repo = _copy_tree(work)
+            path = repo / m.file
+            path.write_text(path.read_text().replace(m.old, m.new, 1))
+            try:
+                if m.native:
+                    ok, log = _build_extension(repo)
+                    if not ok:
+                        return m, "error", "rebuild failed: " + log.strip().splitlines()[-1], 0.0
+                else:
+                    shutil.copy2(so, repo / "sparsemm_kernels" / so.name)
+                loaded = _extension_path(repo)
+                if not loaded.startswith(str(repo)):
+                    return m, "error", f"the copy loads _C from {loaded or 'nowhere'}, not its own", 0.0
+                outcome, detail, seconds = _run_tests(repo, m.tests, args.timeout, require_ext=False)
+                return m, outcome, detail, seconds
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+
+        by_name = {}
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            for m, outcome, detail, seconds in pool.map(one, chosen):
+                by_name[m.name] = (m, outcome, detail, seconds)
+                print(f"{m.name:38s} {_verdict(outcome):9s} {seconds:5.0f} s  {detail}", flush=True)
+        rows = [by_name[m.name] for m in chosen]
+
+    print()
+    print(f"{'mutation':38s} {'result':9s} {'time':>6s}  caught by / detail")
+    print("-" * 110)
+    for m, outcome, detail, seconds in rows:
+        print(f"{m.name:38s} {_verdict(outcome):9s} {seconds:5.0f} s  {detail}")
+    survived = [m.name for m, outcome, _, _ in rows if _verdict(outcome) != "caught"]
+    print(f"\n{len(rows) - len(survived)} of {len(rows)} caught" + (f"; NOT caught: {', '.join(survived)}" if survived
+                                                                 else ""))
+    return 1 if survived else 0
+
+
+def _verdict(outcome: str) -> str:
+    return {"failed": "caught", "crashed": "caught", "timeout": "caught", "passed": "SURVIVED"}.get(outcome, "ERROR")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
