@@ -44,7 +44,7 @@ CXX_PLAN = "csrc/cpu/group_plan.cpp"
 T_GEMM = ["tests/ops/test_grouped_mm.py", "tests/nn/test_mot_linear.py"]
 T_CXX_GEMM = ["tests/test_extension.py", "tests/ops/test_grouped_mm.py"]
 T_NORMS = ["tests/ops/test_norms.py", "tests/nn/test_norms.py"]
-T_SWIGLU = ["tests/ops/test_swiglu.py"]
+T_SWIGLU = ["tests/ops/test_swiglu.py", "tests/ops/test_silu_mul.py"]
 T_PLAN = ["tests/test_plan.py"]
 
 
@@ -127,8 +127,8 @@ MUTATIONS = [
     ),
     Mutation(
         "dx-routed-not-scattered", "sparsemm_kernels/ops/grouped_linear.py",
-        "gather_a=ctx.routed, scatter_c=ctx.routed, transpose_w=True",
-        "gather_a=ctx.routed, scatter_c=False, transpose_w=True", T_GEMM,
+        "rows, sc, ga, not ctx.transpose_w, mode, backend)",
+        "rows, sc, False, not ctx.transpose_w, mode, backend)", T_GEMM,
         "routed dX left in sorted order",
     ),
     Mutation(
@@ -138,8 +138,8 @@ MUTATIONS = [
     ),
     Mutation(
         "triton-dw-x-col-stride-ignored", GEMM,
-        "x = tl.load(x_ptr + r[:, None] * stride_xm + offs_k[None, :] * stride_xk,",
-        "x = tl.load(x_ptr + r[:, None] * stride_xm + offs_k[None, :],", T_GEMM,
+        "x = tl.load(x_ptr + r_x[:, None] * stride_xm + offs_k[None, :] * stride_xk,",
+        "x = tl.load(x_ptr + r_x[:, None] * stride_xm + offs_k[None, :],", T_GEMM,
         "dW kernel reads x as if its columns were contiguous",
     ),
     Mutation(
@@ -171,13 +171,13 @@ MUTATIONS = [
     ),
     Mutation(
         "swiglu-fwd-assumes-contiguous-rows", SWIGLU,
-        "g.stride(0), H,", "2 * H, H,", T_SWIGLU,
-        "swiglu forward ignores gate_up's row stride",
+        "a2.stride(0), b2.stride(0), H,", "H, b2.stride(0), H,", T_SWIGLU,
+        "swiglu forward ignores the gate's row stride",
     ),
     Mutation(
         "swiglu-bwd-assumes-contiguous-dy", SWIGLU,
-        "g.stride(0), d.stride(0), 2 * H,", "g.stride(0), H, 2 * H,", T_SWIGLU,
-        "swiglu backward ignores dy's row stride",
+        "a2.stride(0), b2.stride(0), d2.stride(0), da2.stride(0)", "a2.stride(0), b2.stride(0), H, da2.stride(0)",
+        T_SWIGLU, "swiglu backward ignores dy's row stride",
     ),
     Mutation(
         "swiglu-bwd-silu-derivative-sign", SWIGLU,

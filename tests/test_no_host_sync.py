@@ -45,19 +45,35 @@ ALLOWED = {
     ("kernels/cpu.py", "_check_row_range", "int(used.min())"): "CPU rows: range check before the C++ gather",
     ("kernels/cpu.py", "_check_row_range", "int(used.max())"): "CPU rows: range check before the C++ gather",
     # plan.py: the cpu backend's error path; the ids are a CPU tensor there.
-    ("plan.py", "group_plan", "int(bad)"): "cpu backend only: one CPU id read to word the ValueError",
+    ("plan.py", "group_plan_op", "int(ids[first_bad])"): "cpu backend only: one CPU id read to word the ValueError",
+    # The torch backend loops over groups on the host (documented: the CPU fast path and the correctness fallback
+    # on CUDA, never chosen automatically there); it reads the group bounds once per call.
+    ("ops/grouped_linear.py", "_gemm_torch", "_host_offsets(offsets, T, mode).tolist()"):
+        "torch backend: group bounds for its host loop",
+    ("ops/grouped_linear.py", "_dw_torch", "_host_offsets(offsets, T, mode).tolist()"):
+        "torch backend: group bounds for its host loop",
+    ("ops/norms.py", "_grouped_norm_torch",
+     "(sanitized_offsets(offsets, x.shape[0]) if mode == OFF else offsets).tolist()"):
+        "torch backend: group bounds for its host loop",
+    ("ops/norms.py", "_grouped_norm_bwd_torch",
+     "(sanitized_offsets(offsets, x.shape[0]) if mode == OFF else offsets).tolist()"):
+        "torch backend: group bounds for its host loop",
     # utils/checks.py: the "eager" branches, taken only for CPU tensors or an explicit validate=True (documented
     # to sync); CUDA's default "async" branch uses torch._assert_async and returns before them.
-    ("utils/checks.py", "check_ids_in_range", "bool(bad.any())"): "eager mode only (CPU, or validate=True)",
-    ("utils/checks.py", "check_ids_in_range", "int(bad.flatten().to(torch.uint8).argmax())"):
+    ("utils/checks.py", "check_ids_values", "bool(bad.any())"): "eager mode only (CPU, or validate=True)",
+    ("utils/checks.py", "check_ids_values", "int(bad.flatten().to(torch.uint8).argmax())"):
         "eager mode only, error message",
-    ("utils/checks.py", "check_ids_in_range", "int(ids.flatten()[first])"): "eager mode only, error message",
+    ("utils/checks.py", "check_ids_values", "int(ids.flatten()[first])"): "eager mode only, error message",
+    ("utils/checks.py", "check_permutation_values", "bool(ok)"): "eager mode only (CPU, or validate=True)",
+    ("utils/checks.py", "check_permutation_values", "rows[(rows < 0) | (rows >= n)]"):
+        "eager mode only, after the check failed: the error message",
+    ("utils/checks.py", "check_permutation_values", "int(bad[0])"): "eager mode only, error message",
     ("utils/checks.py", "check_offsets_values", "int(first)"): "eager mode only (CPU, or validate=True)",
     ("utils/checks.py", "check_offsets_values", "bool(steps_ok)"): "eager mode only (CPU, or validate=True)",
     ("utils/checks.py", "check_offsets_values", "offsets.tolist()"): "eager mode only, error message",
     ("utils/checks.py", "check_offsets_values", "int(last)"): "eager mode only (CPU, or validate=True)",
     # Python numbers that only look like tensors to a syntax check.
-    ("ops/norms.py", "_check_eps", "float(eps)"): "`eps` is a Python int or float (isinstance-checked just above)",
+    ("ops/norms.py", "check_eps", "float(eps)"): "`eps` is a Python int or float (isinstance-checked just above)",
     ("kernels/triton/norms.py", "modality_norm_fwd", "float(eps)"): "`eps` is a Python float (checked in ops)",
 }
 

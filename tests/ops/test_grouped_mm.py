@@ -307,15 +307,7 @@ def test_routed_rows_past_the_end_are_never_read(backend, device):
     )
 
 
-_STRIDED_PLAN_BUG = (
-    "package bug: the triton grouped_linear passes plan.sorted_to_orig to kernels that assume a unit stride "
-    "(fix: .contiguous() in ops/grouped_linear.py or GroupPlan.__post_init__)"
-)
-
-
-@pytest.mark.parametrize(
-    "backend", [pytest.param("triton", marks=pytest.mark.xfail(strict=True, reason=_STRIDED_PLAN_BUG)), "cpu", "torch"]
-)
+@pytest.mark.parametrize("backend", ["triton", "cpu", "torch"])
 def test_plan_with_a_strided_row_index(backend, device):
     """A GroupPlan is a plain dataclass of tensors: one built by hand may hold a strided ``sorted_to_orig``.
     (The buffer interleaves it with its reverse, so a kernel that ignores the stride still reads valid rows.)"""
