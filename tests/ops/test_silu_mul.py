@@ -2,11 +2,12 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import sparsemm_kernels as smk
 from sparsemm_kernels.backend import unsupported_reasons
 from sparsemm_kernels.utils.testing import assert_close_verbose
+from tests.ops.test_swiglu import TOL
+from tests.ops.test_swiglu import _scales as swiglu_scales
 
 SHAPES = [  # each row names the edge it crosses (interpreter tiles are 16 wide, 256 elements)
     (1, 1),        # one element
@@ -28,13 +29,17 @@ def test_silu_mul_matches_float64(shape, dtype, backend):
     up = torch.randn(shape).to(dtype).requires_grad_(True)
     y = smk.silu_mul(gate, up, backend=backend)
     g64, u64 = (t.detach().double().requires_grad_(True) for t in (gate, up))
-    ref = F.silu(g64) * u64
+    ref = g64 / (1 + torch.exp(-g64)) * u64
     assert y.dtype == dtype and y.shape == ref.shape
-    assert_close_verbose(y, ref, dtype, "y")
     dy = torch.randn(shape).to(dtype)
-    for got, want, name in zip(torch.autograd.grad(y, (gate, up), dy),
-                               torch.autograd.grad(ref, (g64, u64), dy.double()), ("dgate", "dup")):
-        assert_close_verbose(got, want, dtype, name)
+    # The error model of the fused form: the scale of [gate | up] side by side.
+    s_out, s_grad = swiglu_scales(torch.cat([gate.detach(), up.detach()], dim=-1), dy)
+    h = shape[-1]
+    assert_close_verbose(y, ref, dtype, "y", tol=TOL[dtype], scale=s_out)
+    grads = zip(torch.autograd.grad(y, (gate, up), dy), torch.autograd.grad(ref, (g64, u64), dy.double()),
+                ("dgate", "dup"), (s_grad[..., :h], s_grad[..., h:]))
+    for got, want, name, sc in grads:
+        assert_close_verbose(got, want, dtype, name, tol=TOL[dtype], scale=sc)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
