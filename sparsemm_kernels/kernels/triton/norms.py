@@ -62,7 +62,7 @@ def _modality_norm_fwd_kernel(
     # Clamped so a bad id (reported by the op's asynchronous check) can never read outside `weight`.
     m = tl.load(ids_ptr + tok, mask=row_mask, other=0).to(tl.int64)
     m = tl.minimum(tl.maximum(m, 0), M - 1)
-    cols = tl.arange(0, BLOCK_D)
+    cols = tl.arange(0, BLOCK_D).to(tl.int64)  # int64: a column stride times D can pass 2^31
     mask = row_mask[:, None] & (cols < D)[None, :]
 
     # fp32 right after the load: statistics need it, and the interpreter cannot do bf16 arithmetic.
@@ -115,7 +115,7 @@ def _modality_norm_bwd_kernel(
     pid = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     m_lo = chunk * M_BLOCK
-    cols = tl.arange(0, BLOCK_D)
+    cols = tl.arange(0, BLOCK_D).to(tl.int64)  # int64: a column stride times D can pass 2^31
     col_mask = cols < D
     mods = tl.arange(0, M_BLOCK)
     dw_acc = tl.zeros((M_BLOCK, BLOCK_D), dtype=tl.float32)
