@@ -19,7 +19,12 @@ import torch
 import triton
 import triton.language as tl
 
-from sparsemm_kernels.kernels.triton.configs import grouped_gemm_configs, grouped_gemm_dw_configs
+from sparsemm_kernels.kernels.triton.configs import (
+    grouped_gemm_configs,
+    grouped_gemm_dw_configs,
+    prune_grouped_gemm_configs,
+    prune_grouped_gemm_dw_configs,
+)
 from sparsemm_kernels.utils.device import is_interpreting, on_first_tensor_device, placeholder
 
 
@@ -44,7 +49,9 @@ def _locate_row_tile(offsets_ptr, tile, G, G_POW2: tl.constexpr, BLOCK_M: tl.con
     return tl.minimum(g, G - 1), first_row, group_end
 
 
-@triton.autotune(configs=grouped_gemm_configs(), key=["K", "J", "stride_ak", "stride_bk", "GATHER_A", "SCATTER_C"])
+@triton.autotune(configs=grouped_gemm_configs(),
+                 key=["K", "J", "stride_ak", "stride_bk", "GATHER_A", "SCATTER_C", "DOT_PRECISION"],
+                 prune_configs_by={"early_config_prune": prune_grouped_gemm_configs})
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
 def _grouped_gemm_kernel(
@@ -114,7 +121,8 @@ def _grouped_gemm_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & j_mask[None, :])
 
 
-@triton.autotune(configs=grouped_gemm_dw_configs(), key=["N", "K", "GATHERED", "HAS_DBIAS"])
+@triton.autotune(configs=grouped_gemm_dw_configs(), key=["N", "K", "GATHERED", "HAS_DBIAS", "DOT_PRECISION"],
+                 prune_configs_by={"early_config_prune": prune_grouped_gemm_dw_configs})
 @triton.jit
 def _grouped_gemm_dw_kernel(
     # inputs
