@@ -129,6 +129,7 @@ class Launch:
     options: dict  # the backend's parsed options (CUDAOptions.__dict__)
     fn_key: str  # the kernel's source hash (Triton's cache_key)
     pruned: bool = False  # compiled only for the record: the autotuner cannot choose it here
+    fixed: bool = False  # launched with the SPARSEMM_AUTOTUNE=0 config list
 
 
 class _TargetDriver:
@@ -174,10 +175,16 @@ class Recorder:
         self._scenario: tuple[str, bool] = ("?", False)
         self._arch: Arch | None = None
         self._pruned_depth = 0
+        self._tuners: list = []
+        self.fixed = False
 
     def call(self, scenario: str, bench: bool, fn: Callable, *args, **kwargs):
         """Run one launcher call, labelling the launches it makes."""
         self._scenario = (scenario, bench)
+        # The tuning key leaves out some specialisations (G_POW2, divisibility): whichever config the GPU picks
+        # for a key meets every one of them, so every call re-tunes and records all choosable configs.
+        for t in self._tuners:
+            t.cache.clear()
         return fn(*args, **kwargs)
 
     @contextlib.contextmanager
@@ -217,7 +224,8 @@ class Recorder:
             for r in frame:
                 rec.launches.append(Launch(
                     module=jit.fn.__module__, kernel=jit.fn.__name__, arch=arch.cc, scenario=rec._scenario[0],
-                    bench=rec._scenario[1], grid=g, fn_key=jit.cache_key, pruned=rec._pruned_depth > 0, **r,
+                    bench=rec._scenario[1], grid=g, fn_key=jit.cache_key, pruned=rec._pruned_depth > 0,
+                    fixed=rec.fixed, **r,
                 ))
 
         def do_compile(jit, key, signature, device, constexprs, options, attrs, warmup):
@@ -253,8 +261,7 @@ class Recorder:
             patch(norms, "_num_sms", lambda index: arch.sms)
             patch(norms, "_num_row_blocks", lambda R, device: orig_row_blocks(R, torch.device("cuda", 0)))
             patch(configs, "current_capability", lambda device=None: arch.capability)
-            for t in tuners:  # tuning caches are per key, not per arch
-                t.cache.clear()
+            self._tuners = tuners
             self._arch = arch
             yield
         finally:
@@ -263,6 +270,7 @@ class Recorder:
             driver._active = saved_driver
             for t in tuners:
                 t.cache.clear()
+            self._tuners = []
             self._arch = None
 
 
@@ -469,8 +477,35 @@ def _plan_scenarios(rec: Recorder, quick: bool) -> None:
         rec.call(f"n{n} G{G} ids {dt}", bench, group_plan_triton, torch.zeros(n, dtype=getattr(torch, dt)), G)
 
 
+@contextlib.contextmanager
+def _fixed_gemm_configs(modules: dict) -> Iterator[None]:
+    """Within: the GEMM autotuners hold the ``SPARSEMM_AUTOTUNE=0`` config lists (what the GPU tests run)."""
+    from sparsemm_kernels.kernels.triton import configs
+
+    gg = modules["sparsemm_kernels.kernels.triton.grouped_gemm"]
+    prev = os.environ.get("SPARSEMM_AUTOTUNE")
+    os.environ["SPARSEMM_AUTOTUNE"] = "0"
+    try:
+        lists = {gg._grouped_gemm_kernel: configs.grouped_gemm_configs(),
+                 gg._grouped_gemm_dw_kernel: configs.grouped_gemm_dw_configs()}
+    finally:
+        if prev is None:
+            os.environ.pop("SPARSEMM_AUTOTUNE", None)
+        else:
+            os.environ["SPARSEMM_AUTOTUNE"] = prev
+    saved = {t: t.configs for t in lists}
+    try:
+        for t, cfgs in lists.items():
+            t.configs = cfgs
+        yield
+    finally:
+        for t, cfgs in saved.items():
+            t.configs = cfgs
+
+
 def record(archs: list[Arch], quick: bool, include_pruned: bool) -> list[Launch]:
-    """Every launch the launchers make for the scenario set, per target arch."""
+    """Every launch the launchers make for the scenario set, per target arch (full: with the autotune lists
+    and with the fixed ``SPARSEMM_AUTOTUNE=0`` configs; quick: the fixed configs only)."""
     modules = _import_kernels()
     rec = Recorder(include_pruned=include_pruned)
     dtypes = ["bf16", "fp32"] if quick else list(PRECISIONS)
@@ -480,6 +515,13 @@ def record(archs: list[Arch], quick: bool, include_pruned: bool) -> list[Launch]
             _norm_scenarios(rec, quick, dtypes)
             _swiglu_scenarios(rec, quick, dtypes)
             _plan_scenarios(rec, quick)
+            if not quick:
+                with _fixed_gemm_configs(modules):
+                    rec.fixed = True
+                    try:
+                        _gemm_scenarios(rec, quick, dtypes)
+                    finally:
+                        rec.fixed = False
     return rec.launches
 
 
@@ -560,6 +602,11 @@ class Job:
     @property
     def pruned(self) -> bool:
         return all(launch.pruned for launch in self.launches)
+
+    @property
+    def fixed_only(self) -> bool:
+        """Launched only with the ``SPARSEMM_AUTOTUNE=0`` config (not in the autotune lists)."""
+        return all(launch.fixed for launch in self.launches)
 
 
 def make_jobs(launches: list[Launch]) -> list[Job]:
@@ -799,7 +846,8 @@ def config_choice(jobs: list[Job], archs: dict[int, Arch], dtypes: list[str]) ->
             for arch in archs.values():
                 est = lambda c: configs.gemm_shared_memory(c, kind, dtype, dot_prec, arch.capability) // 1024  # noqa: E731,B023
                 chosen = configs.choosable_configs(tuned, kind, dtype, dot_prec, arch.capability)
-                recorded = {j.tile_config for j in jobs if j.kernel == kname and j.arch == arch.cc and not j.pruned
+                recorded = {j.tile_config for j in jobs if j.kernel == kname and j.arch == arch.cc
+                            and any(not la.pruned and not la.fixed for la in j.launches)
                             and j.dtype == job_dtype and j.precision == job_prec}
                 if not recorded:
                     continue
@@ -828,7 +876,9 @@ def build_rows(jobs: list[Job], archs: dict[int, Arch]) -> list[dict]:
     """One row per kernel x dtype x precision x config x arch (worst case over its specialisations)."""
     groups: dict[tuple, list[Job]] = defaultdict(list)
     for job in jobs:
-        groups[(job.kernel, job.dtype, job.precision, job.config, job.arch, job.pruned)].append(job)
+        config = job.config + (" (fixed)" if job.fixed_only and job.launches[0].module.endswith("grouped_gemm")
+                               else "")
+        groups[(job.kernel, job.dtype, job.precision, config, job.arch, job.pruned)].append(job)
     rows = []
     for (kernel, dtype, prec, config, cc, pruned), js in groups.items():
         arch = archs[cc]
@@ -883,7 +933,8 @@ def write_report(out_dir: Path, stem: str, header: dict, rows: list[dict], jobs:
            "spills = bytes spill stores / loads per thread (ptxas), worst over the variants launched for a shape of "
            "benchmarks/shapes.py or its model configs (`bench`: spills fail there) and over the others (off the "
            "tiles, edge sizes: spills warn); smem = dynamic + static shared memory per block; limit = the arch's "
-           "per-block maximum; tensor cores = instruction family in the PTX. Compiled, never run: no GPU time here.",
+           "per-block maximum; tensor cores = instruction family in the PTX; `(fixed)`: the SPARSEMM_AUTOTUNE=0 "
+           "config (the GPU test suite's). Compiled, never run: no GPU time here.",
            ""]
     cols = ["kernel", "dtype", "precision", "config", "arch", "variants", "launches", "regs", "spills bench (B)",
             "spills other (B)", "smem (KB)", "limit (KB)", "tensor cores", "verdict"]

@@ -65,23 +65,24 @@ _GEMM = {
     # accumulators per thread (they spill 8-212 B there); sm_90's wgmma holds them.
     "16bit": [_cfg(128, 256, 64, 8, 3), _cfg(128, 128, 64, 8, 4), _cfg(128, 128, 64, 4, 4), _cfg(64, 128, 64, 4, 4),
               _cfg(64, 64, 64, 4, 4)],
-    # TF32 tensor cores, 4-byte operands: half the depth per stage, at most 64 accumulators (128 spill on both).
-    "tf32": [_cfg(128, 128, 64, 8, 3), _cfg(128, 128, 32, 8, 4), _cfg(64, 128, 32, 4, 4), _cfg(128, 64, 32, 8, 3),
-             _cfg(64, 64, 32, 4, 4)],
-    # FMA dot (fp32 "ieee"): operand fragments live in registers too; 32 accumulators per thread, K <= 32.
-    "fp32": [_cfg(64, 128, 32, 8, 3), _cfg(128, 64, 32, 8, 3), _cfg(64, 64, 32, 4, 4), _cfg(64, 64, 16, 4, 3),
-             _cfg(32, 64, 16, 4, 3)],
+    # TF32 tensor cores, 4-byte operands: half the depth per stage, at most 64 accumulators (128 spill on both
+    # archs; 128 x 128 x 64 and 64 x 128 x 32 on 4 warps spill 4-20 B on sm_80 with Triton 3.6).
+    "tf32": [_cfg(128, 128, 32, 8, 4), _cfg(128, 64, 32, 8, 3), _cfg(64, 64, 32, 4, 4)],
+    # FMA dot (fp32 "ieee"): operand fragments live in registers too, and ptxas runs these at ~255 registers:
+    # only the tiles measured spill-free at every benchmark shape with Triton 3.6 and 3.9 (64 x 128 x 32,
+    # 128 x 64 x 32, 64 x 64 x 32 on 4 warps and 32 x 64 x 16 spill 4-16 B at one or another).
+    "fp32": [_cfg(64, 64, 32, 8, 3), _cfg(64, 64, 16, 8, 3), _cfg(64, 64, 16, 4, 3), _cfg(32, 64, 32, 4, 3)],
 }
 # Weight-gradient kernel: tiles BLOCK_N x BLOCK_K of dW, BLOCK_M rows (the dot's depth) per step.
 _GEMM_DW = {
     "16bit": [_dw(128, 128, 64, 8, 3), _dw(128, 128, 32, 4, 4), _dw(128, 64, 64, 4, 4), _dw(64, 64, 64, 4, 4)],
-    "tf32": [_dw(128, 128, 32, 8, 3), _dw(128, 64, 32, 4, 4), _dw(64, 128, 32, 4, 4), _dw(64, 64, 64, 4, 4),
-             _dw(128, 64, 32, 8, 3)],
+    # (128 x 64 x 32 on 4 warps and 64 x 64 x 64 spill 16-288 B on sm_80 with Triton 3.6.)
+    "tf32": [_dw(128, 128, 32, 8, 3), _dw(64, 128, 32, 4, 4), _dw(128, 64, 32, 8, 3)],
     # FMA: 16 rows per step; 32 spill on sm_80 once dbias is summed too (108-840 B), 64 spill 10-15 KB.
     "fp32": [_dw(128, 128, 16, 8, 3), _dw(128, 64, 16, 8, 3), _dw(64, 128, 16, 8, 3)],
 }
 # SPARSEMM_AUTOTUNE=0: one config per kernel, spill-free for every dtype on sm_80 and sm_90a, <= 48 KB shared.
-_FIXED_GEMM = _cfg(64, 64, 32, 4, 3)
+_FIXED_GEMM = _cfg(64, 64, 32, 8, 3)
 _FIXED_GEMM_DW = _dw(128, 64, 16, 8, 3)
 
 
