@@ -16,7 +16,7 @@ BUILT  := $(VENV)/.ext-built
 DEPS   := torch==2.13.0 triton==3.9.0 numpy pytest pytest-benchmark pybind11 ninja setuptools wheel ruff \
           matplotlib tqdm nvidia-ml-py
 
-.PHONY: test report bench lint build gpu-check clean mutate
+.PHONY: test report bench lint build gpu-check clean mutate aot
 
 $(STAMP): Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,22 @@ lint: $(STAMP)
 
 gpu-check:
 	bash benchmarks/gpu_check.sh
+
+# make aot: every Triton kernel x config x specialisation compiled for sm_80 and sm_90a (no GPU needed), with this
+# Triton and with the GPU machines' Triton 3.6 (a second venv); tables in benchmarks/results/aot-<version>.md.
+AOT36       := .venv-aot36
+AOT36_STAMP := $(AOT36)/.deps-installed
+AOT_ARGS    ?=
+
+$(AOT36_STAMP):
+	test -x $(AOT36)/bin/python || $(PYTHON) -m venv $(AOT36)
+	$(AOT36)/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0 triton==3.6.0 numpy
+	touch $@
+
+aot: $(BUILT) $(AOT36_STAMP)
+	$(PY) -m benchmarks.aot $(AOT_ARGS); a=$$?; \
+	PYTHONPATH=$(CURDIR) $(AOT36)/bin/python -m benchmarks.aot $(AOT_ARGS); b=$$?; \
+	test $$a -eq 0 && test $$b -eq 0
 
 clean:
 	rm -rf build *.egg-info sparsemm_kernels/*.so $(BUILT)

@@ -19,7 +19,12 @@ import torch
 import triton
 import triton.language as tl
 
-from sparsemm_kernels.kernels.triton.configs import grouped_gemm_configs, grouped_gemm_dw_configs
+from sparsemm_kernels.kernels.triton.configs import (
+    grouped_gemm_configs,
+    grouped_gemm_dw_configs,
+    prune_grouped_gemm_configs,
+    prune_grouped_gemm_dw_configs,
+)
 from sparsemm_kernels.utils.device import is_interpreting, on_first_tensor_device, placeholder
 
 
@@ -68,7 +73,9 @@ def _group_bounds(offsets_ptr, g, T, G):
     return start, tl.maximum(start, end)
 
 
-@triton.autotune(configs=grouped_gemm_configs(), key=["K", "J", "stride_ak", "stride_bk", "GATHER_A", "SCATTER_C"])
+@triton.autotune(configs=grouped_gemm_configs(),
+                 key=["K", "J", "stride_ak", "stride_bk", "GATHER_A", "SCATTER_C", "DOT_PRECISION"],
+                 prune_configs_by={"early_config_prune": prune_grouped_gemm_configs})
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 @triton.jit
 def _grouped_gemm_kernel(
@@ -117,6 +124,9 @@ def _grouped_gemm_kernel(
     offs_k = tl.arange(0, BLOCK_K).to(tl.int64)  # int64: a K stride times K can pass 2^31
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + g.to(tl.int64) * stride_bg + offs_k[:, None] * stride_bk + offs_j[None, :] * stride_bj
+    # Pointer steps in int64 (BLOCK_K times a K stride can pass 2^31); a stride of 1 arrives as a constexpr.
+    a_step = tl.full((), BLOCK_K, tl.int64) * stride_ak
+    b_step = tl.full((), BLOCK_K, tl.int64) * stride_bk
 
     acc = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
     k_tiles = tl.where(first_row < group_end, tl.cdiv(K, BLOCK_K), 0)
@@ -132,8 +142,8 @@ def _grouped_gemm_kernel(
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-        a_ptrs += BLOCK_K * stride_ak.to(tl.int64)
-        b_ptrs += BLOCK_K * stride_bk.to(tl.int64)
+        a_ptrs += a_step
+        b_ptrs += b_step
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + g.to(tl.int64) * stride_bias_g + offs_j * stride_bias_j, mask=j_mask, other=0.0)
@@ -142,7 +152,9 @@ def _grouped_gemm_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_mask[:, None] & j_mask[None, :])
 
 
-@triton.autotune(configs=grouped_gemm_dw_configs(), key=["N", "K", "GATHER_DY", "GATHER_X", "HAS_DBIAS"])
+@triton.autotune(configs=grouped_gemm_dw_configs(),
+                 key=["N", "K", "GATHER_DY", "GATHER_X", "HAS_DBIAS", "DOT_PRECISION"],
+                 prune_configs_by={"early_config_prune": prune_grouped_gemm_dw_configs})
 @triton.jit
 def _grouped_gemm_dw_kernel(
     # inputs

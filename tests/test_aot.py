@@ -1,0 +1,103 @@
+"""Ahead-of-time GPU compilation (``benchmarks/aot.py``): the CI subset compiles every kernel for sm_80 and sm_90a.
+
+``python -m benchmarks.aot --quick`` runs in a subprocess (it needs the real GPU code paths, not the interpreter
+this suite runs under) and must pass: no compile error, nothing over an arch's limits, tensor cores in every
+16-bit GEMM, no spills at the benchmark shapes. The full matrix is ``make aot``. The pure helpers (ptxas log
+parsing, the per-arch config choice) are checked in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import triton
+
+from benchmarks.aot import parse_ptxas, tensor_core_ops
+from sparsemm_kernels.kernels.triton import configs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _nvidia_backend_missing() -> str | None:
+    try:
+        from triton.backends.nvidia import compiler as nv
+
+        ptxas = Path(nv.get_ptxas(80).path)
+    except Exception as exc:  # any import / lookup failure means: cannot compile for NVIDIA here
+        return f"triton's nvidia backend is not usable here: {exc!r}"
+    if not ptxas.exists():
+        return f"ptxas not found at {ptxas}"
+    return None
+
+
+def test_parse_ptxas_log():
+    log = """ptxas info    : Compiling entry function '_k' for 'sm_80'
+ptxas info    : Function properties for _k
+    5600 bytes stack frame, 7988 bytes spill stores, 21920 bytes spill loads
+ptxas info    : Used 32 registers, used 1 barriers, 5600 bytes cumulative stack size, 1024 bytes smem, 456 bytes cmem[0]
+"""
+    r = parse_ptxas(log)
+    got = (r["regs"], r["spill_stores"], r["spill_loads"], r["stack"], r["smem_static"])
+    assert got == (32, 7988, 21920, 5600, 1024)
+    assert r["ptxas_log_found"]
+    assert not parse_ptxas("")["ptxas_log_found"]
+
+
+def test_tensor_core_ops():
+    assert tensor_core_ops("\tmma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%r1}, ...") == "mma.sync"
+    assert tensor_core_ops("\twgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {...}") == "wgmma"
+    assert tensor_core_ops("\tfma.rn.f32 %r1, %r2, %r3, %r4;") == ""
+
+
+@pytest.mark.parametrize("kernel", ["fwd", "dw"])
+@pytest.mark.parametrize("capability", [(8, 0), (8, 6), (9, 0)])
+@pytest.mark.parametrize(
+    "dtype,precision", [(torch.bfloat16, "tf32"), (torch.float32, "tf32"), (torch.float32, "ieee")]
+)
+def test_choosable_configs_fit_the_arch(kernel, capability, dtype, precision):
+    candidates = configs.candidate_configs(kernel)
+    chosen = configs.choosable_configs(candidates, kernel, dtype, precision, capability)
+    assert chosen and all(c in candidates for c in chosen)
+    limit = configs.shared_memory_limit(capability)
+    assert all(configs.gemm_shared_memory(c, kernel, dtype, precision, capability) <= limit for c in chosen)
+    budget = configs.accumulator_budget(dtype, precision, capability)
+    assert all(configs.accumulators_per_thread(c, kernel) <= budget for c in chosen)
+    # Each operand class has its own tiles: fp32 never gets the 16-bit list and the reverse.
+    other = configs.choosable_configs(candidates, kernel, torch.float16 if dtype == torch.float32 else torch.float32,
+                                      "ieee", capability)
+    assert set(map(str, chosen)) != set(map(str, other))
+
+
+def test_shared_memory_limits():
+    assert configs.shared_memory_limit((8, 0)) == 163 * 1024
+    assert configs.shared_memory_limit((9, 0)) == 227 * 1024
+    assert configs.shared_memory_limit((8, 9)) == 99 * 1024
+    assert configs.shared_memory_limit((9, 5)) == 227 * 1024  # unknown: the nearest known below
+
+
+def test_aot_quick_subset_passes(tmp_path):
+    reason = _nvidia_backend_missing()
+    if reason:
+        pytest.skip(reason)
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SPARSEMM_AUTOTUNE")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    cmd = [sys.executable, "-m", "benchmarks.aot", "--quick", "--jobs", "2", "--out", str(tmp_path),
+           "--cache", str(tmp_path / "cache")]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-6000:]}\n{r.stderr[-4000:]}"
+    data = json.loads((tmp_path / f"aot-{triton.__version__}-quick.json").read_text())
+    rows = data["rows"]
+    assert {row["arch"] for row in rows} == {"sm_80", "sm_90a"}
+    kernels = {row["kernel"] for row in rows}
+    assert {"grouped_gemm_kernel", "grouped_gemm_dw_kernel", "modality_norm_fwd_kernel", "modality_norm_bwd_kernel",
+            "silu_mul_fwd_kernel", "silu_mul_bwd_kernel", "chunk_histogram_kernel", "chunk_scatter_kernel"} <= kernels
+    for row in rows:
+        assert not row["failed"], row
+        if row["kernel"].startswith("grouped_gemm") and row["dtype"] in ("fp16", "bf16"):
+            assert row["tensor_cores"] not in ("none", "-"), row
