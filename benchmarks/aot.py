@@ -7,9 +7,10 @@ Pipeline: **record** -> **compile** -> **check** -> table.
 * Record: the package's own launchers (``grouped_gemm``, ``grouped_gemm_dw``, ``modality_norm_fwd/bwd``,
   ``swiglu_fwd/bwd``, ``silu_mul_fwd/bwd``, ``group_plan_triton``) run on CPU tensors (allocated, never
   touched) with the launch intercepted inside Triton's runtime: ``JITFunction.run`` binds the arguments with
-  Triton's own binder for a *target* backend (a stand-in driver reports sm_80 or sm_90a), so the signature (``*bf16``, ``i32``/``i64``),
-  the specialisation of ints equal to 1 (constexpr) and of ints / pointers divisible by 16 (``tt.divisibility``
-  attrs) and the parsed options are exactly what the GPU runtime would compile; the compile itself is skipped.
+  Triton's own binder for a *target* backend (a stand-in driver reports sm_80 or sm_90a), so the signature
+  (``*bf16``, ``i32``/``i64``), the specialisation of ints equal to 1 (constexpr) and of ints / pointers
+  divisible by 16 (``tt.divisibility`` attrs) and the parsed options are exactly what the GPU runtime would
+  compile; the compile itself is skipped.
   The autotuner runs its real config pruning for the target (``configs.current_capability`` is patched to the
   target's capability) and "benchmarks" every config that survives, so every choosable config is recorded.
   CUDA-only calls of the launchers (the SM count of ``norms._num_sms``) answer with the target's values.
