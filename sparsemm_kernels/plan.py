@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sparsemm_kernels.backend import check_backend_name, select_backend
+from sparsemm_kernels.ops.dispatch import Op
 from sparsemm_kernels.utils.checks import (
     ASYNC,
     EAGER,
@@ -58,8 +59,7 @@ class GroupPlan:
         return self.offsets.device
 
 
-@torch.library.custom_op("sparsemm::group_plan", mutates_args=())
-def group_plan_op(
+def _group_plan(
     ids: torch.Tensor, num_groups: int, mode: str, backend: str | None, name: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(sorted_to_orig, counts, offsets, orig_to_sorted)`` of flat ``ids``; ids outside ``[0, G)`` are
@@ -106,8 +106,7 @@ def group_plan_op(
     return sorted_to_orig, counts, offsets, orig_to_sorted
 
 
-@group_plan_op.register_fake
-def _(ids, num_groups, mode, backend, name):
+def _group_plan_fake(ids, num_groups, mode, backend, name):
     n = ids.numel()
     return (
         ids.new_empty(n, dtype=torch.int64),
@@ -115,6 +114,9 @@ def _(ids, num_groups, mode, backend, name):
         ids.new_empty(num_groups + 1, dtype=torch.int64),
         ids.new_empty(n, dtype=torch.int64),
     )
+
+
+group_plan_op = Op("sparsemm::group_plan", _group_plan, _group_plan_fake)
 
 
 def group_plan(
@@ -154,7 +156,7 @@ def build_plan(
     if not ids.is_contiguous():
         ids = ids.contiguous()
     mode = validation_mode(validate, ids.device)
-    sorted_to_orig, counts, offsets, orig_to_sorted = torch.ops.sparsemm.group_plan(
+    sorted_to_orig, counts, offsets, orig_to_sorted = group_plan_op(
         ids, num_groups, mode, backend, name
     )
     return GroupPlan(
@@ -162,21 +164,22 @@ def build_plan(
     )
 
 
-@torch.library.custom_op("sparsemm::checked_ids", mutates_args=())
-def checked_ids_op(ids: torch.Tensor, num_groups: int, mode: str, name: str) -> torch.Tensor:
+def _checked_ids(ids: torch.Tensor, num_groups: int, mode: str, name: str) -> torch.Tensor:
     """``ids`` checked per ``mode`` (naming ``name``) and returned clamped into ``[0, num_groups)``: the ids a
     layer then uses can index ``num_groups`` weights whatever the input held."""
     check_ids_values(ids, num_groups, name, mode)
     return ids.clamp(0, num_groups - 1)
 
 
-@checked_ids_op.register_fake
-def _(ids, num_groups, mode, name):
+def _checked_ids_fake(ids, num_groups, mode, name):
     return torch.empty_like(ids)
+
+
+checked_ids_op = Op("sparsemm::checked_ids", _checked_ids, _checked_ids_fake)
 
 
 def checked_ids(ids: torch.Tensor, num_groups: int, *, validate: bool | None, name: str) -> torch.Tensor:
     """Range-check ``ids`` (eager ``ValueError`` on CPU, asynchronous device assertion on CUDA, nothing with
     ``validate=False``) in a way ``torch.compile`` keeps: the clamped ids returned are what the caller uses."""
-    return torch.ops.sparsemm.checked_ids(ids, num_groups, validation_mode(validate, ids.device), name)
+    return checked_ids_op(ids, num_groups, validation_mode(validate, ids.device), name)
 

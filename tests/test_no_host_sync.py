@@ -45,7 +45,7 @@ ALLOWED = {
     ("kernels/cpu.py", "_check_row_range", "int(used.min())"): "CPU rows: range check before the C++ gather",
     ("kernels/cpu.py", "_check_row_range", "int(used.max())"): "CPU rows: range check before the C++ gather",
     # plan.py: the cpu backend's error path; the ids are a CPU tensor there.
-    ("plan.py", "group_plan_op", "int(ids[first_bad])"): "cpu backend only: one CPU id read to word the ValueError",
+    ("plan.py", "_group_plan", "int(ids[first_bad])"): "cpu backend only: one CPU id read to word the ValueError",
     # The torch backend loops over groups on the host (documented: the CPU fast path and the correctness fallback
     # on CUDA, never chosen automatically there); it reads the group bounds once per call.
     ("ops/grouped_linear.py", "_gemm_torch", "_host_offsets(offsets, T, mode).tolist()"):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from sparsemm_kernels.backend import check_backend_name, select_backend
+from sparsemm_kernels.ops.dispatch import Op
 from sparsemm_kernels.plan import GroupPlan
 from sparsemm_kernels.utils.checks import (
     MODES,
@@ -115,8 +116,7 @@ def _gemm_kernel(name, x, weight, bias, offsets, rows, gather_a, scatter_c, tran
     )
 
 
-@torch.library.custom_op("sparsemm::grouped_gemm", mutates_args=())
-def grouped_gemm_op(
+def _grouped_gemm(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -151,8 +151,7 @@ def grouped_gemm_op(
     return _gemm_kernel(name, x, weight, bias, offsets, rows, gather_a, scatter_c, transpose_w, mode)
 
 
-@grouped_gemm_op.register_fake
-def _(x, weight, bias, offsets, rows, gather_a, scatter_c, transpose_w, mode, backend):
+def _grouped_gemm_fake(x, weight, bias, offsets, rows, gather_a, scatter_c, transpose_w, mode, backend):
     J = weight.shape[2] if transpose_w else weight.shape[1]
     return x.new_empty(x.shape[0], J)
 
@@ -182,8 +181,7 @@ def _dw_torch(dy, x, offsets, rows, gather_dy, gather_x, compute_dbias, mode):
     return dw, db
 
 
-@torch.library.custom_op("sparsemm::grouped_gemm_dw", mutates_args=())
-def grouped_gemm_dw_op(
+def _grouped_gemm_dw(
     dy: torch.Tensor,
     x: torch.Tensor,
     offsets: torch.Tensor,
@@ -221,8 +219,7 @@ def grouped_gemm_dw_op(
     return dw, (db if db is not None else dy.new_empty(0))
 
 
-@grouped_gemm_dw_op.register_fake
-def _(dy, x, offsets, rows, gather_dy, gather_x, compute_dbias, mode, backend):
+def _grouped_gemm_dw_fake(dy, x, offsets, rows, gather_dy, gather_x, compute_dbias, mode, backend):
     G = offsets.shape[0] - 1
     db = dy.new_empty(G, dy.shape[1]) if compute_dbias else dy.new_empty(0)
     return dy.new_empty(G, dy.shape[1], x.shape[1]), db
@@ -279,8 +276,8 @@ def _dw_backward(ctx, ddw, ddb):
     return d_dy, d_x, None, None, None, None, None, None, None
 
 
-grouped_gemm_op.register_autograd(_gemm_backward, setup_context=_gemm_setup)
-grouped_gemm_dw_op.register_autograd(_dw_backward, setup_context=_dw_setup)
+grouped_gemm_op = Op("sparsemm::grouped_gemm", _grouped_gemm, _grouped_gemm_fake, _gemm_setup, _gemm_backward)
+grouped_gemm_dw_op = Op("sparsemm::grouped_gemm_dw", _grouped_gemm_dw, _grouped_gemm_dw_fake, _dw_setup, _dw_backward)
 
 
 def _check_operands(x, weight, bias):
@@ -354,7 +351,7 @@ def grouped_mm(
     backend = check_backend_name(backend)
     offsets = offsets.to(torch.int64).contiguous()
     mode = validation_mode(validate, x.device)
-    return torch.ops.sparsemm.grouped_gemm(x, weight, bias, offsets, None, False, False, False, mode, backend)
+    return grouped_gemm_op(x, weight, bias, offsets, None, False, False, False, mode, backend)
 
 
 _ORDERS = ("token", "sorted")
@@ -405,7 +402,7 @@ def grouped_linear(
     gather, scatter = input_order == "token", output_order == "token"
     rows = plan.sorted_to_orig.contiguous() if (gather or scatter) else None
     offsets = plan.offsets.contiguous()
-    return torch.ops.sparsemm.grouped_gemm(x, weight, bias, offsets, rows, gather, scatter, False, mode, backend)
+    return grouped_gemm_op(x, weight, bias, offsets, rows, gather, scatter, False, mode, backend)
 
 
 def _check_plan(plan, num_rows: int, num_groups: int, x: torch.Tensor) -> None:

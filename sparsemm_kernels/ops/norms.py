@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsemm_kernels.backend import BackendUnavailableError, check_backend_name, select_backend
+from sparsemm_kernels.ops.dispatch import Op
 from sparsemm_kernels.reference.norms import modality_layer_norm_ref, modality_norm_bwd_ref, modality_rms_norm_ref
 from sparsemm_kernels.utils.checks import (
     OFF,
@@ -65,8 +66,7 @@ def _norm_torch(x, ids, weight, bias, eps: float, is_rms: bool):
     return modality_layer_norm_ref(x, ids, weight, bias, eps)
 
 
-@torch.library.custom_op("sparsemm::modality_norm", mutates_args=())
-def modality_norm_op(
+def _modality_norm(
     x: torch.Tensor,
     ids: torch.Tensor,
     weight: torch.Tensor,
@@ -91,15 +91,13 @@ def modality_norm_op(
     return y.view(x.shape), (mean if mean is not None else rstd.new_empty(0)), rstd
 
 
-@modality_norm_op.register_fake
-def _(x, ids, weight, bias, eps, is_rms, mode, backend):
+def _modality_norm_fake(x, ids, weight, bias, eps, is_rms, mode, backend):
     R = x.numel() // x.shape[-1]
     stats = x.new_empty(R, dtype=_stats_dtype(x))
     return x.new_empty(x.shape), (x.new_empty(0, dtype=stats.dtype) if is_rms else stats), stats.clone()
 
 
-@torch.library.custom_op("sparsemm::modality_norm_bwd", mutates_args=())
-def modality_norm_bwd_op(
+def _modality_norm_bwd(
     dy: torch.Tensor,
     x: torch.Tensor,
     ids: torch.Tensor,
@@ -134,8 +132,7 @@ def modality_norm_bwd_op(
     )
 
 
-@modality_norm_bwd_op.register_fake
-def _(dy, x, ids, weight, mean, rstd, eps, is_rms, has_bias, need_dx, need_dw, need_db, backend):
+def _modality_norm_bwd_fake(dy, x, ids, weight, mean, rstd, eps, is_rms, has_bias, need_dx, need_dw, need_db, backend):
     return (
         x.new_empty(x.shape) if need_dx else x.new_empty(0),
         weight.new_empty(weight.shape) if need_dw else x.new_empty(0),
@@ -171,8 +168,10 @@ def _bwd_setup(ctx, inputs, output):
     pass
 
 
-modality_norm_op.register_autograd(_norm_backward, setup_context=_norm_setup)
-modality_norm_bwd_op.register_autograd(_refuse_double_backward, setup_context=_bwd_setup)
+modality_norm_op = Op("sparsemm::modality_norm", _modality_norm, _modality_norm_fake, _norm_setup, _norm_backward)
+modality_norm_bwd_op = Op(
+    "sparsemm::modality_norm_bwd", _modality_norm_bwd, _modality_norm_bwd_fake, _bwd_setup, _refuse_double_backward
+)
 
 
 # ---- the same norms on rows already grouped (a plan's sorted stream): group g is rows offsets[g]:offsets[g+1] ----
@@ -247,8 +246,7 @@ def _grouped_norm_bwd_torch(dy, x, weight, offsets, mean, rstd, need_dx, need_dw
     return dx, (dw.to(weight.dtype) if need_dw else None), (db.to(weight.dtype) if need_db else None)
 
 
-@torch.library.custom_op("sparsemm::grouped_norm", mutates_args=())
-def grouped_norm_op(
+def _grouped_norm(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -272,14 +270,12 @@ def grouped_norm_op(
     return y.view(x.shape), (mean if mean is not None else rstd.new_empty(0)), rstd
 
 
-@grouped_norm_op.register_fake
-def _(x, weight, bias, offsets, eps, is_rms, mode, backend):
+def _grouped_norm_fake(x, weight, bias, offsets, eps, is_rms, mode, backend):
     stats = x.new_empty(x.shape[0], dtype=_stats_dtype(x))
     return x.new_empty(x.shape), (x.new_empty(0, dtype=stats.dtype) if is_rms else stats), stats.clone()
 
 
-@torch.library.custom_op("sparsemm::grouped_norm_bwd", mutates_args=())
-def grouped_norm_bwd_op(
+def _grouped_norm_bwd(
     dy: torch.Tensor,
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -315,8 +311,9 @@ def grouped_norm_bwd_op(
     )
 
 
-@grouped_norm_bwd_op.register_fake
-def _(dy, x, weight, offsets, mean, rstd, eps, is_rms, has_bias, need_dx, need_dw, need_db, mode, backend):
+def _grouped_norm_bwd_fake(
+    dy, x, weight, offsets, mean, rstd, eps, is_rms, has_bias, need_dx, need_dw, need_db, mode, backend
+):
     return (
         x.new_empty(x.shape) if need_dx else x.new_empty(0),
         weight.new_empty(weight.shape) if need_dw else x.new_empty(0),
@@ -343,8 +340,10 @@ def _grouped_backward(ctx, dy, _dmean, _drstd):
     return (dx if need_dx else None), (dw if need_dw else None), (db if need_db else None), None, None, None, None, None
 
 
-grouped_norm_op.register_autograd(_grouped_backward, setup_context=_grouped_setup)
-grouped_norm_bwd_op.register_autograd(_refuse_double_backward, setup_context=_bwd_setup)
+grouped_norm_op = Op("sparsemm::grouped_norm", _grouped_norm, _grouped_norm_fake, _grouped_setup, _grouped_backward)
+grouped_norm_bwd_op = Op(
+    "sparsemm::grouped_norm_bwd", _grouped_norm_bwd, _grouped_norm_bwd_fake, _bwd_setup, _refuse_double_backward
+)
 
 
 def check_eps(eps) -> float:
@@ -419,7 +418,7 @@ def modality_rms_norm(
         ``x`` and ``weight``; the weight gradient of a modality absent from the batch is exactly zero, and
         the triton backend reduces it without atomics (bitwise reproducible).
     """
-    return _modality_norm(x, modality_ids, weight, None, eps, True, backend, validate)
+    return _modality_norm_call(x, modality_ids, weight, None, eps, True, backend, validate)
 
 
 def modality_layer_norm(
@@ -441,20 +440,20 @@ def modality_layer_norm(
         ``x.shape`` in ``x``'s dtype; differentiable in ``x``, ``weight`` and ``bias`` (exact zeros for a
         modality absent from the batch).
     """
-    return _modality_norm(x, modality_ids, weight, bias, eps, False, backend, validate)
+    return _modality_norm_call(x, modality_ids, weight, bias, eps, False, backend, validate)
 
 
-def _modality_norm(x, modality_ids, weight, bias, eps, is_rms: bool, backend, validate) -> torch.Tensor:
+def _modality_norm_call(x, modality_ids, weight, bias, eps, is_rms: bool, backend, validate) -> torch.Tensor:
     # Under autocast a norm runs in float32, as torch's own layer_norm does.
     x, weight, bias = autocast_to(x, weight, bias, policy="fp32")
     eps = _check_operands(x, modality_ids, weight, bias, eps)
     backend = check_backend_name(backend)
     mode = validation_mode(validate, modality_ids.device)
-    y, _, _ = torch.ops.sparsemm.modality_norm(x, modality_ids, weight, bias, eps, is_rms, mode, backend)
+    y, _, _ = modality_norm_op(x, modality_ids, weight, bias, eps, is_rms, mode, backend)
     return y
 
 
-def _grouped_norm(x, weight, bias, offsets, eps, is_rms: bool, backend, validate, trusted=False) -> torch.Tensor:
+def _grouped_norm_call(x, weight, bias, offsets, eps, is_rms: bool, backend, validate, trusted=False) -> torch.Tensor:
     x, weight, bias = autocast_to(x, weight, bias, policy="fp32")
     check_float_tensor(x, "x")
     check_dim(x, 2, "x", "(T, D), rows grouped by `offsets`")
@@ -474,14 +473,14 @@ def _grouped_norm(x, weight, bias, offsets, eps, is_rms: bool, backend, validate
     backend = check_backend_name(backend)
     mode = TRUSTED if trusted else validation_mode(validate, x.device)
     offsets = offsets.to(torch.int64).contiguous()
-    y, _, _ = torch.ops.sparsemm.grouped_norm(x, weight, bias, offsets, eps, is_rms, mode, backend)
+    y, _, _ = grouped_norm_op(x, weight, bias, offsets, eps, is_rms, mode, backend)
     return y
 
 
 def plan_norm(x, weight, bias, plan, eps, is_rms: bool, backend) -> torch.Tensor:
     """:func:`grouped_rms_norm` (``is_rms``) / :func:`grouped_layer_norm` over ``plan.offsets``, for layers that
     hold a plan: one built by ``group_plan`` (``plan.trusted``) has valid offsets and is not re-checked."""
-    return _grouped_norm(x, weight, bias, plan.offsets, eps, is_rms, backend, None, trusted=plan.trusted)
+    return _grouped_norm_call(x, weight, bias, plan.offsets, eps, is_rms, backend, None, trusted=plan.trusted)
 
 
 def grouped_rms_norm(
@@ -501,7 +500,7 @@ def grouped_rms_norm(
     ``offsets`` as in :func:`grouped_mm` (``validate`` likewise); ``weight (G, D)``. Returns ``x.shape`` in
     ``x``'s dtype (float32 under autocast); differentiable in ``x`` and ``weight`` (first derivatives).
     """
-    return _grouped_norm(x, weight, None, offsets, eps, True, backend, validate)
+    return _grouped_norm_call(x, weight, None, offsets, eps, True, backend, validate)
 
 
 def grouped_layer_norm(
@@ -517,4 +516,4 @@ def grouped_layer_norm(
     """Per-group LayerNorm of rows already grouped: ``(x - mean) / sqrt(var + eps) * weight[g] + bias[g]`` for
     the rows ``offsets[g]:offsets[g+1]`` (biased variance). As :func:`grouped_rms_norm`; ``bias (G, D)`` or None.
     """
-    return _grouped_norm(x, weight, bias, offsets, eps, False, backend, validate)
+    return _grouped_norm_call(x, weight, bias, offsets, eps, False, backend, validate)

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import torch
 
+from sparsemm_kernels.ops.dispatch import Op
 from sparsemm_kernels.plan import GroupPlan
 from sparsemm_kernels.utils.checks import MODES, OFF, TRUSTED, check_permutation_values, check_tensor, validation_mode
 
 
-@torch.library.custom_op("sparsemm::permute_rows", mutates_args=())
-def permute_rows_op(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, mode: str) -> torch.Tensor:
+def _permute_rows(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, mode: str) -> torch.Tensor:
     """``x[index]`` along dim 0 (``index`` a permutation of the rows, ``inverse`` its inverse)."""
     if mode not in MODES:
         raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
@@ -25,8 +25,7 @@ def permute_rows_op(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor,
     return x.index_select(0, index)
 
 
-@permute_rows_op.register_fake
-def _(x, index, inverse, mode):
+def _permute_rows_fake(x, index, inverse, mode):
     return x.new_empty(index.shape[0], *x.shape[1:])
 
 
@@ -41,7 +40,7 @@ def _backward(ctx, dy):
     return permute_rows_op(dy, inverse, index, ctx.mode), None, None, None
 
 
-permute_rows_op.register_autograd(_backward, setup_context=_setup)
+permute_rows_op = Op("sparsemm::permute_rows", _permute_rows, _permute_rows_fake, _setup, _backward)
 
 
 def _permute(x: torch.Tensor, plan: GroupPlan, to_sorted: bool, validate) -> torch.Tensor:
@@ -57,7 +56,7 @@ def _permute(x: torch.Tensor, plan: GroupPlan, to_sorted: bool, validate) -> tor
     if x.device != index.device:
         raise ValueError(f"`plan` is on {index.device} but `x` is on {x.device}")
     mode = TRUSTED if plan.trusted else validation_mode(validate, x.device)
-    return torch.ops.sparsemm.permute_rows(x, index, inverse, mode)
+    return permute_rows_op(x, index, inverse, mode)
 
 
 def sort_rows(x: torch.Tensor, plan: GroupPlan, *, validate: bool | None = None) -> torch.Tensor:

@@ -12,12 +12,12 @@ from __future__ import annotations
 import torch
 
 from sparsemm_kernels.backend import check_backend_name, select_backend
+from sparsemm_kernels.ops.dispatch import Op
 from sparsemm_kernels.reference.swiglu import silu_mul_bwd_ref, silu_mul_ref, swiglu_bwd_ref, swiglu_ref
 from sparsemm_kernels.utils.checks import check_float_tensor
 
 
-@torch.library.custom_op("sparsemm::swiglu", mutates_args=())
-def swiglu_op(gate_up: torch.Tensor, backend: str | None) -> torch.Tensor:
+def _swiglu(gate_up: torch.Tensor, backend: str | None) -> torch.Tensor:
     """``silu(a) * b`` for ``gate_up = [a | b]`` along the last dim; ``(..., H)`` contiguous."""
     if select_backend("swiglu", gate_up.device, gate_up.dtype, backend) == "torch":
         return swiglu_ref(gate_up).contiguous()
@@ -26,13 +26,11 @@ def swiglu_op(gate_up: torch.Tensor, backend: str | None) -> torch.Tensor:
     return swiglu_fwd(gate_up)
 
 
-@swiglu_op.register_fake
-def _(gate_up, backend):
+def _swiglu_fake(gate_up, backend):
     return gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
 
 
-@torch.library.custom_op("sparsemm::swiglu_bwd", mutates_args=())
-def swiglu_bwd_op(gate_up: torch.Tensor, dy: torch.Tensor, backend: str | None) -> torch.Tensor:
+def _swiglu_bwd(gate_up: torch.Tensor, dy: torch.Tensor, backend: str | None) -> torch.Tensor:
     """``d gate_up = [dy * b * s * (1 + a (1 - s)) | dy * silu(a)]`` with ``s = sigmoid(a)``."""
     if select_backend("swiglu", gate_up.device, gate_up.dtype, backend) == "torch":
         return swiglu_bwd_ref(gate_up, dy).contiguous()
@@ -41,8 +39,7 @@ def swiglu_bwd_op(gate_up: torch.Tensor, dy: torch.Tensor, backend: str | None) 
     return swiglu_bwd(gate_up, dy)
 
 
-@swiglu_bwd_op.register_fake
-def _(gate_up, dy, backend):
+def _swiglu_bwd_fake(gate_up, dy, backend):
     return gate_up.new_empty(gate_up.shape)
 
 
@@ -57,18 +54,21 @@ def _backward(ctx, dy):
     return swiglu_bwd_op(gate_up, dy, ctx.backend), None
 
 
+def _no_setup(ctx, inputs, output):
+    pass
+
+
 def _refuse_double_backward(ctx, *grads):
     raise RuntimeError(
         "double backward through swiglu (MoTFeedForward) is not supported: its backward is a fused kernel"
     )
 
 
-swiglu_op.register_autograd(_backward, setup_context=_setup)
-swiglu_bwd_op.register_autograd(_refuse_double_backward, setup_context=lambda ctx, inputs, output: None)
+swiglu_op = Op("sparsemm::swiglu", _swiglu, _swiglu_fake, _setup, _backward)
+swiglu_bwd_op = Op("sparsemm::swiglu_bwd", _swiglu_bwd, _swiglu_bwd_fake, _no_setup, _refuse_double_backward)
 
 
-@torch.library.custom_op("sparsemm::silu_mul", mutates_args=())
-def silu_mul_op(gate: torch.Tensor, up: torch.Tensor, backend: str | None) -> torch.Tensor:
+def _silu_mul(gate: torch.Tensor, up: torch.Tensor, backend: str | None) -> torch.Tensor:
     """``silu(gate) * up`` for two tensors of one shape; contiguous output."""
     if select_backend("swiglu", gate.device, gate.dtype, backend) == "torch":
         return silu_mul_ref(gate, up).contiguous()
@@ -77,13 +77,11 @@ def silu_mul_op(gate: torch.Tensor, up: torch.Tensor, backend: str | None) -> to
     return silu_mul_fwd(gate, up)
 
 
-@silu_mul_op.register_fake
-def _(gate, up, backend):
+def _silu_mul_fake(gate, up, backend):
     return gate.new_empty(gate.shape)
 
 
-@torch.library.custom_op("sparsemm::silu_mul_bwd", mutates_args=())
-def silu_mul_bwd_op(
+def _silu_mul_bwd(
     gate: torch.Tensor, up: torch.Tensor, dy: torch.Tensor, backend: str | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(d gate, d up) = (dy * up * s * (1 + gate (1 - s)), dy * silu(gate))`` with ``s = sigmoid(gate)``."""
@@ -95,8 +93,7 @@ def silu_mul_bwd_op(
     return silu_mul_bwd(gate, up, dy)
 
 
-@silu_mul_bwd_op.register_fake
-def _(gate, up, dy, backend):
+def _silu_mul_bwd_fake(gate, up, dy, backend):
     return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
 
 
@@ -112,8 +109,8 @@ def _silu_mul_backward(ctx, dy):
     return dg, du, None
 
 
-silu_mul_op.register_autograd(_silu_mul_backward, setup_context=_silu_mul_setup)
-silu_mul_bwd_op.register_autograd(_refuse_double_backward, setup_context=lambda ctx, inputs, output: None)
+silu_mul_op = Op("sparsemm::silu_mul", _silu_mul, _silu_mul_fake, _silu_mul_setup, _silu_mul_backward)
+silu_mul_bwd_op = Op("sparsemm::silu_mul_bwd", _silu_mul_bwd, _silu_mul_bwd_fake, _no_setup, _refuse_double_backward)
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
@@ -141,7 +138,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None
         raise ValueError(f"`up` is on {up.device} but `gate` is on {gate.device}")
     if gate.dim() < 1:
         raise ValueError("`gate` must be at least 1-D (..., H), got a 0-d tensor")
-    return torch.ops.sparsemm.silu_mul(gate, up, check_backend_name(backend))
+    return silu_mul_op(gate, up, check_backend_name(backend))
 
 
 def swiglu(gate_up: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
@@ -170,4 +167,4 @@ def swiglu(gate_up: torch.Tensor, *, backend: str | None = None) -> torch.Tensor
         raise ValueError("`gate_up` must be at least 1-D (..., 2H), got a 0-d tensor")
     if gate_up.shape[-1] % 2:
         raise ValueError(f"`gate_up` must have an even last dimension (..., 2H), got shape {tuple(gate_up.shape)}")
-    return torch.ops.sparsemm.swiglu(gate_up, check_backend_name(backend))
+    return swiglu_op(gate_up, check_backend_name(backend))

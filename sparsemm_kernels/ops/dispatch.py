@@ -1,0 +1,78 @@
+"""How the package's ops are defined and called: a ``torch.library`` custom op, plus a lean eager path.
+
+Every op is registered with ``torch.library.custom_op`` (``sparsemm::<name>``) with a fake implementation and,
+where it has one, its autograd formula: that is what ``torch.compile``, ``opcheck``, fake tensors and dispatch
+modes see. Calling a custom op eagerly, though, goes through the dispatcher and ``torch.library``'s generic
+autograd wrapper (argument binding, default filling), tens of microseconds per call, which a layer with a
+dozen ops pays every step. So :class:`Op` calls the same implementation, with the same setup and backward
+functions, through one plain ``torch.autograd.Function`` when nothing needs the dispatcher: outside
+``torch.compile``, on plain tensors, with no dispatch mode active. Both paths run the same code, and the tests
+exercise both (the op tests eagerly, ``opcheck`` and the compile tests through the dispatcher).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+
+class _EagerAutograd(torch.autograd.Function):
+    """Runs ``op.impl`` with ``op.setup`` / ``op.backward`` as its autograd formula (first argument: the Op)."""
+
+    @staticmethod
+    def forward(ctx, op, *args):
+        out = op.impl(*args)
+        op.setup(ctx, args, out)
+        ctx.op = op
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        # The formula sees the op's own inputs, as under the dispatcher: drop the leading Op argument.
+        full = ctx.needs_input_grad
+        ctx.needs_input_grad = full[1:]
+        try:
+            result = ctx.op.backward(ctx, *grads)
+        finally:
+            ctx.needs_input_grad = full
+        return (None, *result) if isinstance(result, tuple) else (None, result)
+
+
+class Op:
+    """A ``sparsemm::`` custom op (``self.custom_op``) that is called like a function.
+
+    Args:
+        name: ``"sparsemm::<name>"``.
+        impl: the implementation, with the type annotations ``torch.library.custom_op`` reads.
+        fake: the fake (meta) implementation.
+        setup, backward: the autograd formula (``register_autograd``'s ``setup_context`` and ``backward``), or
+            None for an op without gradients.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        impl: Callable,
+        fake: Callable,
+        setup: Callable | None = None,
+        backward: Callable | None = None,
+    ) -> None:
+        self.impl, self.setup, self.backward = impl, setup, backward
+        self.custom_op = torch.library.custom_op(name, impl, mutates_args=())
+        self.custom_op.register_fake(fake)
+        if backward is not None:
+            self.custom_op.register_autograd(backward, setup_context=setup)
+        self.__doc__ = impl.__doc__
+
+    def __call__(self, *args):
+        if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+            return self.custom_op(*args)
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if any(type(t) is not torch.Tensor for t in tensors):  # fake, functional or subclass: the dispatcher
+            return self.custom_op(*args)
+        if self.backward is not None and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return _EagerAutograd.apply(self, *args)
+        with torch.no_grad():  # as under the dispatcher: an op's implementation is never recorded by autograd
+            return self.impl(*args)
