@@ -25,6 +25,7 @@ dispatch to it in the op's file.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -153,9 +154,19 @@ def select_backend(op: str, device: torch.device, dtype: torch.dtype, requested:
     over the ``SPARSEMM_BACKEND`` environment variable (a preference); ``None`` or ``"auto"`` means
     automatic selection.
     """
+    # Every op call asks; the answer depends only on these (and on what is installed, fixed per process).
+    env = os.environ.get("SPARSEMM_BACKEND", "")
+    return _select_cached(op, device.type, dtype, check_backend_name(requested), env, is_interpreting())
+
+
+@functools.lru_cache(maxsize=1024)
+def _select_cached(op: str, device_type: str, dtype: torch.dtype, requested, env: str, interpreting: bool) -> str:
+    return _select(op, torch.device(device_type), dtype, requested, env)
+
+
+def _select(op: str, device: torch.device, dtype: torch.dtype, requested: str | None, env: str) -> str:
     requested = check_backend_name(requested)
     if requested in (None, "auto"):
-        env = os.environ.get("SPARSEMM_BACKEND", "")
         if requested is None and env and env != "auto":
             try:
                 requested = prefer(env)

@@ -17,6 +17,9 @@ from collections.abc import Callable
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+# Tensor types the eager path takes: plain tensors and parameters (a Parameter is a plain tensor to autograd).
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
 
 class _EagerAutograd(torch.autograd.Function):
     """Runs ``op.impl`` with ``op.setup`` / ``op.backward`` as its autograd formula (first argument: the Op)."""
@@ -70,7 +73,7 @@ class Op:
         if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
             return self.custom_op(*args)
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        if any(type(t) is not torch.Tensor for t in tensors):  # fake, functional or subclass: the dispatcher
+        if any(type(t) not in _PLAIN for t in tensors):  # fake, functional or another subclass: the dispatcher
             return self.custom_op(*args)
         if self.backward is not None and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             return _EagerAutograd.apply(self, *args)
