@@ -243,6 +243,10 @@ def _gemm_backward(ctx, dy):
     x, weight, offsets, rows = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     ga, sc, mode, backend = ctx.gather_a, ctx.scatter_c, ctx.mode, ctx.backend
+    if sc and need_x and (need_w or need_b) and mode == TRUSTED and _backend(dy, weight.shape[0], backend) == "torch":
+        # The torch backend gathers with a copy: gather dC into sorted order once for both dX and dW. (The
+        # kernels gather on load for free, so they keep reading dC where it is.)
+        dy, sc = dy.index_select(0, rows), False
     dx = dw = db = None
     if need_x:
         dx = grouped_gemm_op(dy, weight, None, offsets, rows, sc, ga, not ctx.transpose_w, mode, backend)
