@@ -77,7 +77,7 @@ if [ "$rc" -eq 0 ]; then STATUS[build]=ok; else
 fi
 
 banner "CUDA tests (pytest -m gpu, timeout ${TEST_TIMEOUT}s)"
-timeout "$TEST_TIMEOUT" "$PYTHON" -m pytest -m gpu tests -q -x -p no:cacheprovider 2>&1 | tee "$RUN_DIR/tests.log"
+timeout "$TEST_TIMEOUT" "$PYTHON" -m pytest -m gpu tests -q -rf --maxfail=25 -p no:cacheprovider 2>&1 | tee "$RUN_DIR/tests.log"
 rc=${PIPESTATUS[0]}
 case "$rc" in
   0) STATUS[tests]=ok ;;
