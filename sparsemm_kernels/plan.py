@@ -183,3 +183,19 @@ def checked_ids(ids: torch.Tensor, num_groups: int, *, validate: bool | None, na
     ``validate=False``) in a way ``torch.compile`` keeps: the clamped ids returned are what the caller uses."""
     return checked_ids_op(ids, num_groups, validation_mode(validate, ids.device), name)
 
+
+def check_sorted_rows(x: torch.Tensor, plan, num_groups: int, dim: int, layer: str) -> None:
+    """For a ``forward_sorted`` entry point: ``x (T, dim)`` float rows in the order of ``plan``, a
+    :class:`GroupPlan` over ``T`` rows and ``num_groups`` groups (``layer`` names the caller in errors)."""
+    from sparsemm_kernels.utils.checks import check_float_tensor
+
+    check_float_tensor(x, "x")
+    if x.dim() != 2 or x.shape[1] != dim:
+        raise ValueError(f"`x` must be (T, {dim}) rows in plan order, got shape {tuple(x.shape)}")
+    if not isinstance(plan, GroupPlan):
+        raise TypeError(f"`plan` must be a GroupPlan with num_modalities={num_groups}, got {type(plan).__name__}")
+    if plan.num_groups != num_groups or plan.num_rows != x.shape[0]:
+        raise ValueError(
+            f"`plan` routes {plan.num_rows} rows into {plan.num_groups} groups, but `x` has {x.shape[0]} rows and "
+            f"the {layer} {num_groups} modalities"
+        )

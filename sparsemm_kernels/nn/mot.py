@@ -30,7 +30,7 @@ from sparsemm_kernels.ops.attention import apply_rotary, attention_mask, check_p
 from sparsemm_kernels.ops.grouped_linear import grouped_linear
 from sparsemm_kernels.ops.permute import sort_rows, unsort_rows
 from sparsemm_kernels.ops.swiglu import silu_mul
-from sparsemm_kernels.plan import GroupPlan, build_plan, checked_ids
+from sparsemm_kernels.plan import GroupPlan, build_plan, check_sorted_rows, checked_ids
 from sparsemm_kernels.utils.checks import check_float_tensor, check_int_tensor, check_positive_int
 
 _NORMS = {"rms": MoTRMSNorm, "layer": MoTLayerNorm}
@@ -95,18 +95,12 @@ def _only(weight: torch.Tensor) -> torch.Tensor:
 
 def _sorted_input(x: torch.Tensor, plan: GroupPlan | None, num_modalities: int, dim: int) -> None:
     """Checks for a ``forward_sorted`` entry point: ``x (T, dim)`` rows in the order of ``plan``."""
-    check_float_tensor(x, "x")
-    if x.dim() != 2 or x.shape[1] != dim:
-        raise ValueError(f"`x` must be (T, {dim}) rows in plan order, got shape {tuple(x.shape)}")
     if num_modalities == 1:
+        check_float_tensor(x, "x")
+        if x.dim() != 2 or x.shape[1] != dim:
+            raise ValueError(f"`x` must be (T, {dim}) rows, got shape {tuple(x.shape)}")
         return
-    if not isinstance(plan, GroupPlan):
-        raise TypeError(f"`plan` must be a GroupPlan with num_modalities={num_modalities}, got {type(plan).__name__}")
-    if plan.num_groups != num_modalities or plan.num_rows != x.shape[0]:
-        raise ValueError(
-            f"`plan` routes {plan.num_rows} rows into {plan.num_groups} groups, but `x` has {x.shape[0]} rows and "
-            f"the layer {num_modalities} modalities"
-        )
+    check_sorted_rows(x, plan, num_modalities, dim, "layer")
 
 
 def _token_ids(plan: GroupPlan | None, modality_ids, batch_shape) -> torch.Tensor | None:

@@ -8,7 +8,7 @@ from torch import nn
 
 from sparsemm_kernels.backend import check_backend_name, prefer
 from sparsemm_kernels.ops.norms import check_eps, modality_layer_norm, modality_rms_norm, plan_norm
-from sparsemm_kernels.plan import GroupPlan
+from sparsemm_kernels.plan import GroupPlan, check_sorted_rows
 from sparsemm_kernels.utils.checks import autocast_to, check_float_tensor, check_positive_int, check_same_dtype
 
 
@@ -34,20 +34,6 @@ def _dense_input(x, dim: int, *params: torch.Tensor | None):
         if p is not None:
             check_same_dtype("x", x, name, p)
     return x, *params
-
-
-def _check_sorted(x, plan, num_modalities: int, dim: int) -> None:
-    """Checks for ``forward_sorted``: ``x (T, dim)`` rows in the order of ``plan``."""
-    check_float_tensor(x, "x")
-    if x.dim() != 2 or x.shape[1] != dim:
-        raise ValueError(f"`x` must be (T, {dim}) rows in plan order, got shape {tuple(x.shape)}")
-    if not isinstance(plan, GroupPlan):
-        raise TypeError(f"`plan` must be a GroupPlan with num_modalities={num_modalities}, got {type(plan).__name__}")
-    if plan.num_groups != num_modalities or plan.num_rows != x.shape[0]:
-        raise ValueError(
-            f"`plan` routes {plan.num_rows} rows into {plan.num_groups} groups, but `x` has {x.shape[0]} rows and "
-            f"the norm {num_modalities} modalities"
-        )
 
 
 def _single_dim(norm: nn.Module, kind: str) -> int:
@@ -117,7 +103,7 @@ class MoTRMSNorm(nn.Module):
         modality) -> ``(T, dim)``: :func:`~sparsemm_kernels.grouped_rms_norm` over the plan's offsets."""
         if self.num_modalities == 1:
             return self.forward(x)
-        _check_sorted(x, plan, self.num_modalities, self.dim)
+        check_sorted_rows(x, plan, self.num_modalities, self.dim, "norm")
         return plan_norm(x, self.weight, None, plan, self.eps, True, prefer(self.backend))
 
     @classmethod
@@ -197,7 +183,7 @@ class MoTLayerNorm(nn.Module):
         :func:`~sparsemm_kernels.grouped_layer_norm`."""
         if self.num_modalities == 1:
             return self.forward(x)
-        _check_sorted(x, plan, self.num_modalities, self.dim)
+        check_sorted_rows(x, plan, self.num_modalities, self.dim, "norm")
         return plan_norm(x, self.weight, self.bias, plan, self.eps, False, prefer(self.backend))
 
     @classmethod

@@ -30,6 +30,7 @@ from sparsemm_kernels.utils.checks import (
     check_dim,
     check_float_tensor,
     check_int_tensor,
+    check_offsets_tensor,
     check_offsets_values,
     check_permutation_values,
     check_same_device,
@@ -345,13 +346,7 @@ def grouped_mm(
     """
     x, weight, bias = autocast_to(x, weight, bias)
     _check_operands(x, weight, bias)
-    check_int_tensor(offsets, "offsets")
-    check_same_device("x", x, "offsets", offsets)
-    if offsets.dim() != 1 or offsets.shape[0] != weight.shape[0] + 1:
-        raise ValueError(
-            f"`offsets` must be 1-D of length G+1 = {weight.shape[0] + 1} (G from `weight`), "
-            f"got shape {tuple(offsets.shape)}"
-        )
+    check_offsets_tensor(offsets, weight.shape[0], x)
     backend = check_backend_name(backend)
     offsets = offsets.to(torch.int64).contiguous()
     mode = validation_mode(validate, x.device)

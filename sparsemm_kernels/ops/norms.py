@@ -28,6 +28,7 @@ from sparsemm_kernels.utils.checks import (
     check_float_tensor,
     check_ids_values,
     check_int_tensor,
+    check_offsets_tensor,
     check_offsets_values,
     check_same_device,
     check_same_dtype,
@@ -132,12 +133,17 @@ def _modality_norm_bwd(
     )
 
 
-def _modality_norm_bwd_fake(dy, x, ids, weight, mean, rstd, eps, is_rms, has_bias, need_dx, need_dw, need_db, backend):
+def _grads_fake(x, weight, need_dx: bool, need_dw: bool, need_db: bool):
+    """The ``(dx, dW, db)`` of a norm backward op as fakes: full shapes where asked for, ``(0,)`` elsewhere."""
     return (
         x.new_empty(x.shape) if need_dx else x.new_empty(0),
         weight.new_empty(weight.shape) if need_dw else x.new_empty(0),
-        weight.new_empty(weight.shape) if (need_db and has_bias) else x.new_empty(0),
+        weight.new_empty(weight.shape) if need_db else x.new_empty(0),
     )
+
+
+def _modality_norm_bwd_fake(dy, x, ids, weight, mean, rstd, eps, is_rms, has_bias, need_dx, need_dw, need_db, backend):
+    return _grads_fake(x, weight, need_dx, need_dw, need_db and has_bias)
 
 
 def _norm_setup(ctx, inputs, output):
@@ -314,11 +320,7 @@ def _grouped_norm_bwd(
 def _grouped_norm_bwd_fake(
     dy, x, weight, offsets, mean, rstd, eps, is_rms, has_bias, need_dx, need_dw, need_db, mode, backend
 ):
-    return (
-        x.new_empty(x.shape) if need_dx else x.new_empty(0),
-        weight.new_empty(weight.shape) if need_dw else x.new_empty(0),
-        weight.new_empty(weight.shape) if (need_db and has_bias) else x.new_empty(0),
-    )
+    return _grads_fake(x, weight, need_dx, need_dw, need_db and has_bias)
 
 
 def _grouped_setup(ctx, inputs, output):
@@ -462,13 +464,7 @@ def _grouped_norm_call(x, weight, bias, offsets, eps, is_rms: bool, backend, val
     _check_param(weight, "weight", x, None)
     if bias is not None:
         _check_param(bias, "bias", x, weight.shape[0])
-    check_int_tensor(offsets, "offsets")
-    check_same_device("x", x, "offsets", offsets)
-    if offsets.dim() != 1 or offsets.shape[0] != weight.shape[0] + 1:
-        raise ValueError(
-            f"`offsets` must be 1-D of length G+1 = {weight.shape[0] + 1} (G from `weight`), "
-            f"got shape {tuple(offsets.shape)}"
-        )
+    check_offsets_tensor(offsets, weight.shape[0], x)
     eps = check_eps(eps)
     backend = check_backend_name(backend)
     mode = TRUSTED if trusted else validation_mode(validate, x.device)

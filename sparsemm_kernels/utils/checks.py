@@ -142,6 +142,18 @@ def check_offsets_values(offsets: torch.Tensor, num_rows: int, name: str, mode: 
         )
 
 
+def check_offsets_tensor(offsets, num_groups: int, x: torch.Tensor) -> None:
+    """``offsets`` is a 1-D integer tensor of ``num_groups + 1`` entries on ``x``'s device (values: see
+    :func:`check_offsets_values`)."""
+    check_int_tensor(offsets, "offsets")
+    check_same_device("x", x, "offsets", offsets)
+    if offsets.dim() != 1 or offsets.shape[0] != num_groups + 1:
+        raise ValueError(
+            f"`offsets` must be 1-D of length G+1 = {num_groups + 1} (G from `weight`), "
+            f"got shape {tuple(offsets.shape)}"
+        )
+
+
 def check_permutation_values(rows: torch.Tensor, name: str, mode: str) -> None:
     """``rows (T,)`` must be a permutation of ``0..T-1`` (every row read and written exactly once)."""
     if mode not in (EAGER, ASYNC) or rows.numel() == 0:
