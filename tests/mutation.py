@@ -46,6 +46,12 @@ T_CXX_GEMM = ["tests/test_extension.py", "tests/ops/test_grouped_mm.py"]
 T_NORMS = ["tests/ops/test_norms.py", "tests/nn/test_norms.py"]
 T_SWIGLU = ["tests/ops/test_swiglu.py", "tests/ops/test_silu_mul.py"]
 T_PLAN = ["tests/test_plan.py"]
+T_STREAM = ["tests/test_sorted_stream.py"]
+T_HOSTILE = ["tests/test_hostile_plans.py"]
+OPS_GEMM = "sparsemm_kernels/ops/grouped_linear.py"
+OPS_NORMS = "sparsemm_kernels/ops/norms.py"
+OPS_PERMUTE = "sparsemm_kernels/ops/permute.py"
+REF_SWIGLU = "sparsemm_kernels/reference/swiglu.py"
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,44 @@ class Mutation:
 
 
 MUTATIONS = [
+    # ---- the op layer of issue 7 and the sorted stream of issue 9: bounds, the torch backend's fast paths ----
+    Mutation(
+        "triton-gathered-row-unbounded", GEMM,
+        "row_mask = row_mask & (rows >= 0) & (rows < T)", "row_mask = row_mask", T_HOSTILE,
+        "forward/dX: a row index from a corrupt plan is dereferenced unchecked",
+    ),
+    Mutation(
+        "cxx-plan-no-clamp", CXX_PLAN,
+        "return std::min<int64_t>(std::max<int64_t>(static_cast<int64_t>(id), 0), num_groups - 1);",
+        "return static_cast<int64_t>(id);", T_HOSTILE,
+        "C++ plan: an out-of-range id indexes counts and cursors unchecked",
+    ),
+    Mutation(
+        "torch-gemm-bias-dropped", OPS_GEMM,
+        "torch.addmm(bias[g], a[s:e], w[g].t(), out=out[s:e])", "torch.mm(a[s:e], w[g].t(), out=out[s:e])",
+        T_GEMM, "torch backend (the CPU fast path): bias never added",
+    ),
+    Mutation(
+        "torch-dw-empty-group-left-unwritten", OPS_GEMM, "            dw[g].zero_()", "            pass", T_GEMM,
+        "torch backend: an empty group's weight gradient left as uninitialised memory",
+    ),
+    Mutation(
+        "torch-grouped-norm-first-weight", OPS_NORMS,
+        "torch.mul(x_hat[s:e], weight[g], out=y[s:e])", "torch.mul(x_hat[s:e], weight[0], out=y[s:e])", T_STREAM,
+        "torch backend grouped RMSNorm: every slice scaled by group 0's weights",
+    ),
+    Mutation(
+        "permute-backward-not-inverse", OPS_PERMUTE,
+        "return permute_rows_op(dy, inverse, index, ctx.mode), None, None, None",
+        "return permute_rows_op(dy, index, inverse, ctx.mode), None, None, None", T_STREAM,
+        "sort_rows backward permutes the gradient the same way again instead of back",
+    ),
+    Mutation(
+        "silu-mul-torch-bwd-up-grad", REF_SWIGLU,
+        "return da.to(gate.dtype), (d * F.silu(a)).to(gate.dtype)", "return da.to(gate.dtype), (d * a).to(gate.dtype)",
+        ["tests/ops/test_silu_mul.py"],
+        "two-tensor SwiGLU, torch backend: d(up) = dy * gate instead of dy * silu(gate)",
+    ),
     # ---- the seven of issue 8 ----
     Mutation(
         "triton-bias-row-stride-is-J", GEMM,
