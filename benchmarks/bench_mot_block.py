@@ -590,8 +590,12 @@ def main(argv: list[str] | None = None) -> int:
                     timing="do_bench" if device.type == "cuda" else "perf_counter, alternating",
                     **{"peak_mem_gib": None, "step_mem_gib": None, **m},
                 )
+                distrust = harness.trust_note(row) if row["status"] == "ok" else ""
+                if distrust:
+                    row["note"] = f"{row['note']}; {distrust}" if row.get("note") else distrust
                 mode_rows.append(row)
                 ms = f"{row['ms_p50']:.4g} ms  {row['tflops']:.3g} TFLOP/s" if row["status"] == "ok" else row["note"]
+                ms += f"  ({distrust})" if distrust else ""
                 print(f"{label:48s} {mode:16s} {p.name:10s} {row['status']:7s} {ms}", flush=True)
             ms_of = {r["provider"]: r.get("ms_p50") for r in mode_rows if r["status"] == "ok"}
             base = BASELINE if BASELINE in ms_of else "dense"

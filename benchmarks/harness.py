@@ -273,9 +273,28 @@ def now_utc() -> str:
 
 
 def make_row(env: dict, **fields) -> dict:
-    """One measurement as a flat dict: the given fields plus device, versions, git commit and timestamp."""
+    """One measurement as a flat dict: the given fields plus device, versions, git commit and timestamp, and
+    the machine's 1-minute load average with the cores there were (``load_avg``, ``cores``)."""
     keep = ("device", "torch", "triton", "cuda", "git_commit", "git_dirty")
-    return {**fields, **{k: env.get(k) for k in keep}, "timestamp": now_utc()}
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        load = None
+    return {**fields, **{k: env.get(k) for k in keep}, "timestamp": now_utc(), "load_avg": load,
+            "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()}
+
+
+def trust_note(row: dict, max_spread: float = 0.10) -> str:
+    """Why a timed row cannot be trusted ("" when it can): a p20-p80 spread over ``max_spread`` of the median, or
+    a load average over the cores (another job competed for the machine)."""
+    notes = []
+    if row.get("ms_p50"):
+        spread = (row["ms_p80"] - row["ms_p20"]) / row["ms_p50"]
+        if spread > max_spread:
+            notes.append(f"p20-p80 spread {spread:.0%} of the median")
+    if row.get("load_avg") is not None and row.get("cores") and row["load_avg"] > row["cores"]:
+        notes.append(f"load average {row['load_avg']:.1f} > {row['cores']} cores")
+    return ("do not trust: " + "; ".join(notes)) if notes else ""
 
 
 def _fmt(value, spec: str) -> str:

@@ -210,3 +210,11 @@ def test_mot_wrong_provider_is_failed_not_timed():
     for mode in harness.MODES:
         row = mot_bench._measure(wrong, case, mode, no_timing)
         assert row["status"] == "FAILED" and "ms_p50" not in row and "not timed" in row["note"], row
+
+
+def test_trust_note_flags_spread_and_load():
+    row = {"ms_p20": 9.8, "ms_p50": 10.0, "ms_p80": 10.4, "load_avg": 1.0, "cores": 2}
+    assert harness.trust_note(row) == ""
+    assert "spread 30%" in harness.trust_note({**row, "ms_p80": 12.8})
+    assert "load average 5.0 > 2 cores" in harness.trust_note({**row, "load_avg": 5.0})
+    assert harness.make_row({}, op="x")["cores"] >= 1
