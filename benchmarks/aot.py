@@ -183,7 +183,7 @@ class Recorder:
     def call(self, scenario: str, bench: bool, fn: Callable, *args, **kwargs):
         """Run one launcher call, labelling the launches it makes."""
         self._scenario = (scenario, bench)
-        # The tuning key leaves out some specialisations (G_POW2, divisibility): whichever config the GPU picks
+        # The tuning key leaves out some specialisations (search FANOUT, divisibility): whichever config the GPU picks
         # for a key meets every one of them, so every call re-tunes and records all choosable configs.
         for t in self._tuners:
             t.cache.clear()
