@@ -13,7 +13,8 @@ Pipeline: **record** -> **compile** -> **check** -> table.
   compile; the compile itself is skipped.
   The autotuner runs its real config pruning for the target (``configs.current_capability`` is patched to the
   target's capability) and "benchmarks" every config that survives, so every choosable config is recorded.
-  CUDA-only calls of the launchers (the SM count of ``norms._num_sms``) answer with the target's values.
+  CUDA-only calls of the launchers (the SM counts of ``norms._num_sms`` and ``grouped_gemm._device_sms``) answer
+  with the target's values.
 * Compile: each distinct (kernel, signature, constexprs, attrs, options, arch) once, in a process pool, with
   ``triton.compile(ASTSource(...), target=GPUTarget("cuda", 80|90, 32))``; the ptxas log of that very compile
   (Triton's own ptxas call, ``-v``) gives registers, spills and static shared memory, ``metadata.shared`` the
@@ -182,7 +183,7 @@ class Recorder:
     def call(self, scenario: str, bench: bool, fn: Callable, *args, **kwargs):
         """Run one launcher call, labelling the launches it makes."""
         self._scenario = (scenario, bench)
-        # The tuning key leaves out some specialisations (G_POW2, divisibility): whichever config the GPU picks
+        # The tuning key leaves out some specialisations (search FANOUT, divisibility): whichever config the GPU picks
         # for a key meets every one of them, so every call re-tunes and records all choosable configs.
         for t in self._tuners:
             t.cache.clear()
@@ -197,6 +198,7 @@ class Recorder:
         from triton.runtime.jit import JITFunction
 
         norms = modules["sparsemm_kernels.kernels.triton.norms"]
+        gemm = modules["sparsemm_kernels.kernels.triton.grouped_gemm"]
         from sparsemm_kernels.kernels.triton import configs
 
         patches: list[tuple[object, str, object]] = []
@@ -260,6 +262,7 @@ class Recorder:
             patch(Autotuner, "prune_configs", prune)
             # CUDA-only facts the launchers ask for: the target's SM count and capability.
             patch(norms, "_num_sms", lambda index: arch.sms)
+            patch(gemm, "_device_sms", lambda device: arch.sms)  # the dW row split depends on it
             patch(norms, "_num_row_blocks", lambda R, device: orig_row_blocks(R, torch.device("cuda", 0)))
             patch(configs, "current_capability", lambda device=None: arch.capability)
             self._tuners = tuners
@@ -331,6 +334,10 @@ def _gemm_shapes(quick: bool) -> list[tuple[str, bool, int, int, int, int, tuple
          ("fwd-routed", "dw-gathered")),
         ("off-tile T512 K128 N64 G2 x column-major", False, 512, 128, 64, 2, ("fwd-sorted-colmajor",
                                                                              "dw-sorted-colmajor")),
+        # Few dW tiles, many rows: the dW is split over row chunks on both archs (partials + reduce kernel).
+        ("narrow T16384 K256 N256 G4", False, 16384, 256, 256, 4, ("dw-sorted", "dw-gathered-dbias", "fwd-routed")),
+        # More groups than one search step covers (two-step tile -> group search; the old 4096-group cap).
+        ("many groups T8192 K256 N128 G5000", False, 8192, 256, 128, 5000, ("fwd-routed", "dw-gathered")),
     ]
     return out
 
@@ -426,10 +433,13 @@ def _norm_scenarios(rec: Recorder, quick: bool, dtypes: list[str]) -> None:
                 kind = "rms" if is_rms else "layer+bias"
                 norm(f"{label} {kind} {prec}", False, x, ids37, M, is_rms=is_rms, bias=bias, flags=all_flags[:1],
                      dtype=dtype)
-        for D in (8192, 16384, 65536):
+        # Rows around and past the one-block widths (forward 16384, backward 4096): the chunked kernels.
+        for D in (4096, 8192, 16384, 32768, 65536):
             x = _empty(4096, 1, D, dtype=dtype)
-            norm(f"edge T4096 rms D{D} {prec}", False, x, torch.zeros(4096, dtype=torch.int64), 2, is_rms=True,
-                 bias=False, flags=all_flags[:1], dtype=dtype)
+            for is_rms, bias in ((True, False), (False, True)):
+                kind = "rms" if is_rms else "layer+bias"
+                norm(f"edge T4096 {kind} D{D} {prec}", False, x, torch.zeros(4096, dtype=torch.int64), 2,
+                     is_rms=is_rms, bias=bias, flags=all_flags if D in (8192, 65536) else all_flags[:1], dtype=dtype)
 
 
 def _swiglu_scenarios(rec: Recorder, quick: bool, dtypes: list[str]) -> None:
@@ -572,7 +582,8 @@ class Job:
         tiles = {names[p[0]]: v for p, v in self.constexprs.items() if names[p[0]] in CONFIG_KEYS}
         ordered = sorted(tiles.items(), key=lambda kv: CONFIG_KEYS.index(kv[0]))
         parts = [f"{k.replace('BLOCK_', '')}{v}" for k, v in ordered]
-        return " ".join(parts + [f"w{self.options['num_warps']}", f"s{self.options['num_stages']}"])
+        regs = [f"r{self.options['maxnreg']}"] if self.options.get("maxnreg") else []
+        return " ".join(parts + [f"w{self.options['num_warps']}", f"s{self.options['num_stages']}"] + regs)
 
     @property
     def dtype(self) -> str:
@@ -598,7 +609,7 @@ class Job:
         """The autotune-relevant part: tile constexprs, warps, stages (to match against ``triton.Config``)."""
         names = list(self.signature)
         tiles = tuple(sorted((names[p[0]], v) for p, v in self.constexprs.items() if names[p[0]] in CONFIG_KEYS))
-        return tiles, self.options["num_warps"], self.options["num_stages"]
+        return tiles, self.options["num_warps"], self.options["num_stages"], self.options.get("maxnreg")
 
     @property
     def bench(self) -> bool:
@@ -837,9 +848,9 @@ def config_choice(jobs: list[Job], archs: dict[int, Arch], dtypes: list[str]) ->
 
     kernels = {"fwd": ("_grouped_gemm_kernel", _grouped_gemm_kernel.configs),
                "dw": ("_grouped_gemm_dw_kernel", _grouped_gemm_dw_kernel.configs)}
-    as_tile = lambda c: (tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages)  # noqa: E731
+    as_tile = lambda c: (tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages, c.maxnreg)  # noqa: E731
     label = lambda c: " ".join([f"{k.replace('BLOCK_', '')}{v}" for k, v in c.kwargs.items()]  # noqa: E731
-                               + [f"w{c.num_warps}", f"s{c.num_stages}"])
+                               + [f"w{c.num_warps}", f"s{c.num_stages}"] + ([f"r{c.maxnreg}"] if c.maxnreg else []))
     rows, fails = [], []
     for kind, (kname, tuned) in kernels.items():
         for prec in dtypes:
@@ -850,22 +861,25 @@ def config_choice(jobs: list[Job], archs: dict[int, Arch], dtypes: list[str]) ->
             job_prec = ("tf32" if tf32 else "ieee") if dt == "float32" else "-"
             for arch in archs.values():
                 est = lambda c: configs.gemm_shared_memory(c, kind, dtype, dot_prec, arch.capability) // 1024  # noqa: E731,B023
-                chosen = configs.choosable_configs(tuned, kind, dtype, dot_prec, arch.capability)
-                recorded = {j.tile_config for j in jobs if j.kernel == kname and j.arch == arch.cc
-                            and any(not la.pruned and not la.fixed for la in j.launches)
-                            and j.dtype == job_dtype and j.precision == job_prec}
-                if not recorded:
-                    continue
-                ok = recorded == {as_tile(c) for c in chosen}
-                if not ok:
-                    fails.append(f"{arch.name} {kname} {prec}: launches used {sorted(recorded)}, "
-                                 f"configs.choosable_configs allows {[label(c) for c in chosen]}")
-                pruned = [c for c in tuned if c not in chosen]
-                rows.append(dict(
-                    kernel=kname.lstrip("_"), dtype=prec, arch=arch.name, matches=ok,
-                    choosable=[f"{label(c)} ({est(c)} KB)" for c in chosen],
-                    pruned=[f"{label(c)} ({est(c)} KB)" for c in pruned],
-                ))
+                for aligned in (True, False):  # launches with 16-divisible sizes and strides, and the others
+                    chosen = configs.choosable_configs(tuned, kind, dtype, dot_prec, arch.capability, aligned=aligned)
+                    recorded = {j.tile_config for j in jobs if j.kernel == kname and j.arch == arch.cc
+                                and any(not la.pruned and not la.fixed for la in j.launches)
+                                and j.dtype == job_dtype and j.precision == job_prec
+                                and bool(j.constexpr("ALIGNED", True)) == aligned}
+                    if not recorded:
+                        continue
+                    ok = recorded == {as_tile(c) for c in chosen}
+                    what = "" if aligned else " unaligned"
+                    if not ok:
+                        fails.append(f"{arch.name} {kname} {prec}{what}: launches used {sorted(recorded)}, "
+                                     f"configs.choosable_configs allows {[label(c) for c in chosen]}")
+                    pruned = [c for c in tuned if c not in chosen]
+                    rows.append(dict(
+                        kernel=kname.lstrip("_"), dtype=prec + what, arch=arch.name, matches=ok,
+                        choosable=[f"{label(c)} ({est(c)} KB)" for c in chosen],
+                        pruned=[f"{label(c)} ({est(c)} KB)" for c in pruned],
+                    ))
     return rows, fails
 
 

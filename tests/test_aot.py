@@ -74,6 +74,35 @@ def test_choosable_configs_fit_the_arch(kernel, capability, dtype, precision):
     assert set(map(str, chosen)) != set(map(str, other))
 
 
+@pytest.mark.parametrize("kernel", ["fwd", "dw"])
+@pytest.mark.parametrize("capability", [(8, 0), (9, 0)])
+@pytest.mark.parametrize(
+    "dtype,precision", [(torch.bfloat16, "tf32"), (torch.float32, "tf32"), (torch.float32, "ieee")]
+)
+def test_unaligned_launches_get_the_unaligned_tiles(kernel, capability, dtype, precision):
+    candidates = configs.candidate_configs(kernel)
+    chosen = configs.choosable_configs(candidates, kernel, dtype, precision, capability, aligned=False)
+    lists = configs._GEMM if kernel == "fwd" else configs._GEMM_DW
+    assert chosen and all(c in lists["unaligned"] for c in chosen)
+
+
+def test_launch_is_aligned():
+    t = torch.empty(64, 48)
+    assert configs.launch_is_aligned((t,), (48, 48, 1), (t.stride(1),))
+    assert not configs.launch_is_aligned((t,), (40,))  # a size not a multiple of 16
+    assert not configs.launch_is_aligned((t[:, 1:],), (48,))  # a pointer 4 bytes past a 16-byte boundary
+    assert not configs.launch_is_aligned((t,), (48,), (t.t().stride(1),))  # column-major where rows are wanted
+
+
+def test_dw_row_split_depends_on_sizes_only():
+    from sparsemm_kernels.kernels.triton.grouped_gemm import dw_row_splits
+
+    assert dw_row_splits(65536, 2, 4096, 4096, 132) == 1  # 2048 dW tiles fill 132 SMs
+    assert dw_row_splits(16384, 2, 1024, 1024, 132) == 3  # 128 tiles: about two programs per SM
+    assert dw_row_splits(16384, 2, 1024, 1024, 108) == 1
+    assert dw_row_splits(20, 1, 64, 64, 132) == 1  # too few rows to share
+
+
 def test_shared_memory_limits():
     assert configs.shared_memory_limit((8, 0)) == 163 * 1024
     assert configs.shared_memory_limit((9, 0)) == 227 * 1024
@@ -96,7 +125,8 @@ def test_aot_quick_subset_passes(tmp_path):
     assert {row["arch"] for row in rows} == {"sm_80", "sm_90a"}
     kernels = {row["kernel"] for row in rows}
     assert {"grouped_gemm_kernel", "grouped_gemm_dw_kernel", "modality_norm_fwd_kernel", "modality_norm_bwd_kernel",
-            "silu_mul_fwd_kernel", "silu_mul_bwd_kernel", "chunk_histogram_kernel", "chunk_scatter_kernel"} <= kernels
+            "silu_mul_fwd_kernel", "silu_mul_bwd_kernel", "chunk_histogram_kernel", "chunk_scatter_kernel",
+            "group_table_kernel"} <= kernels
     for row in rows:
         assert not row["failed"], row
         if row["kernel"].startswith("grouped_gemm") and row["dtype"] in ("fp16", "bf16"):

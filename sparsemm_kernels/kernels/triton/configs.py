@@ -5,7 +5,9 @@ The autotuner gets the union of the lists below and prunes it before timing anyt
 operand class (16-bit, fp32 with TF32, fp32 without TF32) that fit the device's shared memory and register
 budget (:func:`choosable_configs`). 16-bit keeps the big tensor-core tiles; fp32 operands take twice the shared memory
 per element, and fp32 without TF32 runs on FMA units, where big tiles spill registers, so both get tiles of their
-own. ``python -m benchmarks.aot`` compiles every choosable config for sm_80 / sm_90a and checks these choices.
+own. A launch whose sizes or strides are not multiples of 16, or whose operands are not row-major
+(:func:`launch_is_aligned`), gets narrow loads and keeps the small tiles of the ``"unaligned"`` list whatever its
+class. ``python -m benchmarks.aot`` compiles every choosable config for sm_80 / sm_90a and checks these choices.
 
 ``SPARSEMM_AUTOTUNE=0`` (read at import) uses one modest config that fits every dtype and arch without spills: no
 autotuning, so no benchmarking sync on a first call and fast test runs; the test suite sets it.
@@ -50,12 +52,20 @@ def operand_class(dtype: torch.dtype, precision: str) -> str:
     return "tf32" if precision == "tf32" else "fp32"
 
 
-def _cfg(m: int, j: int, k: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": m, "BLOCK_J": j, "BLOCK_K": k, "GROUP_M": 8}, num_warps=warps, num_stages=stages)
+def _cfg(m: int, j: int, k: int, warps: int, stages: int, maxnreg: int | None = None) -> triton.Config:
+    return triton.Config({"BLOCK_M": m, "BLOCK_J": j, "BLOCK_K": k, "GROUP_M": 8}, num_warps=warps, num_stages=stages,
+                         maxnreg=maxnreg)
 
 
-def _dw(n: int, k: int, m: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_N": n, "BLOCK_K": k, "BLOCK_M": m}, num_warps=warps, num_stages=stages)
+def _dw(n: int, k: int, m: int, warps: int, stages: int, maxnreg: int | None = None) -> triton.Config:
+    return triton.Config({"BLOCK_N": n, "BLOCK_K": k, "BLOCK_M": m}, num_warps=warps, num_stages=stages,
+                         maxnreg=maxnreg)
+
+
+# FMA dots (fp32 "ieee") keep operand fragments in registers too. Without a `.maxnreg`, ptxas caps itself near
+# 64K / (4 x threads) registers (128 at 4 warps) and spills the loop-invariant load masks on sm_90a;
+# allowing the whole register file per thread keeps them (measured with `python -m benchmarks.aot`).
+_FMA_REGS = 255
 
 
 # Every list was compiled for sm_80 and sm_90a by ``python -m benchmarks.aot`` (registers, spills, shared memory in
@@ -68,10 +78,14 @@ _GEMM = {
     # TF32 tensor cores, 4-byte operands: half the depth per stage, at most 64 accumulators (128 spill on both
     # archs; 128 x 128 x 64 and 64 x 128 x 32 on 4 warps spill 4-20 B on sm_80 with Triton 3.6).
     "tf32": [_cfg(128, 128, 32, 8, 4), _cfg(128, 64, 32, 8, 3), _cfg(64, 64, 32, 4, 4)],
-    # FMA dot (fp32 "ieee"): operand fragments live in registers too, and ptxas runs these at ~255 registers:
-    # only the tiles measured spill-free at every benchmark shape with Triton 3.6 and 3.9 (64 x 128 x 32,
-    # 128 x 64 x 32, 64 x 64 x 32 on 4 warps and 32 x 64 x 16 spill 4-16 B at one or another).
-    "fp32": [_cfg(64, 64, 32, 8, 3), _cfg(64, 64, 16, 8, 3), _cfg(64, 64, 16, 4, 3), _cfg(32, 64, 32, 4, 3)],
+    # FMA dot (fp32 "ieee"): operand fragments live in registers too; only the tiles measured spill-free at every
+    # benchmark shape with Triton 3.6 and 3.9 (64 x 128 x 32, 128 x 64 x 32, 64 x 64 x 32 on 4 warps, 32 x 64 x 16
+    # spilled 4-16 B at one or another; 32 x 64 x 32 on 4 warps 4-8 B with Triton 3.6).
+    "fp32": [_cfg(64, 64, 32, 8, 3, _FMA_REGS), _cfg(64, 64, 16, 8, 3, _FMA_REGS), _cfg(64, 64, 16, 4, 3, _FMA_REGS)],
+    # Any class, sizes or strides not multiples of 16 (narrow loads) or a column-major operand: tiles measured
+    # spill-free there in every class (64 x 64 x 32 spills 4-64 B in fp32 off the tiles, with or without maxnreg;
+    # 32 x 64 x 32 on 4 warps 12-24 B).
+    "unaligned": [_cfg(64, 64, 16, 8, 3, _FMA_REGS), _cfg(64, 32, 32, 4, 3)],
 }
 # Weight-gradient kernel: tiles BLOCK_N x BLOCK_K of dW, BLOCK_M rows (the dot's depth) per step.
 _GEMM_DW = {
@@ -79,11 +93,15 @@ _GEMM_DW = {
     # (128 x 64 x 32 on 4 warps and 64 x 64 x 64 spill 16-288 B on sm_80 with Triton 3.6.)
     "tf32": [_dw(128, 128, 32, 8, 3), _dw(64, 128, 32, 4, 4), _dw(128, 64, 32, 8, 3)],
     # FMA: 16 rows per step; 32 spill on sm_80 once dbias is summed too (108-840 B), 64 spill 10-15 KB.
-    "fp32": [_dw(128, 128, 16, 8, 3), _dw(128, 64, 16, 8, 3), _dw(64, 128, 16, 8, 3)],
+    "fp32": [_dw(128, 128, 16, 8, 3, _FMA_REGS), _dw(128, 64, 16, 8, 3, _FMA_REGS), _dw(64, 128, 16, 8, 3, _FMA_REGS)],
+    # (128 x 64 x 16 spills 4 B in fp32 with Triton 3.6 off the tiles, 64 x 64 x 16 on 4 warps 20 B at the
+    # benchmark shapes with 3.9, 64 x 128 x 16 4 B with 3.6.)
+    "unaligned": [_dw(64, 64, 16, 8, 3), _dw(32, 64, 16, 4, 3)],
 }
-# SPARSEMM_AUTOTUNE=0: one config per kernel, spill-free for every dtype on sm_80 and sm_90a, <= 48 KB shared.
-_FIXED_GEMM = _cfg(64, 64, 32, 8, 3)
-_FIXED_GEMM_DW = _dw(128, 64, 16, 8, 3)
+# SPARSEMM_AUTOTUNE=0: one config per kernel, spill-free for every dtype, aligned or not, on sm_80 and sm_90a with
+# Triton 3.6 and 3.9 (each one of the unaligned list), <= 24 KB shared.
+_FIXED_GEMM = _cfg(64, 64, 16, 8, 3, _FMA_REGS)
+_FIXED_GEMM_DW = _dw(64, 64, 16, 8, 3)
 
 
 def candidate_configs(kernel: str) -> list[triton.Config]:
@@ -137,16 +155,20 @@ def accumulator_budget(dtype: torch.dtype, precision: str, capability: tuple[int
 
 
 def choosable_configs(
-    configs: list[triton.Config], kernel: str, dtype: torch.dtype, precision: str, capability: tuple[int, int]
+    configs: list[triton.Config], kernel: str, dtype: torch.dtype, precision: str, capability: tuple[int, int],
+    aligned: bool = True,
 ) -> list[triton.Config]:
     """The configs of ``configs`` the autotuner may choose for a launch on a GPU of ``capability``.
 
-    Keeps those in the list of the operand class (:func:`operand_class`) that fit the arch's shared memory
+    Keeps those in the list of the operand class (:func:`operand_class`) -- or, for a launch that is not
+    ``aligned`` (:func:`launch_is_aligned`), in the unaligned list -- that fit the arch's shared memory
     (:func:`gemm_shared_memory`) and its accumulator budget (:func:`accumulator_budget`). Never empty: when no
     config qualifies, the one needing the least shared memory. Callable without a GPU, e.g.
     ``choosable_configs(candidate_configs("fwd"), "fwd", torch.float32, "ieee", (8, 0))``.
     """
-    own = [c for c in configs if c in (_GEMM if kernel == "fwd" else _GEMM_DW)[operand_class(dtype, precision)]]
+    lists = _GEMM if kernel == "fwd" else _GEMM_DW
+    cls = operand_class(dtype, precision) if aligned else "unaligned"
+    own = [c for c in configs if c in lists[cls]]
     own = own or list(configs)  # a list of none of ours (the fixed config): take it as it is
     smem = [gemm_shared_memory(c, kernel, dtype, precision, capability) for c in own]
     limit = shared_memory_limit(capability)
@@ -155,16 +177,29 @@ def choosable_configs(
     return fits or [own[smem.index(min(smem))]]
 
 
+def launch_is_aligned(tensors, ints, unit_strides=()) -> bool:
+    """True when every tensor's data pointer is 16-byte aligned, every size / stride in ``ints`` is 1 or a
+    multiple of 16 (what Triton's specialisation needs to prove wide loads), and every stride in
+    ``unit_strides`` is 1 (the row-major operands the tiles are laid out for). A launch that is not gets
+    narrow or transposed loads, whose addresses and predicates take registers the big tiles do not have (they
+    spilled 0.4-10 KB there, see benchmarks/results/aot-*.md): :func:`choosable_configs` then keeps the small
+    tiles of the ``"unaligned"`` list."""
+    return (all(t.data_ptr() % 16 == 0 for t in tensors) and all(v == 1 or v % 16 == 0 for v in ints)
+            and all(v == 1 for v in unit_strides))
+
+
 def prune_grouped_gemm_configs(configs, named_args, **kwargs) -> list[triton.Config]:
     """``early_config_prune`` of the forward / dX kernel: :func:`choosable_configs` for this launch's device."""
     a = named_args["a_ptr"]
-    return choosable_configs(configs, "fwd", a.dtype, kwargs["DOT_PRECISION"], current_capability(a.device))
+    return choosable_configs(configs, "fwd", a.dtype, kwargs["DOT_PRECISION"], current_capability(a.device),
+                             aligned=kwargs.get("ALIGNED", True))
 
 
 def prune_grouped_gemm_dw_configs(configs, named_args, **kwargs) -> list[triton.Config]:
     """``early_config_prune`` of the weight-gradient kernel: :func:`choosable_configs` for this launch's device."""
     dy = named_args["dy_ptr"]
-    return choosable_configs(configs, "dw", dy.dtype, kwargs["DOT_PRECISION"], current_capability(dy.device))
+    return choosable_configs(configs, "dw", dy.dtype, kwargs["DOT_PRECISION"], current_capability(dy.device),
+                             aligned=kwargs.get("ALIGNED", True))
 
 
 def grouped_gemm_configs() -> list[triton.Config]:

@@ -36,17 +36,28 @@ def _chunk_histogram_kernel(ids_ptr, hist_ptr, n, G, BLOCK: tl.constexpr, G_POW2
 
 
 @triton.jit
-def _chunk_scatter_kernel(ids_ptr, base_ptr, out_ptr, n, G, BLOCK: tl.constexpr, G_POW2: tl.constexpr):
-    """out[base[c, ids[i]] + rank_i] = i, rank_i = #{j < i in chunk c : ids[j] == ids[i]}. Grid: (cdiv(n, BLOCK),)."""
+def _chunk_scatter_kernel(ids_ptr, base_ptr, out_ptr, n, G, BLOCK: tl.constexpr, G_POW2: tl.constexpr,
+                          PAIRWISE: tl.constexpr):
+    """out[base[c, ids[i]] + rank_i] = i, rank_i = #{j < i in chunk c : ids[j] == ids[i]}. Grid: (cdiv(n, BLOCK),).
+
+    The rank comes from a ``BLOCK x G_POW2`` one-hot prefix sum, or, with PAIRWISE (chosen when
+    ``BLOCK <= G_POW2``: many groups, small chunks), from a ``BLOCK x BLOCK`` comparison of the chunk's ids
+    with each other, whose size does not grow with G. ``base`` is gathered at each row's id (int64 only there).
+    """
     c = tl.program_id(0).to(tl.int64)
     offs = c * BLOCK + tl.arange(0, BLOCK)
     ids = _clamped_ids(ids_ptr, offs, n, G)
-    gidx = tl.arange(0, G_POW2)
-    onehot = (ids[:, None] == gidx[None, :]).to(tl.int32)  # int32: a chunk holds far fewer than 2^31 rows
-    rank = tl.cumsum(onehot, 0) - onehot
-    base = tl.load(base_ptr + c * G + gidx, mask=gidx < G, other=0)
-    slot = tl.sum(onehot.to(tl.int64) * (rank.to(tl.int64) + base[None, :]), 1)
-    tl.store(out_ptr + slot, offs, mask=offs < n)
+    if PAIRWISE:
+        lanes = tl.arange(0, BLOCK)
+        earlier = (ids[None, :] == ids[:, None]) & (lanes[None, :] < lanes[:, None])
+        rank = tl.sum(earlier.to(tl.int32), 1)
+    else:
+        gidx = tl.arange(0, G_POW2)
+        onehot = (ids[:, None] == gidx[None, :]).to(tl.int32)  # int32: a chunk holds far fewer than 2^31 rows
+        rank = tl.sum(onehot * (tl.cumsum(onehot, 0) - onehot), 1)
+    valid = offs < n
+    base = tl.load(base_ptr + c * G + tl.maximum(ids, 0), mask=valid, other=0)
+    tl.store(out_ptr + base + rank, offs, mask=valid)
 
 
 # The one-hot tile of a chunk is BLOCK x next_pow2(G); past this the torch sort is the better plan.
@@ -75,5 +86,6 @@ def group_plan_triton(ids: torch.Tensor, num_groups: int) -> tuple[torch.Tensor,
     offsets = torch.zeros(num_groups + 1, device=ids.device, dtype=torch.int64)
     torch.cumsum(counts, 0, out=offsets[1:])
     base = (hist.cumsum(0) - hist) + offsets[:-1]
-    _chunk_scatter_kernel[(chunks,)](ids, base, sorted_to_orig, n, num_groups, BLOCK=block, G_POW2=g_pow2)
+    _chunk_scatter_kernel[(chunks,)](ids, base, sorted_to_orig, n, num_groups, BLOCK=block, G_POW2=g_pow2,
+                                      PAIRWISE=block <= g_pow2)
     return sorted_to_orig, counts, offsets
