@@ -120,9 +120,9 @@ MUTATIONS = [
     ),
     Mutation(
         "triton-dw-acc-rounded-per-tile", GEMM,
-        "acc = tl.dot(tl.trans(dy), x, acc, input_precision=DOT_PRECISION)",
-        "acc = tl.dot(tl.trans(dy), x, acc, input_precision=DOT_PRECISION).to(dw_ptr.dtype.element_ty).to(tl.float32)",
-        T_GEMM, "dW accumulator rounded to the input dtype after every 32-row step",
+        "acc = tl.dot(dy_t, x, acc, input_precision=DOT_PRECISION)",
+        "acc = tl.dot(dy_t, x, acc, input_precision=DOT_PRECISION).to(dy_ptr.dtype.element_ty).to(tl.float32)",
+        T_GEMM, "dW accumulator rounded to the input dtype after every row step",
     ),
     Mutation(
         "norm-dw-partials-cast-before-sum", NORMS,
@@ -131,7 +131,7 @@ MUTATIONS = [
     ),
     Mutation(
         "triton-fwd-row-mask-le", GEMM,
-        "row_mask = offs_m < group_end", "row_mask = offs_m <= group_end",
+        "row_mask = offs_m < group_end\n    if SCATTER_C:", "row_mask = offs_m <= group_end\n    if SCATTER_C:",
         # The guard tests catch it with an assertion; the rest of the file would first write past the end of a
         # fresh output and abort the process (also "caught", but by luck of the allocator).
         ["tests/ops/test_grouped_mm.py::test_launcher_writes_only_its_rows",
@@ -156,8 +156,14 @@ MUTATIONS = [
     ),
     Mutation(
         "plan-scatter-unstable", PLAN,
-        "rank = tl.cumsum(onehot, 0) - onehot", "rank = tl.sum(onehot, 0)[None, :] - tl.cumsum(onehot, 0)", T_PLAN,
+        "rank = tl.sum(onehot * (tl.cumsum(onehot, 0) - onehot), 1)",
+        "rank = tl.sum(onehot * (tl.sum(onehot, 0)[None, :] - tl.cumsum(onehot, 0)), 1)", T_PLAN,
         "triton plan: rows of a group placed in reverse order inside a chunk (not stable)",
+    ),
+    Mutation(
+        "plan-pairwise-rank-unstable", PLAN,
+        "(lanes[None, :] < lanes[:, None])", "(lanes[None, :] > lanes[:, None])", T_PLAN,
+        "triton plan, many-groups path: a row ranked after the later rows of its group (not stable)",
     ),
     Mutation(
         "triton-swizzle-full-last-band", GEMM,
@@ -177,8 +183,8 @@ MUTATIONS = [
     ),
     Mutation(
         "triton-dbias-last-step-only", GEMM,
-        "dbias += tl.sum(dy.to(tl.float32), 0)", "dbias = tl.sum(dy.to(tl.float32), 0)", T_GEMM,
-        "dW kernel: db keeps only the last 32-row step",
+        "dbias += tl.sum(dy_t.to(tl.float32), 1)", "dbias = tl.sum(dy_t.to(tl.float32), 1)", T_GEMM,
+        "dW kernel: db keeps only the last row step",
     ),
     Mutation(
         "triton-dw-x-col-stride-ignored", GEMM,

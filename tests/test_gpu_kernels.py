@@ -196,17 +196,6 @@ def _run_configs(monkeypatch, device, dtype, counts, K, N, tol):
             raise AssertionError(f"forward/dX config {fwd_cfg}, dW config {dw_cfg}: {exc}") from None
 
 
-def test_every_gpu_tile_shape_in_the_interpreter(monkeypatch):
-    """Each tuned config's tiles (128x256x64 down to 64x64x64) through the interpreter: masks, swizzle bands and
-    group boundaries at tile sizes the CPU suite otherwise never uses. Shapes off every one of them."""
-    from sparsemm_kernels.utils.device import is_interpreting
-
-    if torch.cuda.is_available() or not is_interpreting():
-        pytest.skip("interpreter run (the GPU run is test_autotuned_configs_on_gpu)")
-    # The interpreter computes float32 exactly like the 32-wide tiles: tests/ops/test_grouped_mm.py's bound.
-    _run_configs(monkeypatch, "cpu", torch.float32, [130, 0, 70, 5], 70, 260, Tol(rtol=0.0, atol=3.5 * EPS32))
-
-
 @gpu
 @pytest.mark.parametrize("dtype", [BF16, FP16], ids=str)
 def test_autotuned_configs_on_gpu(monkeypatch, dtype):

@@ -39,17 +39,10 @@ from sparsemm_kernels.utils.checks import (
     validation_mode,
 )
 
-# The triton kernels find a tile's group among all G in registers; beyond this the torch loop runs.
-_TRITON_MAX_GROUPS = 4096
-
 
 def _backend(x: torch.Tensor, num_groups: int, requested: str | None) -> str:
-    name = select_backend("grouped_mm", x.device, x.dtype, requested)
-    if name == "triton" and num_groups > _TRITON_MAX_GROUPS:
-        if requested == "triton":
-            raise ValueError(f"the triton grouped GEMM supports up to {_TRITON_MAX_GROUPS} groups, got {num_groups}")
-        return "torch"
-    return name
+    # Any group count the plan allows runs on every backend (the Triton kernels search a per-call group table).
+    return select_backend("grouped_mm", x.device, x.dtype, requested)
 
 
 def _check_index_values(offsets, rows, num_rows: int, mode: str) -> None:
