@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="[CONFIG:]FIELD=VALUE",
                    help="override a configuration field for every selected configuration, or for one with "
                    "CONFIG: (e.g. --set batch=4, --set dense-1.5b:seq=2048); repeatable")
-    p.add_argument("--steps", type=int, help="timed steps per configuration (default 20 GPU / 10 CPU; --quick 10/3)")
+    p.add_argument("--steps", type=int, help="timed steps per configuration (default 20; --quick 10 GPU / 3 CPU)")
     p.add_argument("--warmup", type=int, help="warm-up steps (default 3 GPU / 2 CPU; --quick 2/1)")
     p.add_argument("--optimizer", default="none", choices=["none", "sgd", "adamw"],
                    help="optimizer update inside the timed step (default none)")
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchmarks.harness import collect_env
     from profiling import nvml, report
-    from profiling.registry import UnknownConfigError, default_preset, resolve
+    from profiling.registry import UnknownConfigError, default_preset, preset_reason, resolve
     from profiling.run import (
         OPTIMIZER_NOTE,
         STEP,
@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         log,
         measure_ceiling,
         measure_config,
+        measure_interleaved,
         progress_bar,
         resolve_batches,
         resolve_device,
@@ -163,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = resolve_device(args.device)
         names = args.configs.split(",") if args.configs else [default_preset(device.type, args.quick)]
+        preset = None if args.configs else names[0]
+        why = ("configurations named by --configs" if args.configs
+               else preset_reason(device.type, args.quick))
         cfgs = _apply_mixes(_apply_overrides(resolve(names), args.overrides), args.mix.split(","))
     except (DeviceUnavailableError, UnknownConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -177,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = default_dtype(device) if args.dtype == "auto" else {"bf16": torch.bfloat16, "fp16": torch.float16,
                                                                 "fp32": torch.float32}[args.dtype]
     # default (warm-up, timed) steps by (GPU?, quick?)
-    warmup, steps = {(True, False): (3, 20), (True, True): (2, 10), (False, False): (2, 10), (False, True): (1, 3)}[
+    warmup, steps = {(True, False): (3, 20), (True, True): (2, 10), (False, False): (2, 20), (False, True): (1, 3)}[
         (cuda, args.quick)
     ]
     settings = Settings(
@@ -212,11 +216,14 @@ def main(argv: list[str] | None = None) -> int:
         "environment": env,
         "settings": {
             "device": str(device), "dtype": dtype_name, "warmup": settings.warmup, "steps": settings.steps,
+            "preset": preset, "selection": why,
             "seed": settings.seed, "optimizer": settings.optimizer,
             "optimizer_note": OPTIMIZER_NOTE[settings.optimizer],
             "step": STEP,
             "timing": "CUDA events around each step, no host sync between steps" if cuda
-            else "time.perf_counter around each step",
+            else "time.perf_counter around each step; the members of a group (a dense baseline and the "
+            "configurations compared with it) built and warmed up together, then timed in alternating steps, one "
+            "step of each in turn per round, so drift of a shared machine reaches every member alike",
             "batch_rule": "the configuration's batch, or `auto`: on a GPU the largest batch that every member of the "
             "configuration's group fits (one step per try, doubling from 8 then bisection, peak allocation under "
             f"{settings.memory_fraction:.0%} of the GPU's memory, at most {settings.max_batch}); on the CPU 1. "
@@ -234,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         "notes": [
             "The dense model is MoTTransformer(num_modalities=1), which runs plain dense ops (F.linear, "
             "F.rms_norm, SDPA) with the same parameter layout; MoT runs the package's grouped kernels.",
+            "The CPU presets shrink the vocabulary (cpu: 8,192, tiny: 256; each row's `vocab` in report.json) so "
+            "the LM head does not dominate a CPU step; the GPU sizes use Chameleon's.",
             "Vocabulary 65,536 (Chameleon's), input and output embeddings untied: with it the MoT paper's 443M and "
             "1.5B are exact parameter counts. Image spans are 1,024 tokens (one Chameleon image) at seq 4096.",
             "dense-435m-moma uses MoMa's 'ffn 4096' as the SwiGLU width, which gives more than 435M parameters; "
@@ -245,37 +254,59 @@ def main(argv: list[str] | None = None) -> int:
             "activation checkpointing.",
         ],
     }
-    print(f"profiling {len(cfgs)} configuration(s) on {env.get('device')} ({dtype_name}) -> {out_dir}",
-          file=sys.stderr)
+    chosen = f"preset {preset}" if preset else "--configs"
+    print(f"profiling {len(cfgs)} configuration(s) on {env.get('device')} ({dtype_name}; {chosen}: {why}) "
+          f"-> {out_dir}", file=sys.stderr)
     data["ceiling"] = measure_ceiling(device, dtype)
     log(f"dense-matmul ceiling: {data['ceiling']['tflops']:.4g} TFLOP/s")
     batches = resolve_batches(cfgs, settings)
     if any(c.batch == "auto" for c in cfgs) and cuda:
         log("batches: " + ", ".join(f"{n}={b}" for n, (b, _) in batches.items()))
     failed = False
-    for cfg in progress_bar(cfgs, len(cfgs), "configurations", settings.progress):
-        batch, how = batches[cfg.name]
-        if settings.time_budget_s is not None and time.perf_counter() - t_start > settings.time_budget_s:
-            row = {**describe(cfg, batch or None), "status": "skipped (time budget)"}
-        elif batch == 0:
-            why = how if how.startswith("failed") else "batch 1 does not fit in memory"
-            row = {**describe(cfg, None), "status": f"failed: {why.removeprefix('failed ')}"}
-            failed = True
-        else:
-            try:
-                row = measure_config(cfg, batch, settings, data["ceiling"]["tflops"])
-            except Exception as exc:  # noqa: BLE001 - one failed configuration must not lose the others
-                row = {**describe(cfg, batch), "status": f"failed: {type(exc).__name__}: {exc}"}
-                failed = True
-            # the failed step's tensors die with its traceback, above; return their memory before the next model
-            gc.collect()
-            if cuda:
-                torch.cuda.empty_cache()
-        row["batch_how"] = how
+
+    def record(row: dict) -> None:
+        nonlocal failed
+        failed = failed or row["status"].startswith("failed")
         data["results"].append(row)
-        done = f"{row['timing']['median_ms']:.4g} ms/step, batch {batch}" if row["status"] == "ok" else row["status"]
-        log(f"[{len(data['results'])}/{len(cfgs)}] {cfg.name}: {done} ({time.perf_counter() - t_start:.0f} s)")
+        done = f"{row['timing']['median_ms']:.4g} ms/step, batch {row['batch']}" if row["status"] == "ok" \
+            else row["status"]
+        log(f"[{len(data['results'])}/{len(cfgs)}] {row['name']}: {done} ({time.perf_counter() - t_start:.0f} s)")
         report.write(data, out_dir, plots=False)
+
+    # On the CPU the members of a group are timed in alternating steps (drift of a shared machine reaches all
+    # alike); on a GPU one after another (memory; GPU timings do not drift that way).
+    units = _groups(cfgs) if not cuda else [[c] for c in cfgs]
+    for unit in progress_bar(units, len(units), "configurations" if cuda else "groups", settings.progress):
+        runnable = []
+        for cfg in unit:
+            batch, how = batches[cfg.name]
+            if settings.time_budget_s is not None and time.perf_counter() - t_start > settings.time_budget_s:
+                row = {**describe(cfg, batch or None), "status": "skipped (time budget)"}
+            elif batch == 0:
+                why = how if how.startswith("failed") else "batch 1 does not fit in memory"
+                row = {**describe(cfg, None), "status": f"failed: {why.removeprefix('failed ')}"}
+            else:
+                runnable.append((cfg, batch))
+                continue
+            row["batch_how"] = how
+            record(row)
+        if not runnable:
+            continue
+        try:
+            if len(runnable) == 1:
+                rows = [measure_config(*runnable[0], settings, data["ceiling"]["tflops"])]
+            else:
+                rows = measure_interleaved(runnable, settings, data["ceiling"]["tflops"])
+        except Exception as exc:  # noqa: BLE001 - one failed configuration must not lose the others
+            rows = [{**describe(cfg, batch), "status": f"failed: {type(exc).__name__}: {exc}"}
+                    for cfg, batch in runnable]
+        # a failed step's tensors die with its traceback, above; return their memory before the next model
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+        for (cfg, _), row in zip(runnable, rows):
+            row["batch_how"] = batches[cfg.name][1]
+            record(row)
     data["complete"] = all(r.get("status") != "skipped (time budget)" for r in data["results"])
     data["elapsed_s"] = time.perf_counter() - t_start
     paths = report.write(data, out_dir, plots=True)
@@ -283,7 +314,17 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
+def _groups(cfgs) -> list[list]:
+    """The configurations by comparison group (a dense baseline and what is compared with it), in order."""
+    out: dict[str, list] = {}
+    for cfg in cfgs:
+        out.setdefault(cfg.group or cfg.name, []).append(cfg)
+    return list(out.values())
+
+
 def _summary(data: dict, paths: dict) -> None:
+    from profiling.report import OVERHEAD_BOUND
+
     print(f"\n{'config':22s} {'batch':>5s} {'step ms':>10s} {'tokens/s':>10s} {'TFLOP/s':>8s} {'MFU':>6s}  status")
     for r in data["results"]:
         if r.get("status") == "ok":
@@ -294,7 +335,11 @@ def _summary(data: dict, paths: dict) -> None:
     for t in data["tables"]["relative_to_dense"]:
         source = "derived from the paper's figures" if t.get("paper_derived") else "paper, A100"
         paper = "" if t["paper_ratio"] is None else f" ({source}: {t['paper_ratio']:.2f})"
-        print(f"  {t['name']} vs {t['baseline']}: {t['ratio']:.3f}x dense throughput{paper}")
+        shares = [v for v in (t.get("host_share"), t.get("baseline_host_share")) if v is not None]
+        host = f"; host share {t['host_share']:.0%} / {t['baseline_host_share']:.0%}" if len(shares) == 2 else ""
+        print(f"  {t['name']} vs {t['baseline']}: {t['ratio']:.3f}x dense throughput{paper}{host}")
+        if any(v > OVERHEAD_BOUND for v in shares):
+            print(f"    overhead-bound: more than {OVERHEAD_BOUND:.0%} of a step is host overhead")
         if t.get("untrusted"):
             print(f"    WARNING, do not trust this ratio: {'; '.join(t['untrusted'])}")
     for r in data["results"]:

@@ -33,6 +33,8 @@ from profiling import models as _models
 CHAMELEON_VOCAB = 65536
 #: Chameleon encodes a 512x512 image as 1,024 tokens: the length of one image span.
 CHAMELEON_IMAGE_TOKENS = 1024
+#: The ``cpu`` preset's vocabulary: Chameleon's 65,536 would make the LM head a third of a CPU step.
+CPU_VOCAB = 8192
 
 
 def swiglu_hidden(dim: int) -> int:
@@ -238,10 +240,24 @@ def resolve(names: Iterable[str]) -> list[ModelConfig]:
 
 
 def default_preset(device_type: str, quick: bool) -> str:
-    """``cpu`` (the tiny models) without a GPU; ``gpu-quick`` / ``gpu`` on one."""
+    """Without a GPU ``cpu`` (models where matmuls dominate the step), or ``tiny`` with ``quick``; on a GPU
+    ``gpu``, or ``gpu-quick`` with ``quick``."""
     if device_type != "cuda":
-        return "cpu"
+        return "tiny" if quick else "cpu"
     return "gpu-quick" if quick else "gpu"
+
+
+def preset_reason(device_type: str, quick: bool) -> str:
+    """Why :func:`default_preset` picked its preset, in words for the report's header."""
+    if device_type != "cuda":
+        if quick:
+            return "no GPU found, and --quick: the tiny models, which show the harness works (Python overhead " \
+                   "dominates their steps)"
+        return ("no GPU found: models at a size where the matmuls dominate a step on a CPU (dim 512, seq 1024, "
+                f"vocabulary {CPU_VOCAB}), so the ratios describe the layers rather than Python overhead")
+    if quick:
+        return "a GPU found, and --quick: the 443M models (the MoT paper's Chameleon setting)"
+    return "a GPU found: the MoT paper's Chameleon-setting sizes (443M, 1.5B) and MoMa's 435M dense baseline"
 
 
 def with_mix(cfg: ModelConfig, mix: str, rename: bool) -> ModelConfig:
@@ -342,8 +358,11 @@ def _size_family(size: str, dim: int, n_layers: int, n_heads: int, hidden: int, 
                          description=f"{size} MoT, text + image, reference style (mask loop)"))
 
 
-# The CPU default: small enough that the whole report runs in seconds on 2 cores, in fp32.
+# `--quick` on a CPU and the tests: the whole report in seconds on 2 cores (Python overhead dominates its steps).
 _size_family("tiny", dim=64, n_layers=2, n_heads=4, hidden=192, seq=128, batch=2, vocab=256, image_span=32)
+# The CPU default: large enough that matmuls dominate a step, small enough for ~5 minutes on 2 cores in fp32.
+_size_family("cpu", dim=512, n_layers=4, n_heads=8, hidden=swiglu_hidden(512), seq=1024, batch=2, vocab=CPU_VOCAB,
+             image_span=256)
 # The MoT paper's Chameleon-setting sizes (seq 4096).
 _size_family("443m", dim=1024, n_layers=24, n_heads=16, hidden=swiglu_hidden(1024), seq=4096)
 _size_family("1.5b", dim=2048, n_layers=24, n_heads=16, hidden=swiglu_hidden(2048), seq=4096)
@@ -354,6 +373,7 @@ register(ModelConfig(
     description="MoMa's 435M FLOP-matched dense baseline (24 layers, dim 1024, ffn 4096, 16 heads)",
 ))
 
-register_preset("cpu", ["dense-tiny", "mot2-tiny", "mot3-tiny", "mot2-tiny-ref"])
+register_preset("tiny", ["dense-tiny", "mot2-tiny", "mot3-tiny", "mot2-tiny-ref"])
+register_preset("cpu", ["dense-cpu", "mot2-cpu", "mot3-cpu", "mot2-cpu-ref"])
 register_preset("gpu-quick", ["dense-443m", "mot2-443m", "mot3-443m", "mot2-443m-ref"])
 register_preset("gpu", [*PRESETS["gpu-quick"], "dense-1.5b", "mot2-1.5b", "dense-435m-moma"])

@@ -384,29 +384,47 @@ def describe(cfg: ModelConfig, batch: int | None) -> dict:
     return row
 
 
-def measure_config(cfg: ModelConfig, batch: int, settings: Settings, ceiling_tflops: float) -> dict:
-    """Everything the report shows for one configuration (see the module docstring)."""
-    device, cuda = settings.device, settings.device.type == "cuda"
+@dataclass
+class _Live:
+    """A configuration being measured: its model, input batch and step, and the times taken so far."""
+
+    cfg: ModelConfig
+    row: dict
+    work: object
+    inputs: dict
+    step: Callable[[], None]
+    zero: Callable[[], None]
+    opt: object
+    ms: list
+
+
+def _prepare(cfg: ModelConfig, batch: int, settings: Settings) -> _Live:
+    """Build (seeded), make the step, run the warm-up steps."""
+    device = settings.device
     row = describe(cfg, batch)
     torch.manual_seed(settings.seed)
     work = cfg.build(device, settings.dtype)
     inputs = work.make_batch(batch, settings.seed)
     step, zero, opt = make_step(work, inputs, settings.optimizer)
-    if cuda:
+    if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     time_steps(step, zero, device, settings.warmup, f"{cfg.name} warm-up", settings.progress)
     _sync(device)
     row["warmup_s"] = time.perf_counter() - t0
-    load_before = machine_load()
-    with nvml.Sampler(device.index or 0, enabled=cuda) as sampler:
-        ms = time_steps(step, zero, device, settings.steps, f"{cfg.name} timed", settings.progress)
-    load_after = machine_load()
-    row["telemetry"] = sampler.summary(len(ms))
+    return _Live(cfg, row, work, inputs, step, zero, opt, [])
+
+
+def _finish(live: _Live, settings: Settings, ceiling_tflops: float, loads: list, telemetry: dict) -> dict:
+    """Timing statistics, throughput, peak memory and the breakdown of a measured configuration; frees it."""
+    device, cuda = settings.device, settings.device.type == "cuda"
+    row, step, zero, opt = live.row, live.step, live.zero, live.opt
+    ms = live.ms
+    row["telemetry"] = telemetry
     row["step_ms"] = ms
     row["timing"] = summarize(ms)
-    loads = [v for v in (load_before, load_after) if v is not None]
+    loads = [v for v in loads if v is not None]
     row["load_avg"] = max(loads) if loads else None
     row["cores"] = usable_cores()
     row["trust_warnings"] = trust_warnings(row["timing"], row["load_avg"], row["cores"])
@@ -423,19 +441,19 @@ def measure_config(cfg: ModelConfig, batch: int, settings: Settings, ceiling_tfl
     if settings.breakdown:
         try:
             zero()
-            live = _bytes(work.model.parameters()) + _bytes(inputs.values())
+            resident = _bytes(live.work.model.parameters()) + _bytes(live.inputs.values())
             if opt is not None:
-                live += sum(_bytes(s.values()) for s in opt.state.values())
+                resident += sum(_bytes(s.values()) for s in opt.state.values())
             trace = None
             if settings.trace_dir:
-                trace = f"{settings.trace_dir}/trace-{re.sub(r'[^A-Za-z0-9._-]+', '_', cfg.name)}.json"
-            bd = _breakdown.profile_step(step, zero, work.roles, device, trace)
+                trace = f"{settings.trace_dir}/trace-{re.sub(r'[^A-Za-z0-9._-]+', '_', live.cfg.name)}.json"
+            bd = _breakdown.profile_step(step, zero, live.work.roles, device, trace)
             if trace:
                 bd["trace"] = trace
             if cuda:
                 bd["idle_ms"] = max(0.0, row["timing"]["median_ms"] - bd["device_total_ms"])
             elif bd.get("cpu_peak_delta_bytes") is not None:
-                row["peak_mem_gib"] = (live + bd["cpu_peak_delta_bytes"]) / 2**30
+                row["peak_mem_gib"] = (resident + bd["cpu_peak_delta_bytes"]) / 2**30
                 row["peak_mem_method"] = (
                     "parameters + inputs + the largest net allocation during one profiled step (profiler "
                     "allocation events)"
@@ -444,7 +462,50 @@ def measure_config(cfg: ModelConfig, batch: int, settings: Settings, ceiling_tfl
         except Exception as exc:  # noqa: BLE001 - a failed breakdown must not lose the timings
             row["breakdown"] = {"error": f"{type(exc).__name__}: {exc}"}
     zero()
-    del work, inputs, step, opt
+    live.work = live.inputs = live.step = live.opt = None
     _release(device)
     row["status"] = "ok"
     return row
+
+
+def measure_config(cfg: ModelConfig, batch: int, settings: Settings, ceiling_tflops: float) -> dict:
+    """Everything the report shows for one configuration (see the module docstring), timed on its own."""
+    device, cuda = settings.device, settings.device.type == "cuda"
+    live = _prepare(cfg, batch, settings)
+    load_before = machine_load()
+    with nvml.Sampler(device.index or 0, enabled=cuda) as sampler:
+        live.ms = time_steps(live.step, live.zero, device, settings.steps, f"{cfg.name} timed", settings.progress)
+    row = _finish(live, settings, ceiling_tflops, [load_before, machine_load()], sampler.summary(settings.steps))
+    row["timing_order"] = "alone"
+    return row
+
+
+def measure_interleaved(members: list[tuple[ModelConfig, int]], settings: Settings, ceiling_tflops: float) -> list:
+    """The rows of several configurations timed in alternation: every member is built and warmed up, then each
+    of ``settings.steps`` rounds times one step of every member in turn, so a slow drift of the machine (another
+    tenant, frequency changes) reaches every member alike instead of biasing whichever ran during it. For the
+    CPU, where the members of a group fit in memory together and such drift is the largest error of a ratio.
+    A member that fails is reported as failed (``{"name", "status": "failed: ..."}``); the others go on."""
+    device = settings.device
+    lives, rows = [], {}
+    for cfg, batch in members:
+        try:
+            lives.append(_prepare(cfg, batch, settings))
+        except Exception as exc:  # noqa: BLE001 - one failed configuration must not lose the others
+            rows[cfg.name] = {**describe(cfg, batch), "status": f"failed: {type(exc).__name__}: {exc}"}
+    load_before = machine_load()
+    names = ", ".join(live.cfg.name for live in lives)
+    for _ in progress_bar(range(settings.steps), settings.steps, f"timed, alternating ({names})", settings.progress):
+        for live in list(lives):
+            try:
+                live.ms += time_steps(live.step, live.zero, device, 1)
+            except Exception as exc:  # noqa: BLE001
+                rows[live.cfg.name] = {**live.row, "status": f"failed: {type(exc).__name__}: {exc}"}
+                lives.remove(live)
+                _release(device)
+    load_after = machine_load()
+    for live in lives:
+        rows[live.cfg.name] = _finish(live, settings, ceiling_tflops, [load_before, load_after],
+                                      nvml.Sampler(0, enabled=False).summary(settings.steps))
+        rows[live.cfg.name]["timing_order"] = f"alternating with {len(members) - 1} other configuration(s)"
+    return [rows[cfg.name] for cfg, _ in members]

@@ -16,7 +16,17 @@ import torch
 from profiling import nvml
 from profiling import run as run_mod
 from profiling.__main__ import main
-from profiling.breakdown import ATTENTION, EMBED_HEAD_LOSS, FFN, GEMM_UNSPLIT, MASKS, PROJ, categorize
+from profiling.breakdown import (
+    ATTENTION,
+    EMBED_HEAD_LOSS,
+    FFN,
+    GEMM_UNSPLIT,
+    HOST,
+    MASKS,
+    NORMS,
+    PROJ,
+    categorize,
+)
 from profiling.flops import flop_count, param_count
 from profiling.models import ReferenceMoTTransformer, build_transformer, modality_ids
 from profiling.registry import (
@@ -28,13 +38,14 @@ from profiling.registry import (
     UnknownConfigError,
     default_preset,
     get_config,
+    preset_reason,
     register,
     register_family,
     resolve,
     swiglu_hidden,
     with_mix,
 )
-from profiling.report import PLOTS, SECTIONS
+from profiling.report import OVERHEAD_BOUND, PLOTS, SECTIONS, host_share
 from profiling.run import Settings, largest_fitting, resolve_batches, resolve_device
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -66,19 +77,55 @@ def test_tiny_preset_runs_end_to_end(cpu_report):
     assert rc == 0
     data = json.loads((out / "report.json").read_text())
     assert data["complete"] and data["environment"]["device_type"] == "cpu"
-    assert [r["name"] for r in data["results"]] == PRESETS["cpu"]
+    assert [r["name"] for r in data["results"]] == PRESETS["tiny"]
+    assert data["settings"]["preset"] == "tiny" and "no GPU found" in data["settings"]["selection"]
     for r in data["results"]:
         assert r["status"] == "ok", r
         assert r["timing"]["median_ms"] > 0 and r["tokens_per_s"] > 0 and r["tflops"] > 0 and r["mfu"] > 0
         assert r["peak_mem_gib"] > 0
         assert r["breakdown"]["categories"] and r["breakdown"]["attributed_ms"] > 0
+        if r["family"] != "mot_reference":  # module ranges reached (the sorted stream calls modules, not methods)
+            cats = r["breakdown"]["categories"]
+            assert all(cats.get(c, {}).get("ms", 0) > 0 for c in (ATTENTION, PROJ, FFN, NORMS)), cats
+            assert GEMM_UNSPLIT not in cats, cats
         assert r["telemetry"]["energy_j_per_step"] == "n/a"
+        assert r["timing_order"] == "alternating with 3 other configuration(s)"  # one group, timed together
     tables = data["tables"]
     assert {t["name"] for t in tables["relative_to_dense"]} == {"mot2-tiny", "mot3-tiny", "mot2-tiny-ref"}
     assert {t["name"] for t in tables["mot_projection"]} == {"mot2-tiny", "mot2-tiny-ref"}
     assert [(t["name"], t["reference"]) for t in tables["kernels_vs_reference"]] == [("mot2-tiny", "mot2-tiny-ref")]
     for name in PLOTS.values():
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_table1_reports_host_share_and_marks_overhead_bound_ratios(cpu_report):
+    _, out = cpu_report
+    data = json.loads((out / "report.json").read_text())
+    rows = {r["name"]: r for r in data["results"]}
+    for t in data["tables"]["relative_to_dense"]:
+        for key, name in (("host_share", t["name"]), ("baseline_host_share", t["baseline"])):
+            bd = rows[name]["breakdown"]
+            assert t[key] == pytest.approx(bd["categories"][HOST]["ms"] / bd["attributed_ms"])
+            assert 0 < t[key] < 1
+    md = _sections((out / "report.md").read_text())[SECTIONS["relative"]]
+    assert "host share (config / dense)" in md and "Host share:" in md
+    # the tiny models are overhead-bound on a CPU, and the table says so wherever a side passes the bound
+    for t in data["tables"]["relative_to_dense"]:
+        bound = max(t["host_share"], t["baseline_host_share"]) > OVERHEAD_BOUND
+        line = next(r for r in _table_rows(md) if r.startswith(f"| {t['name']} |"))
+        assert ("overhead-bound" in line) == bound
+
+
+def test_host_share_formula_on_cpu_and_gpu_rows():
+    cpu = {"timing": {"median_ms": 10.0},
+           "breakdown": {"categories": {HOST: {"ms": 3.0}, FFN: {"ms": 9.0}}, "attributed_ms": 12.0,
+                         "device_total_ms": None}}
+    gpu = {"timing": {"median_ms": 10.0},
+           "breakdown": {"categories": {FFN: {"ms": 6.0}}, "attributed_ms": 6.0, "device_total_ms": 6.0,
+                         "idle_ms": 4.0}}
+    assert host_share(cpu) == pytest.approx(0.25) and host_share(gpu) == pytest.approx(0.4)
+    assert host_share({"timing": {"median_ms": 1.0}, "breakdown": {"error": "x"}}) is None
+    assert host_share({"timing": {"median_ms": 1.0}}) is None
 
 
 def test_report_has_every_section_with_numbers(cpu_report):
@@ -230,11 +277,20 @@ def test_no_gpu_selects_the_cpu_preset(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     device = resolve_device("auto")
     assert device.type == "cpu"
-    for quick in (False, True):
-        names = PRESETS[default_preset(device.type, quick)]
-        assert names == ["dense-tiny", "mot2-tiny", "mot3-tiny", "mot2-tiny-ref"]
-        assert all(get_config(n).dim <= 64 for n in names)
+    # the default: every family at a size where matmuls dominate a CPU step; --quick: the tiny models
+    names = PRESETS[default_preset(device.type, False)]
+    assert names == ["dense-cpu", "mot2-cpu", "mot3-cpu", "mot2-cpu-ref"]
+    assert all(get_config(n).dim >= 512 and get_config(n).seq >= 1024 for n in names)
+    assert "no GPU found" in preset_reason(device.type, False)
+    quick = PRESETS[default_preset(device.type, True)]
+    assert quick == ["dense-tiny", "mot2-tiny", "mot3-tiny", "mot2-tiny-ref"]
+    assert all(get_config(n).dim <= 64 for n in quick)
     assert default_preset("cuda", False) == "gpu" and default_preset("cuda", True) == "gpu-quick"
+    # the cpu preset carries the same kinds of rows as the GPU presets: a dense baseline, MoT 2 and 3 and the
+    # reference of MoT 2, one group
+    assert {get_config(n).family for n in names} == {get_config(n).family for n in PRESETS["gpu-quick"]}
+    assert {get_config(n).baseline for n in names[1:]} == {"dense-cpu"}
+    assert get_config("mot2-cpu-ref").reference_of == "mot2-cpu"
 
 
 def test_cuda_requested_without_gpu(monkeypatch, capsys):
@@ -436,3 +492,46 @@ def test_a_busy_machine_marks_the_report_and_the_summary(monkeypatch, tmp_path, 
     assert results and all("do not trust" in row for row in results)
     data = json.loads(next(tmp_path.rglob("report.json")).read_text())
     assert all(r["trust_warnings"] for r in data["results"] if r["status"] == "ok")
+
+
+def test_cpu_groups_are_timed_in_alternating_steps(monkeypatch):
+    # On the CPU the members of a group are built together and timed one step each per round: the order of the
+    # timed steps interleaves the configurations, and every member gets `steps` steps.
+    order = []
+    real = run_mod.time_steps
+
+    def spy(step, zero, device, n, desc="", progress=False):
+        order.append((desc, n))
+        return real(step, zero, device, n, desc, progress)
+
+    monkeypatch.setattr(run_mod, "time_steps", spy)
+    members = [(get_config("dense-tiny"), 1), (get_config("mot2-tiny"), 1)]
+    settings = Settings(device=torch.device("cpu"), dtype=torch.float32, warmup=1, steps=3, breakdown=False,
+                        progress=False)
+    rows = run_mod.measure_interleaved(members, settings, ceiling_tflops=1.0)
+    assert [r["name"] for r in rows] == ["dense-tiny", "mot2-tiny"]
+    assert all(r["status"] == "ok" and r["timing"]["n"] == 3 for r in rows)
+    assert all(r["timing_order"].startswith("alternating") for r in rows)
+    timed = [d for d, n in order if not d.endswith("warm-up")]
+    assert timed == [""] * 6 and [n for d, n in order if not d.endswith("warm-up")] == [1] * 6
+    assert [d for d, _ in order][:2] == ["dense-tiny warm-up", "mot2-tiny warm-up"]  # warm both, then alternate
+
+
+def test_a_failing_member_of_an_interleaved_group_keeps_the_others(monkeypatch):
+    members = [(get_config("dense-tiny"), 1), (get_config("mot2-tiny"), 1)]
+    real = run_mod._prepare
+
+    def broken(cfg, batch, settings):
+        live = real(cfg, batch, settings)
+        if cfg.name == "mot2-tiny":
+            def boom():
+                raise RuntimeError("kernel exploded")
+            live.step = boom
+        return live
+
+    monkeypatch.setattr(run_mod, "_prepare", broken)
+    settings = Settings(device=torch.device("cpu"), dtype=torch.float32, warmup=0, steps=2, breakdown=False,
+                        progress=False)
+    rows = run_mod.measure_interleaved(members, settings, ceiling_tflops=1.0)
+    assert rows[0]["status"] == "ok" and rows[0]["timing"]["n"] == 2
+    assert rows[1]["status"] == "failed: RuntimeError: kernel exploded"

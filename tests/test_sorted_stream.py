@@ -264,3 +264,32 @@ def test_forward_sorted_checks_its_arguments():
         block.forward_sorted(h[:-1], plan, (B, S), ids)
     # The ids default to those the plan was built from.
     torch.testing.assert_close(block.forward_sorted(h, plan, (B, S)), block.forward_sorted(h, plan, (B, S), ids))
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")  # the embedding's: its input has no grad
+@pytest.mark.parametrize("M", [1, 2])
+def test_sorted_stream_runs_every_submodule_through_its_hooks(M):
+    # The sorted entry points are module calls: forward hooks and full backward hooks of every submodule fire when
+    # a model keeps the sorted stream (what profilers, FSDP's unshard hooks and user hooks rely on).
+    torch.manual_seed(5)
+    model = MoTTransformer(37, DIM, 2, HEADS, HIDDEN, M, qk_norm=True)
+    tokens, ids = torch.randint(0, 37, (B, S)), _ids("random", M, B, S)
+    fwd, bwd, handles = set(), set(), []
+    for name, module in model.named_modules():
+        if name:
+            handles.append(module.register_forward_pre_hook(lambda m, a, name=name: fwd.add(name)))
+            handles.append(module.register_full_backward_hook(lambda m, gi, go, name=name: bwd.add(name)))
+    model(tokens, ids if M > 1 else None).sum().backward()
+    for h in handles:
+        h.remove()
+    leaves = {n for n, _ in model.named_modules() if n and n != "layers"}
+    assert fwd == leaves
+    assert bwd == leaves
+    # sorted_rows is the documented flag behind forward_sorted
+    plan = smk.group_plan(ids, M) if M > 1 else None
+    h = torch.randn(B * S, DIM)
+    block = model.layers[0]
+    torch.testing.assert_close(block(h, ids, plan, sorted_rows=True, batch_shape=(B, S)),
+                               block.forward_sorted(h, plan, (B, S), ids))
+    with pytest.raises(TypeError, match="`batch_shape`"):
+        block(h, ids, plan, sorted_rows=True)

@@ -190,14 +190,20 @@ class MoTAttention(nn.Module):
         position_ids: torch.Tensor | None = None,
         plan: GroupPlan | None = None,
         span_ids: torch.Tensor | None = None,
+        *,
+        sorted_rows: bool = False,
+        batch_shape: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """x: ``(B, S, dim)``; modality_ids: ``(B, S)`` (None allowed with one modality).
 
         attn_mask: bool (True = attend) or additive float, broadcastable to ``(B, H, S, S)``, combined with
         the causal mask when ``is_causal``; span_ids: ``(B, S)`` ints for the Transfusion hybrid mask (0 =
         text, equal positive ids = one image span, bidirectional inside); position_ids: ``(B, S)`` or ``(S,)``.
-        Returns the branch output ``(B, S, dim)`` (no residual).
+        Returns the branch output ``(B, S, dim)`` (no residual). ``sorted_rows=True`` with ``batch_shape``:
+        ``x (T, dim)`` rows in ``plan`` order instead (see :meth:`forward_sorted`).
         """
+        if sorted_rows:
+            return self._sorted(x, plan, batch_shape, modality_ids, attn_mask, is_causal, position_ids, span_ids)
         _check_tokens(x, modality_ids, self.num_modalities, self.dim)
         if x.dim() != 3:
             raise ValueError(f"`x` must be (B, S, dim), got shape {tuple(x.shape)}")
@@ -224,8 +230,13 @@ class MoTAttention(nn.Module):
         ``batch_shape = (B, S)`` with ``B * S = T`` gives the sequences attention runs over (in token order);
         ``modality_ids (B, S)`` (token order) defaults to the ids the plan was built from; the attention
         arguments are those of :meth:`forward`. The Q/K/V GEMM reads the sorted rows and writes token order,
-        the output GEMM reads token order and writes sorted rows: no permutation pass.
+        the output GEMM reads token order and writes sorted rows: no permutation pass. A module call, so hooks
+        run as for :meth:`forward`.
         """
+        return self(x, modality_ids, attn_mask, is_causal, position_ids, plan, span_ids, sorted_rows=True,
+                    batch_shape=batch_shape)
+
+    def _sorted(self, x, plan, batch_shape, modality_ids, attn_mask, is_causal, position_ids, span_ids):
         _sorted_input(x, plan, self.num_modalities, self.dim)
         B, S = _batch_shape(batch_shape, x.shape[0])
         ids = _token_ids(plan if self.num_modalities > 1 else None, modality_ids, (B, S))
@@ -295,9 +306,13 @@ class MoTFeedForward(nn.Module):
             init_per_modality_(w)
 
     def forward(
-        self, x: torch.Tensor, modality_ids: torch.Tensor | None, plan: GroupPlan | None = None
+        self, x: torch.Tensor, modality_ids: torch.Tensor | None, plan: GroupPlan | None = None, *,
+        sorted_rows: bool = False,
     ) -> torch.Tensor:
-        """x: ``(..., dim)``; modality_ids: ``x.shape[:-1]``. Returns ``(..., dim)``."""
+        """x: ``(..., dim)``; modality_ids: ``x.shape[:-1]``. Returns ``(..., dim)``. ``sorted_rows=True``:
+        ``x (T, dim)`` rows in ``plan`` order instead, ``modality_ids`` unused (see :meth:`forward_sorted`)."""
+        if sorted_rows:
+            return self._sorted(x, plan)
         _check_tokens(x, modality_ids, self.num_modalities, self.dim)
         plan, _ = _resolve_plan(modality_ids, self.num_modalities, plan, self.backend)
         x2 = x.reshape(-1, self.dim)
@@ -307,7 +322,11 @@ class MoTFeedForward(nn.Module):
 
     def forward_sorted(self, x: torch.Tensor, plan: GroupPlan | None) -> torch.Tensor:
         """The sorted-rows entry point: ``x (T, dim)`` rows in ``plan`` order -> ``(T, dim)`` in that order. Both
-        GEMMs run on contiguous row blocks per modality (``grouped_mm``, no gather or scatter)."""
+        GEMMs run on contiguous row blocks per modality (``grouped_mm``, no gather or scatter). A module call,
+        so hooks run as for :meth:`forward`."""
+        return self(x, None, plan, sorted_rows=True)
+
+    def _sorted(self, x: torch.Tensor, plan: GroupPlan | None) -> torch.Tensor:
         _sorted_input(x, plan, self.num_modalities, self.dim)
         if self.num_modalities == 1:
             return self._dense(x)
@@ -373,14 +392,25 @@ class MoTBlock(nn.Module):
         self.ffn_norm = _NORMS[norm](dim, num_modalities, norm_eps, backend=backend, **factory)
 
     def forward(
-        self, x: torch.Tensor, modality_ids: torch.Tensor | None, plan: GroupPlan | None = None, **attention_kwargs
+        self,
+        x: torch.Tensor,
+        modality_ids: torch.Tensor | None,
+        plan: GroupPlan | None = None,
+        *,
+        sorted_rows: bool = False,
+        batch_shape: tuple[int, int] | None = None,
+        **attention_kwargs,
     ) -> torch.Tensor:
         """x: ``(B, S, dim)``; modality_ids: ``(B, S)``; plan: a reusable plan of ``modality_ids``;
         ``attention_kwargs`` go to :meth:`MoTAttention.forward` (attn_mask, is_causal, position_ids,
-        span_ids). Returns ``(B, S, dim)``.
+        span_ids). Returns ``(B, S, dim)``. ``sorted_rows=True`` with ``batch_shape``: ``x (T, dim)`` rows in
+        ``plan`` order instead (see :meth:`forward_sorted`).
 
-        The block sorts its rows into the plan's group order, runs :meth:`forward_sorted` and restores token
+        The block sorts its rows into the plan's group order, runs the sorted stream and restores token
         order (a model that keeps the sorted stream across blocks skips both: :class:`MoTTransformer`)."""
+        if sorted_rows:
+            _sorted_input(x, plan, self.num_modalities, self.dim)
+            return self._stream(x, plan, _batch_shape(batch_shape, x.shape[0]), modality_ids, attention_kwargs)
         _check_tokens(x, modality_ids, self.num_modalities, self.dim)
         if x.dim() != 3:
             raise ValueError(f"`x` must be (B, S, dim), got shape {tuple(x.shape)}")
@@ -402,10 +432,9 @@ class MoTBlock(nn.Module):
         """The sorted-rows entry point: ``x (T, dim)`` rows in ``plan`` order (token order with one modality,
         ``plan=None``) -> ``(T, dim)`` in the same order; ``batch_shape = (B, S)``, ``modality_ids`` and the
         attention arguments as in :meth:`MoTAttention.forward_sorted`. Norms, FFN and residuals run on the
-        sorted rows; only attention sees token order, inside its GEMMs."""
-        _sorted_input(x, plan, self.num_modalities, self.dim)
-        B, S = _batch_shape(batch_shape, x.shape[0])
-        return self._stream(x, plan, (B, S), modality_ids, attention_kwargs)
+        sorted rows; only attention sees token order, inside its GEMMs. A module call, so hooks run as for
+        :meth:`forward`."""
+        return self(x, modality_ids, plan, sorted_rows=True, batch_shape=batch_shape, **attention_kwargs)
 
     def _stream(self, h, plan, batch_shape, ids, attention_kwargs) -> torch.Tensor:
         def attn(t):
@@ -445,10 +474,10 @@ class DenseBlock(MoTBlock):
     def __init__(self, dim: int, n_heads: int, hidden_dim: int, **kwargs) -> None:
         super().__init__(dim, n_heads, hidden_dim, 1, **kwargs)
 
-    def forward(self, x, modality_ids=None, plan=None, **attention_kwargs):
+    def forward(self, x, modality_ids=None, plan=None, **kwargs):
         """x: ``(B, S, dim)``; ``modality_ids`` and ``plan`` are accepted for interface parity and ignored
-        (one modality). Returns ``(B, S, dim)``."""
-        return super().forward(x, None, None, **attention_kwargs)
+        (one modality); ``kwargs`` as :meth:`MoTBlock.forward`. Returns ``(B, S, dim)``."""
+        return super().forward(x, None, None, **kwargs)
 
 
 class MoTTransformer(nn.Module):

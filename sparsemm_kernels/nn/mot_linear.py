@@ -68,15 +68,26 @@ class MoTLinear(nn.Module):
         """Per modality, the ``nn.Linear`` initialisation: kaiming-uniform(a=sqrt(5)) weight, uniform bias."""
         init_per_modality_(self.weight, self.bias)
 
-    def forward(self, x: torch.Tensor, modality_ids: torch.Tensor, plan: GroupPlan | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, modality_ids: torch.Tensor | None, plan: GroupPlan | None = None, *,
+        sorted_rows: bool = False,
+    ) -> torch.Tensor:
         """x: ``(..., in_features)``; modality_ids: ``x.shape[:-1]`` ints in ``[0, M)``; plan: optional
-        reusable :class:`GroupPlan` of ``modality_ids``. Returns ``(..., out_features)``."""
+        reusable :class:`GroupPlan` of ``modality_ids``. ``sorted_rows=True``: ``x (T, in_features)`` rows in
+        ``plan`` order instead, ``modality_ids`` unused (see :meth:`forward_sorted`). Returns
+        ``(..., out_features)``."""
+        if sorted_rows:
+            return self._sorted(x, plan)
         return modality_linear(x, modality_ids, self.weight, self.bias, plan, backend=prefer(self.backend))
 
     def forward_sorted(self, x: torch.Tensor, plan: GroupPlan) -> torch.Tensor:
         """The sorted-rows entry point: ``x (T, in_features)`` rows in ``plan`` order (group by group) ->
         ``(T, out_features)`` in the same order: one :func:`~sparsemm_kernels.grouped_mm` over the plan's
-        offsets (:func:`~sparsemm_kernels.grouped_linear` with both orders ``"sorted"``), no gather or scatter."""
+        offsets (:func:`~sparsemm_kernels.grouped_linear` with both orders ``"sorted"``), no gather or scatter.
+        A module call (``self(x, None, plan, sorted_rows=True)``), so hooks run as for :meth:`forward`."""
+        return self(x, None, plan, sorted_rows=True)
+
+    def _sorted(self, x: torch.Tensor, plan: GroupPlan) -> torch.Tensor:
         return grouped_linear(x, self.weight, plan, self.bias, input_order="sorted", output_order="sorted",
                               backend=prefer(self.backend))
 

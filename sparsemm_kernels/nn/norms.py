@@ -86,12 +86,21 @@ class MoTRMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(
-        self, x: torch.Tensor, modality_ids: torch.Tensor | None = None, *, validate: bool | None = None
+        self,
+        x: torch.Tensor,
+        modality_ids: torch.Tensor | None = None,
+        *,
+        validate: bool | None = None,
+        plan: GroupPlan | None = None,
+        sorted_rows: bool = False,
     ) -> torch.Tensor:
         """x: ``(..., dim)`` with modality_ids ``x.shape[:-1]``, or ``(..., H, dim)`` with modality_ids
         ``x.shape[:-2]`` (per-head QK-norm); ids in ``[0, M)``. With one modality the ids are not needed and
         the dense ``F.rms_norm`` runs. ``validate``: as in :func:`~sparsemm_kernels.modality_rms_norm`.
+        ``sorted_rows=True``: ``x (T, dim)`` rows in ``plan`` order instead (see :meth:`forward_sorted`).
         Returns ``x.shape`` in x's dtype."""
+        if sorted_rows:
+            return self._sorted(x, plan)
         if self.num_modalities == 1:
             x, weight = _dense_input(x, self.dim, self.weight.squeeze(0))  # a view: see nn.mot._only
             return F.rms_norm(x, (self.dim,), weight, self.eps)
@@ -100,7 +109,11 @@ class MoTRMSNorm(nn.Module):
 
     def forward_sorted(self, x: torch.Tensor, plan: GroupPlan | None) -> torch.Tensor:
         """The sorted-rows entry point: ``x (T, dim)`` rows in ``plan`` order (``plan=None`` with one
-        modality) -> ``(T, dim)``: :func:`~sparsemm_kernels.grouped_rms_norm` over the plan's offsets."""
+        modality) -> ``(T, dim)``: :func:`~sparsemm_kernels.grouped_rms_norm` over the plan's offsets. A module
+        call (``self(x, plan=plan, sorted_rows=True)``), so hooks run as for :meth:`forward`."""
+        return self(x, plan=plan, sorted_rows=True)
+
+    def _sorted(self, x: torch.Tensor, plan: GroupPlan | None) -> torch.Tensor:
         if self.num_modalities == 1:
             return self.forward(x)
         check_sorted_rows(x, plan, self.num_modalities, self.dim, "norm")
@@ -165,10 +178,18 @@ class MoTLayerNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(
-        self, x: torch.Tensor, modality_ids: torch.Tensor | None = None, *, validate: bool | None = None
+        self,
+        x: torch.Tensor,
+        modality_ids: torch.Tensor | None = None,
+        *,
+        validate: bool | None = None,
+        plan: GroupPlan | None = None,
+        sorted_rows: bool = False,
     ) -> torch.Tensor:
-        """Shapes, the one-modality dense path and ``validate`` as :meth:`MoTRMSNorm.forward`.
-        Returns ``x.shape`` in x's dtype."""
+        """Shapes, the one-modality dense path, ``validate``, ``plan`` and ``sorted_rows`` as
+        :meth:`MoTRMSNorm.forward`. Returns ``x.shape`` in x's dtype."""
+        if sorted_rows:
+            return self._sorted(x, plan)
         if self.num_modalities == 1:
             bias = self.bias.squeeze(0) if self.bias is not None else None
             x, weight, bias = _dense_input(x, self.dim, self.weight.squeeze(0), bias)
@@ -181,6 +202,9 @@ class MoTLayerNorm(nn.Module):
     def forward_sorted(self, x: torch.Tensor, plan: GroupPlan | None) -> torch.Tensor:
         """The sorted-rows entry point, as :meth:`MoTRMSNorm.forward_sorted`, with
         :func:`~sparsemm_kernels.grouped_layer_norm`."""
+        return self(x, plan=plan, sorted_rows=True)
+
+    def _sorted(self, x: torch.Tensor, plan: GroupPlan | None) -> torch.Tensor:
         if self.num_modalities == 1:
             return self.forward(x)
         check_sorted_rows(x, plan, self.num_modalities, self.dim, "norm")
