@@ -34,7 +34,7 @@ test: $(BUILT)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider tests benchmarks/test_bench_smoke.py benchmarks/test_bench_ops.py
 
 report: $(BUILT)
-	$(PY) -m profiling
+	$(PY) -m profiling $(ARGS)
 
 bench: $(BUILT)
 	$(PY) -m pytest -q -p no:cacheprovider benchmarks/test_bench_smoke.py benchmarks/test_bench_ops.py --benchmark-only

@@ -12,8 +12,9 @@ Ranges around modules -> one profiled step -> each op's own time charged to the 
   mixes kinds of work (:func:`categorize`): the attention kernels inside the attention module; inside a
   reference-style block, whose projections, norms and mask indexing are not submodule calls, everything by name
   (its GEMMs cannot be told apart by name: one "GEMMs, unsplit" category); outside every range (the loss, the
-  embedding's backward), by name too. On the CPU, the ranges' own time (Python between ops) is its own
-  category; the hooks' identity autograd nodes are not counted.
+  embedding's backward), by name too. On the CPU, host overhead is its own category: the ranges' own time
+  (Python between ops) and the self time of every event that is not an operator (Python autograd Functions,
+  the autograd engine's node wrappers); the hooks' identity autograd nodes are not counted.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ NORMS = "norms"
 PLAN = "plan"
 MASKS = "mask gather/scatter"
 EMBED_HEAD_LOSS = "embedding, LM head, loss"
-HOST = "host (Python between ops, CPU only)"
+HOST = "host (Python and autograd bookkeeping between operators, CPU only)"
 OTHER = "other"
 
 #: Report order. Later layers add categories (e.g. "router") by appending here and mapping a role to them.
@@ -59,6 +60,9 @@ _MASK_OPS = ("index", "nonzero", "masked", "aten::eq", "aten::new_zeros", "_loca
              "aten::item")
 
 PREFIX_FWD, PREFIX_BWD = "prof.fwd:", "prof.bwd:"
+#: CPU events whose self time is an operator's work; every other event's self time (the harness ranges, Python
+#: autograd Functions, the autograd engine's wrappers) is host overhead.
+_OPERATOR_PREFIXES = ("aten::", "sparsemm::", "mkldnn::", "quantized::", "prim::")
 
 
 def _by_name(names: list[str], default: str) -> str:
@@ -206,9 +210,11 @@ def profile_step(
         if t <= 0 or "BackwardHookFunction" in e.name:  # the hooks' own identity nodes: instrumentation
             continue
         role, direction, path = _innermost(e)
-        # On the CPU a range's own time is the Python running between the module's ops; on a GPU it is the
-        # kernels launched straight from Python (Triton), which belong to the module.
-        own = not cuda and e.name.startswith((PREFIX_FWD, PREFIX_BWD, "prof.step"))
+        # On the CPU a range's own time is the Python running between the module's ops, and the self time of an
+        # event that is not an operator (a Python autograd Function, the engine's node wrapper) is Python and
+        # bookkeeping too; on a GPU a range's own time is the kernels launched straight from Python (Triton),
+        # which belong to the module.
+        own = not cuda and not e.name.startswith(_OPERATOR_PREFIXES)
         per[HOST if own else categorize(role, path)][direction == "bwd"] += t
     cats = {
         c: {"fwd_ms": per[c][0] / 1e3, "bwd_ms": per[c][1] / 1e3, "ms": (per[c][0] + per[c][1]) / 1e3}

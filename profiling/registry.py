@@ -7,6 +7,11 @@ Adding a layer (MoMa, expert choice, token choice, Avg-K, MoD, ...) to the repor
                          num_modalities=2, group="435m-moma", baseline="dense-435m-moma", paper_ratio="moma-4t4i",
                          options={"text_experts": 4, "image_experts": 4}))
     add_to_preset("gpu", "moma-4t4i-435m")
+    # and its CPU size, so that the CPU report (preset ``cpu``) carries the same rows
+    register(ModelConfig("moma-4t4i-cpu", family="moma", dim=512, n_layers=4, n_heads=8, hidden=1536, seq=1024,
+                         batch=2, vocab=8192, image_span=256, num_modalities=2, group="cpu", baseline="dense-cpu",
+                         options={"text_experts": 4, "image_experts": 4}))
+    add_to_preset("cpu", "moma-4t4i-cpu")
 
 ``build(cfg, device, dtype)`` returns a :class:`profiling.models.Workload` (model, batch maker, loss, breakdown
 roles); ``flops(cfg)`` a :class:`profiling.flops.FlopCount`; ``params(cfg)`` a :class:`profiling.flops.ParamCount`.

@@ -103,7 +103,7 @@ OVERHEAD_BOUND = 0.25
 
 def host_share(row: dict) -> float | None:
     """The share of a configuration's step spent on host overhead rather than in ops, from its breakdown: on the
-    CPU the Python running between the ops of the modules (the "host" category over the sum over ops); on a GPU
+    CPU Python and autograd bookkeeping between operators (the "host" category over the sum over ops); on a GPU
     the device idle time (median step - kernel time) over the median step. None without a breakdown."""
     bd = row.get("breakdown") or {}
     if "categories" not in bd:
@@ -261,8 +261,8 @@ def render_markdown(data: dict) -> str:
     md += ["", "Host share: the part of a step spent on host overhead rather than in ops, from the profiled step "
            "of the breakdown below: " + (
                "device idle time (median step - kernel time) / median step: launch gaps and host syncs."
-               if cuda else "Python running between the ops of the modules / the sum over ops (profiler overhead "
-               "included, so an upper bound).")
+               if cuda else "the host category of the breakdown (Python and autograd bookkeeping between "
+               "operators) / the sum over ops (profiler overhead included, so an upper bound).")
            + f" Above {OVERHEAD_BOUND:.0%} for either side the ratio is marked overhead-bound: per-op costs, not "
            "the layers' work, set it; n/a without a breakdown (--no-breakdown)."]
     used = {t["name"] for t in tables["relative_to_dense"]}
@@ -376,7 +376,8 @@ def _breakdown_section(results: list[dict], cuda: bool) -> list[str]:
                 "block's matmuls (projections and FFN, not told apart); norms = the norm modules; plan = the model's "
                 "work outside its layers (the modality plan); mask gather/scatter = boolean-mask indexing, "
                 "nonzero and index_put in the reference; embedding, LM head, loss; host = on the CPU, Python running "
-                "between the ops of a module; other = residual adds, elementwise work of the reference (SwiGLU "
+                "between operators and the self time of what is not an operator (Python autograd Functions, the "
+                "autograd engine's node wrappers); other = residual adds, elementwise work of the reference (SwiGLU "
                 "gate, rotary) and the rest.", ""]
     for r in failed:
         out += [f"{r['name']}: breakdown failed: {r['breakdown']['error']}", ""]
