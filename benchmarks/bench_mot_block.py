@@ -57,6 +57,10 @@ BASELINE = "plain"  # "step time x dense" is relative to this provider (to "dens
 PERTURB = 0.1  # each MoT weight += PERTURB * rms(weight) * N(0, 1), independently per modality
 GOAL_X_DENSE = 1.05  # MoT step time <= 1.05 x dense
 GOAL_VS_MASK_LOOP = 1.3  # MoT >= 1.3 x faster than the mask loop
+#: The CPU goals of the sorted-stream issue (fp32, forward+backward, default threads): MoT's step time over the
+#: plain dense block per config, and the package's one-modality block over the plain one at any config.
+CPU_GOALS_MOT = {"cpu256": 1.10, "cpu512": 1.05}
+CPU_GOAL_DENSE = 1.02
 
 FLOP_FORMULA = (
     "FLOPs of one forward = B*S * (8*dim^2 + 6*dim*hidden + 2*S*dim): per token the Q, K, V and O projections "
@@ -355,12 +359,21 @@ def _measure(p: Provider, case: Case, mode: str, time_fn) -> dict:
     return _timed(fields, q, case, mode)
 
 
-def _measure_side_by_side(providers: list[Provider], case: Case, mode: str) -> list[dict]:
-    """CPU: every provider validated, then all timed in alternating runs (:func:`harness.time_cpu_alternating`)."""
+def _measure_side_by_side(providers: list[Provider], case: Case, mode: str, budget_s: float = 2.0) -> list[dict]:
+    """CPU: every provider validated, then all timed in alternating runs (:func:`harness.time_cpu_alternating`);
+    each row also gets its per-round times and its step time over the baseline's paired by round."""
     prepared = [(p, *_prepare(p, case, mode)) for p in providers]
     ok = [(p, f, run) for p, f, run in prepared if run is not None]
-    times = harness.time_cpu_alternating([run for _, _, run in ok], [case.leaves(p.block) for p, _, _ in ok])
+    samples: list = []
+    times = harness.time_cpu_alternating([run for _, _, run in ok], [case.leaves(p.block) for p, _, _ in ok],
+                                         budget_s=budget_s, samples_out=samples)
     timed = {p.name: _timed(f, q, case, mode) for (p, f, _), q in zip(ok, times)}
+    by_name = {p.name: s for (p, _, _), s in zip(ok, samples)}
+    base = by_name.get(BASELINE, by_name.get("dense"))
+    for name, row in timed.items():
+        row["samples_ms"] = by_name[name]
+        if base is not None:
+            row["paired_p20"], row["paired_vs_dense"], row["paired_p80"] = harness.paired_ratio(by_name[name], base)
     for p, _, _ in ok:
         _reset(case.leaves(p.block))
     return [timed.get(p.name, f) for p, f, _ in prepared]
@@ -374,7 +387,8 @@ def markdown_table(rows: list[dict], mode: str) -> str:
     """The rows of one mode, in run order: config, batch x seq, split, provider, times, ratios, memory, note."""
     head = (
         "| config | batch x seq | split (text/image) | layout | provider | backend | median ms | p20-p80 ms | "
-        "tokens/s | TFLOP/s | step time x dense | mask_loop / mot | peak GiB (step) | note |"
+        "tokens/s | TFLOP/s | step time x dense | paired by round (p20-p80) | mask_loop / mot | peak GiB (step) | "
+        "note |"
     )
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in (r for r in rows if r["mode"] == mode):
@@ -397,6 +411,8 @@ def markdown_table(rows: list[dict], mode: str) -> str:
             _fmt(r.get("tokens_per_s"), ".4g"),
             _fmt(r.get("tflops"), ".3g"),
             _fmt(r.get("time_vs_dense"), ".3f"),
+            "" if r.get("paired_vs_dense") is None
+            else f"{r['paired_vs_dense']:.3f} ({r['paired_p20']:.3f}-{r['paired_p80']:.3f})",
             _fmt(r.get("mask_loop_over_mot"), ".2f"),
             mem if ok else "",
             note.replace("|", "/"),
@@ -408,24 +424,38 @@ def markdown_table(rows: list[dict], mode: str) -> str:
 def goal_table(rows: list[dict], device_type: str, dtype_name: str) -> str:
     """Per config and split: MoT's step time vs dense and its speedup over the mask loop, against the goal.
 
-    The goal is for a training step (forward+backward) on H100/H200 in bf16: judged only for such rows.
-    """
-    head = "| config | split | layout | mode | mot step time x dense | mask_loop / mot | goal met |"
-    lines = [head, "|---|---|---|---|---|---|---|"]
+    The GPU goal is for a training step (forward+backward) on H100/H200 in bf16. On the CPU (fp32, training
+    step) the sorted-stream goals: MoT <= :data:`CPU_GOALS_MOT` of the plain block per config, the one-modality
+    block <= :data:`CPU_GOAL_DENSE`; judged on the ratio paired by round where there is one."""
+    head = "| config | split | layout | mode | provider | step time x dense (paired) | mask_loop / mot | goal | met |"
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        if r["provider"] != "mot":
+        cpu = device_type == "cpu"
+        if r["provider"] != "mot" and not (cpu and r["provider"] == "dense"):
             continue
         xd, sp = r.get("time_vs_dense"), r.get("mask_loop_over_mot")
+        paired = r.get("paired_vs_dense")
+        goal = "-"
         if r["mode"] != "forward+backward":
-            met = "n/a (the goal is for the training step)"
+            met = "n/a (the goals are for the training step)"
+        elif cpu and dtype_name == "fp32":
+            limit = CPU_GOAL_DENSE if r["provider"] == "dense" else CPU_GOALS_MOT.get(r["config"])
+            x = paired if paired is not None else xd
+            if limit is None:
+                met = f"n/a (CPU goals are set for {', '.join(CPU_GOALS_MOT)})"
+            else:
+                goal = f"<= {limit}"
+                met = "n/a (a provider did not run)" if x is None else ("yes" if x <= limit else "no")
         elif device_type != "cuda" or dtype_name != "bf16":
-            met = f"n/a (the goal is for a GPU in bf16; this is {device_type}, {dtype_name})"
+            met = f"n/a (the goals are for a GPU in bf16 or the CPU in fp32; this is {device_type}, {dtype_name})"
         elif xd is None or sp is None:
             met = "n/a (a provider did not run)"
         else:
+            goal = f"<= {GOAL_X_DENSE}, mask_loop / mot >= {GOAL_VS_MASK_LOOP}"
             met = "yes" if xd <= GOAL_X_DENSE and sp >= GOAL_VS_MASK_LOOP else "no"
-        lines.append(f"| {r['config']} | {r['split']} | {r.get('layout', 'spans')} | {r['mode']} | {_fmt(xd, '.3f')} | "
-                     f"{_fmt(sp, '.2f')} | {met} |")
+        shown = _fmt(xd, ".3f") + (f" ({paired:.3f})" if paired is not None else "")
+        lines.append(f"| {r['config']} | {r['split']} | {r.get('layout', 'spans')} | {r['mode']} | {r['provider']} | "
+                     f"{shown} | {_fmt(sp, '.2f')} | {goal} | {met} |")
     return "\n".join(lines)
 
 
@@ -533,7 +563,10 @@ def main(argv: list[str] | None = None) -> int:
         f"- {FLOP_FORMULA} TFLOP/s = FLOPs / median time; tokens/s = batch*seq / median time",
         "- step time x dense = provider median / plain median, same config, split, layout and mode (the goal: mot <= "
         f"{GOAL_X_DENSE}); mask_loop / mot = mask_loop median / mot median (the goal: >= {GOAL_VS_MASK_LOOP}; "
-        "the goal is set for H100/H200 in bf16)",
+        "the goal is set for H100/H200 in bf16); paired by round (CPU) = the median over the alternating rounds of "
+        "provider time / plain time in the same round (p20-p80 in parentheses), which cancels a slow round; CPU "
+        f"goals (fp32, forward+backward): mot <= {CPU_GOALS_MOT} x plain, dense <= {CPU_GOAL_DENSE} x plain, "
+        "judged on the paired ratio",
         "- peak GiB (step): CUDA torch.cuda.max_memory_allocated() during one extra run after "
         "reset_peak_memory_stats() (everything resident: parameters, inputs, references), and in parentheses the "
         "peak above what was allocated before that run; n/a on CPU",
@@ -567,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
                 measured = [dict(provider=p.name, backend=None, status="FAILED", note=note, rel_err=None)
                             for p in providers]
             elif device.type == "cpu":
-                measured = _measure_side_by_side(providers, case, mode)
+                measured = _measure_side_by_side(providers, case, mode, args.cpu_budget)
             else:
                 measured = [_measure(p, case, mode, time_fn) for p in providers]
             mode_rows = []

@@ -133,10 +133,12 @@ def time_cpu_alternating(
     min_rounds: int = 7,
     max_rounds: int = 200,
     budget_s: float = 2.0,
+    samples_out: list | None = None,
 ) -> list[list[float]]:
     """p20/p50/p80 ms of each of ``fns``, timed side by side: every round runs each function once, in turn, so
     drift of the machine (other load, clocks, caches) falls on all of them alike. At least ``min_rounds``
-    rounds, more until ``budget_s`` seconds have passed or ``max_rounds`` were taken."""
+    rounds, more until ``budget_s`` seconds have passed or ``max_rounds`` were taken. ``samples_out``: a list
+    that receives each function's ms per round (for ratios paired by round, :func:`paired_ratio`)."""
     grads_to_none = grads_to_none or [None] * len(fns)
     for _ in range(warmup):
         for fn, g in zip(fns, grads_to_none):
@@ -152,11 +154,20 @@ def time_cpu_alternating(
             fn()
             samples[i].append((time.perf_counter() - t0) * 1e3)
         rounds += 1
-    out = []
-    for s in samples:
-        deciles = statistics.quantiles(s, n=10, method="inclusive")
-        out.append([deciles[1], statistics.median(s), deciles[7]])
-    return out
+    if samples_out is not None:
+        samples_out[:] = samples
+    return [p20_p50_p80(s) for s in samples]
+
+
+def p20_p50_p80(values: list[float]) -> list[float]:
+    deciles = statistics.quantiles(values, n=10, method="inclusive")
+    return [deciles[1], statistics.median(values), deciles[7]]
+
+
+def paired_ratio(num: list[float], den: list[float]) -> list[float]:
+    """p20/p50/p80 of ``num[i] / den[i]`` over the rounds of :func:`time_cpu_alternating`: the two were timed
+    back to back in each round, so a slow round slows both and cancels from the ratio."""
+    return p20_p50_p80([a / b for a, b in zip(num, den)])
 
 
 def timer(device: torch.device) -> tuple[Callable[..., list[float]], str]:
@@ -359,6 +370,8 @@ def cli_parser(prog: str, description: str, quick_help: str, threads_help: str) 
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="directory for .md/.json")
     ap.add_argument("--time-budget", type=float, default=None, help="start no new case after this many seconds")
     ap.add_argument("--threads", type=int, default=1, help=threads_help)
+    ap.add_argument("--cpu-budget", type=float, default=2.0,
+                    help="CPU: seconds of alternating timed rounds per case (at least 7 rounds; default 2)")
     ap.add_argument("--seed", type=int, default=0)
     return ap
 

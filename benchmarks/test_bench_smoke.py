@@ -187,7 +187,29 @@ def test_mot_script_layouts_and_side_by_side_timing(tmp_path):
     want = {(t, p) for t in ("spans", "random") for p in ("plain", "mot")}
     assert {(r["layout"], r["provider"]) for r in rows} == want
     assert all(r["timing"] == "perf_counter, alternating" and r["status"] == "ok" for r in rows)
+    for r in rows:  # per-round samples, and the ratio to plain paired by round
+        base = next(b for b in rows if b["provider"] == "plain" and b["layout"] == r["layout"])
+        assert len(r["samples_ms"]) == len(base["samples_ms"]) >= 7
+        ratios = sorted(a / b for a, b in zip(r["samples_ms"], base["samples_ms"]))
+        assert r["paired_p20"] <= r["paired_vs_dense"] <= r["paired_p80"]
+        assert ratios[0] <= r["paired_vs_dense"] <= ratios[-1]
+        if r["provider"] == "plain":
+            assert r["paired_vs_dense"] == 1.0
     assert mot_bench.main(["--device", "cpu", "--layouts", "diagonal", "--out", str(tmp_path)]) == 2
+
+
+def test_goal_table_judges_the_cpu_goals_on_the_paired_ratio():
+    row = dict(config="cpu256", split="50/50", layout="random", mode="forward+backward", provider="mot",
+               time_vs_dense=1.12, paired_vs_dense=1.08, mask_loop_over_mot=1.5)
+    dense = dict(row, provider="dense", time_vs_dense=1.0, paired_vs_dense=1.03, mask_loop_over_mot=None)
+    other = dict(row, config="tiny")
+    lines = mot_bench.goal_table([row, dense, other], "cpu", "fp32").splitlines()[2:]
+    assert lines[0].endswith("| <= 1.1 | yes |") and "1.120 (1.080)" in lines[0]  # paired 1.08 <= 1.10
+    assert lines[1].endswith("| <= 1.02 | no |")
+    assert "n/a (CPU goals are set for" in lines[2]
+    gpu = mot_bench.goal_table([row], "cuda", "bf16").splitlines()[2]
+    assert gpu.endswith("| no |")  # the GPU goal: 1.12 > 1.05
+    assert len(mot_bench.goal_table([dense], "cuda", "bf16").splitlines()) == 2  # GPU: mot rows only
 
 
 def test_random_layout_keeps_the_image_fraction():
