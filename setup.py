@@ -236,6 +236,8 @@ if __name__ == "__main__":
         packages=find_namespace_packages(include=["sparsemm_kernels", "sparsemm_kernels.*"], exclude=["*.__pycache__"]),
         python_requires=">=3.10",
         install_requires=["torch>=2.4"],
+        # The GPU kernels; the range `make aot` compiles and checks (utils/device.py: TRITON_SUPPORTED).
+        extras_require={"triton": ["triton>=3.6,<3.10"]},
         ext_modules=[
             Pybind11Extension(
                 "sparsemm_kernels._C",

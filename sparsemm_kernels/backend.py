@@ -31,7 +31,7 @@ import os
 import torch
 
 from sparsemm_kernels import _ext
-from sparsemm_kernels.utils.device import has_triton, is_interpreting
+from sparsemm_kernels.utils.device import has_triton, is_interpreting, triton_version_problem
 
 BACKENDS = ("cuda", "triton", "cpu", "torch")
 
@@ -61,6 +61,8 @@ def _reasons_triton(op: str, device: torch.device, dtype: torch.dtype) -> list[s
     reasons = []
     if not has_triton():
         reasons.append("the `triton` package is not installed")
+    elif triton_version_problem():
+        reasons.append(triton_version_problem())
     if device.type == "cpu" and not is_interpreting():
         reasons.append("triton runs CPU tensors only under TRITON_INTERPRET=1 (set before import)")
     elif device.type not in ("cpu", "cuda"):

@@ -73,3 +73,23 @@ def test_unknown_backend_name():
 @pytest.mark.skipif(not is_interpreting(), reason="only meaningful when the CPU run uses the interpreter")
 def test_triton_available_on_cpu_under_interpreter():
     assert "triton" in smk.available_backends("grouped_mm", "cpu", torch.float32)
+
+
+@pytest.mark.parametrize("installed,ok", [("3.6.0", True), ("3.9.0", True), ("3.7.1+git123", True),
+                                          ("3.5.1", False), ("3.10.0", False), ("4.0.0", False)])
+def test_triton_outside_the_supported_range_is_unavailable_with_the_reason(monkeypatch, installed, ok):
+    import importlib.metadata
+
+    from sparsemm_kernels import backend
+    from sparsemm_kernels.utils import device
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: installed)
+    device.triton_version_problem.cache_clear()
+    backend._select_cached.cache_clear()
+    try:
+        reasons = unsupported_reasons("grouped_mm", "triton", torch.device("cpu"), torch.float32)
+        assert any("supported range 3.6-3.9" in r for r in reasons) != ok, reasons
+    finally:
+        monkeypatch.undo()
+        device.triton_version_problem.cache_clear()
+        backend._select_cached.cache_clear()

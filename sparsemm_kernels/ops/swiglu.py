@@ -10,6 +10,7 @@ and one fused backward kernel that writes ``d_gate_up`` directly; on the ``torch
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from sparsemm_kernels.backend import check_backend_name, select_backend
 from sparsemm_kernels.ops.dispatch import Op
@@ -68,10 +69,26 @@ swiglu_op = Op("sparsemm::swiglu", _swiglu, _swiglu_fake, _setup, _backward)
 swiglu_bwd_op = Op("sparsemm::swiglu_bwd", _swiglu_bwd, _swiglu_bwd_fake, _no_setup, _refuse_double_backward)
 
 
+def _silu_mul_torch(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    # In place where the dtype allows: on the CPU every fresh activation-sized tensor costs its page faults.
+    if gate.dtype in (torch.float16, torch.bfloat16):
+        return silu_mul_ref(gate, up).contiguous()
+    return F.silu(gate).contiguous().mul_(up)
+
+
+def _silu_mul_bwd_torch(gate: torch.Tensor, up: torch.Tensor, dy: torch.Tensor):
+    if gate.dtype in (torch.float16, torch.bfloat16):
+        dg, du = silu_mul_bwd_ref(gate, up, dy)
+        return dg.contiguous(), du.contiguous()
+    dg = torch.mul(dy, up).contiguous()
+    torch.ops.aten.silu_backward.grad_input(dg, gate, grad_input=dg)  # elementwise: safe in place
+    return dg, F.silu(gate).contiguous().mul_(dy)
+
+
 def _silu_mul(gate: torch.Tensor, up: torch.Tensor, backend: str | None) -> torch.Tensor:
     """``silu(gate) * up`` for two tensors of one shape; contiguous output."""
     if select_backend("swiglu", gate.device, gate.dtype, backend) == "torch":
-        return silu_mul_ref(gate, up).contiguous()
+        return _silu_mul_torch(gate, up)
     from sparsemm_kernels.kernels.triton.swiglu import silu_mul_fwd
 
     return silu_mul_fwd(gate, up)
@@ -86,8 +103,7 @@ def _silu_mul_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(d gate, d up) = (dy * up * s * (1 + gate (1 - s)), dy * silu(gate))`` with ``s = sigmoid(gate)``."""
     if select_backend("swiglu", gate.device, gate.dtype, backend) == "torch":
-        dg, du = silu_mul_bwd_ref(gate, up, dy)
-        return dg.contiguous(), du.contiguous()
+        return _silu_mul_bwd_torch(gate, up, dy)
     from sparsemm_kernels.kernels.triton.swiglu import silu_mul_bwd
 
     return silu_mul_bwd(gate, up, dy)

@@ -14,10 +14,38 @@ def is_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
 
 
+#: The Triton versions the kernels are compiled and checked with (``make aot``: the oldest and the newest);
+#: an installed Triton outside it leaves the triton backend unavailable, with the reason.
+TRITON_SUPPORTED = ((3, 6), (3, 9))
+
+
 @functools.cache
 def has_triton() -> bool:
     """True when the ``triton`` package can be imported."""
     return importlib.util.find_spec("triton") is not None
+
+
+@functools.cache
+def triton_version_problem() -> str | None:
+    """Why the installed Triton is outside :data:`TRITON_SUPPORTED` (None when it is inside, or absent)."""
+    if not has_triton():
+        return None
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        text = version("triton")
+    except PackageNotFoundError:
+        return None
+    parts = []
+    for piece in text.split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    found = tuple(parts + [0] * (2 - len(parts)))
+    lo, hi = TRITON_SUPPORTED
+    if lo <= found <= hi:
+        return None
+    return (f"triton {text} is outside the supported range {lo[0]}.{lo[1]}-{hi[0]}.{hi[1]} (the versions the "
+            "kernels are compiled and checked with)")
 
 
 def has_cuda() -> bool:

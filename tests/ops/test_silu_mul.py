@@ -60,3 +60,20 @@ def test_silu_mul_bad_input():
         smk.silu_mul(torch.randn(3, 4), torch.randn(3, 4).double())
     with pytest.raises(TypeError, match="`gate`"):
         smk.silu_mul(torch.zeros(3, 4, dtype=torch.long), torch.randn(3, 4))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_silu_mul_transposed_operands_give_contiguous_results(backend):
+    # Column-major gate and dy: the outputs and gradients are still contiguous and right (the torch backend
+    # computes in place into fresh buffers, which must not inherit the operands' layout).
+    gate = (torch.randn(12, 9) * 3).t().requires_grad_(True)
+    up = torch.randn(9, 12, requires_grad=True)
+    dy = torch.randn(12, 9).t()
+    y = smk.silu_mul(gate, up, backend=backend)
+    dg, du = torch.autograd.grad(y, (gate, up), dy)
+    g64, u64 = (t.detach().double().requires_grad_(True) for t in (gate, up))
+    ref = torch.nn.functional.silu(g64) * u64
+    rg, ru = torch.autograd.grad(ref, (g64, u64), dy.double())
+    assert y.is_contiguous()
+    for got, want in ((y, ref), (dg, rg), (du, ru)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
