@@ -107,6 +107,19 @@ MUTATIONS = [
         ["tests/ops/test_silu_mul.py"],
         "two-tensor SwiGLU, torch backend: d(up) = dy * gate instead of dy * silu(gate)",
     ),
+    Mutation(
+        "silu-mul-torch-fast-bwd-up-grad", "sparsemm_kernels/ops/swiglu.py",
+        "return dg, F.silu(gate).contiguous().mul_(dy)", "return dg, torch.sigmoid(gate).contiguous().mul_(dy)",
+        ["tests/ops/test_silu_mul.py"],
+        "two-tensor SwiGLU, torch backend's in-place fp32/fp64 path: d(up) = dy * sigmoid(gate)",
+    ),
+    Mutation(
+        "sorted-stream-bypasses-module-call", "sparsemm_kernels/nn/mot.py",
+        "return h + self.ffn_norm.forward_sorted(self.ffn.forward_sorted(h, plan), plan)",
+        "return h + self.ffn_norm.forward_sorted(self.ffn._sorted(h, plan), plan)",
+        ["tests/test_sorted_stream.py"],
+        "the block calls the FFN's sorted path as a method: its hooks (profiler ranges, FSDP unshard) never run",
+    ),
     # ---- the seven of issue 8 ----
     Mutation(
         "triton-bias-row-stride-is-J", GEMM,
