@@ -7,6 +7,8 @@ Every routed layer is plan -> one grouped GEMM -> combine:
 * :func:`modality_rms_norm` / :func:`modality_layer_norm` / :func:`swiglu` are the fused per-row pieces of a
   Mixture-of-Transformers block, and :func:`grouped_rms_norm` / :func:`grouped_layer_norm` the norms of rows
   already grouped;
+* :func:`expert_choice_route` lets every expert pick its top-``capacity`` tokens (the expert-major plan of an
+  expert-choice MoE);
 * :func:`sort_rows` / :func:`unsort_rows` move rows between token order and the plan's group order (the
   group-sorted stream of :class:`~sparsemm_kernels.nn.MoTTransformer`);
 * :mod:`sparsemm_kernels.nn` holds drop-in modules (:class:`~sparsemm_kernels.nn.MoTLinear`, ...).
@@ -20,6 +22,7 @@ from sparsemm_kernels.ops.grouped_linear import grouped_linear, grouped_mm
 from sparsemm_kernels.ops.modality_linear import modality_linear
 from sparsemm_kernels.ops.norms import grouped_layer_norm, grouped_rms_norm, modality_layer_norm, modality_rms_norm
 from sparsemm_kernels.ops.permute import sort_rows, unsort_rows
+from sparsemm_kernels.ops.routing import expert_choice_route
 from sparsemm_kernels.ops.swiglu import silu_mul, swiglu
 from sparsemm_kernels.plan import GroupPlan, group_plan
 
@@ -31,6 +34,7 @@ __all__ = [
     "GroupPlan",
     "__version__",
     "available_backends",
+    "expert_choice_route",
     "group_plan",
     "grouped_layer_norm",
     "grouped_linear",

@@ -120,6 +120,18 @@ MUTATIONS = [
         ["tests/test_sorted_stream.py"],
         "the block calls the FFN's sorted path as a method: its hooks (profiler ranges, FSDP unshard) never run",
     ),
+    Mutation(
+        "ec-route-masked-tokens-eligible", "sparsemm_kernels/ops/routing.py",
+        'eligible = s.gather(1, order) > float("-inf")', 'eligible = s.gather(1, order) >= float("-inf")',
+        ["tests/ops/test_expert_choice_route.py"],
+        "expert-choice routing: masked tokens (score -inf) can fill an expert's slots",
+    ),
+    Mutation(
+        "ec-route-not-ascending", "sparsemm_kernels/ops/routing.py",
+        "key = torch.where(eligible, order, N).sort(dim=1).values", "key = torch.where(eligible, order, N)",
+        ["tests/ops/test_expert_choice_route.py"],
+        "expert-choice routing: each expert's tokens in score order instead of ascending token order",
+    ),
     # ---- the seven of issue 8 ----
     Mutation(
         "triton-bias-row-stride-is-J", GEMM,

@@ -60,6 +60,10 @@ ALLOWED = {
         "torch backend: group bounds for its host loop",
     # utils/checks.py: the "eager" branches, taken only for CPU tensors or an explicit validate=True (documented
     # to sync); CUDA's default "async" branch uses torch._assert_async and returns before them.
+    ("ops/routing.py", "_check_scores_values", "bool(finite.all())"): "eager mode only (CPU, or validate=True)",
+    ("ops/routing.py", "_check_scores_values", "int((~finite).flatten().to(torch.uint8).argmax())"):
+        "eager mode only, error message",
+    ("ops/routing.py", "_check_scores_values", "float(scores[t, e])"): "eager mode only, error message",
     ("utils/checks.py", "check_ids_values", "bool(bad.any())"): "eager mode only (CPU, or validate=True)",
     ("utils/checks.py", "check_ids_values", "int(bad.flatten().to(torch.uint8).argmax())"):
         "eager mode only, error message",

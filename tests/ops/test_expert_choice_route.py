@@ -1,0 +1,203 @@
+"""expert_choice_route(scores, capacity, token_mask): every expert's top-capacity tokens, against a plain
+per-expert loop written here (Python sorting, float64), with ties, masks, capacity 1 / = N / > N, no tokens,
+the gates' gradient, the op contract (opcheck, fullgraph compile, autocast, second derivative) and bad input."""
+
+import math
+
+import pytest
+import torch
+from torch.library import opcheck
+
+import sparsemm_kernels as smk
+
+
+def loop_route(scores, capacity, token_mask=None):
+    """Per expert: eligible tokens sorted by (score descending, token ascending), the first ``capacity`` of
+    them in ascending token order, padded with -1; gates the scores there, 0 in padding."""
+    N, E = scores.shape
+    s = scores.double().tolist()
+    mask = [True] * N if token_mask is None else token_mask.tolist()
+    idx, gates = [], []
+    for e in range(E):
+        eligible = sorted((t for t in range(N) if mask[t]), key=lambda t: (-s[t][e], t))
+        picked = sorted(eligible[:capacity])
+        idx.append(picked + [-1] * (capacity - len(picked)))
+        gates.append([s[t][e] for t in picked] + [0.0] * (capacity - len(picked)))
+    return torch.tensor(idx, dtype=torch.int64).view(E, capacity), torch.tensor(gates, dtype=torch.float64).view(
+        E, capacity)
+
+
+def _scores(N, E, kind, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "ties":  # few distinct values: most comparisons are ties
+        return (torch.randint(0, 3, (N, E), generator=g).to(dtype) / 2).requires_grad_(True)
+    return torch.rand(N, E, generator=g).to(dtype).requires_grad_(True)
+
+
+CASES = [  # (N, E, capacity, kind, masked)
+    (1, 1, 1, "rand", False),     # one token, one expert
+    (8, 4, 2, "rand", False),
+    (8, 4, 1, "ties", False),     # capacity 1 with ties: the lowest token wins
+    (9, 3, 9, "rand", False),     # capacity = N: every token, in order
+    (5, 2, 12, "ties", False),    # capacity > N: the extra slots -1
+    (33, 5, 7, "ties", True),     # masked tokens never chosen
+    (6, 3, 5, "rand", True),      # fewer eligible than capacity: -1 slots with gate 0
+    (0, 3, 2, "rand", False),     # no tokens: all -1
+    (64, 8, 8, "ties", True),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"N{c[0]}-E{c[1]}-C{c[2]}-{c[3]}{'-mask' if c[4] else ''}")
+def test_matches_the_per_expert_loop(case, dtype):
+    N, E, C, kind, masked = case
+    scores = _scores(N, E, kind, seed=N * 7 + C, dtype=dtype)
+    mask = (torch.arange(N) % 3 != 1) if masked else None
+    idx, gates = smk.expert_choice_route(scores, C, mask)
+    want_idx, want_gates = loop_route(scores.detach(), C, mask)
+    assert idx.dtype == torch.int64 and gates.dtype == dtype
+    assert torch.equal(idx, want_idx), (idx, want_idx)
+    assert torch.equal(gates.double(), want_gates)  # a gather: exact
+    if mask is not None:
+        assert not bool(torch.isin(idx, torch.nonzero(~mask).flatten()).any())
+    # d gates / d scores: 1 at each chosen (token, expert), nothing elsewhere
+    dg = torch.randn(E, C, dtype=torch.float64).to(dtype)
+    (ds,) = torch.autograd.grad(gates, scores, dg, allow_unused=True) if N else (torch.zeros(0, E),)
+    want = torch.zeros(N, E, dtype=torch.float64)
+    for e in range(E):
+        for j in range(C):
+            if want_idx[e, j] >= 0:
+                want[want_idx[e, j], e] += dg[e, j].double()
+    assert torch.equal(ds.double(), want)
+
+
+def test_every_tie_goes_to_the_lower_token():
+    scores = torch.zeros(10, 3)  # all equal: each expert takes the first C tokens
+    idx, _ = smk.expert_choice_route(scores, 4)
+    assert torch.equal(idx, torch.arange(4).expand(3, 4))
+    scores[7, 1] = 1.0  # one higher: it goes first, the rest are the lowest others
+    idx, _ = smk.expert_choice_route(scores, 4)
+    assert idx[1].tolist() == [0, 1, 2, 7]
+
+
+def test_all_tokens_masked_gives_empty_rows():
+    idx, gates = smk.expert_choice_route(torch.rand(6, 2), 3, torch.zeros(6, dtype=torch.bool))
+    assert torch.equal(idx, torch.full((2, 3), -1)) and torch.equal(gates, torch.zeros(2, 3))
+
+
+def test_bad_input_names_the_argument():
+    s = torch.rand(6, 2)
+    with pytest.raises(ValueError, match="`capacity`"):
+        smk.expert_choice_route(s, 0)
+    with pytest.raises(ValueError, match="`capacity`"):
+        smk.expert_choice_route(s, -3)
+    with pytest.raises(TypeError, match="`capacity`"):
+        smk.expert_choice_route(s, 2.0)
+    with pytest.raises(TypeError, match="`capacity`"):
+        smk.expert_choice_route(s, True)
+    with pytest.raises(ValueError, match="`capacity`"):
+        smk.expert_choice_route(s, 2**31)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        t = s.clone()
+        t[4, 1] = bad
+        with pytest.raises(ValueError, match=r"`scores` must be finite; scores\[4, 1\]"):
+            smk.expert_choice_route(t, 2)
+    with pytest.raises(ValueError, match="`scores`"):
+        smk.expert_choice_route(torch.rand(6), 2)
+    with pytest.raises(ValueError, match="`scores`"):
+        smk.expert_choice_route(torch.rand(6, 0), 2)
+    with pytest.raises(TypeError, match="`scores`"):
+        smk.expert_choice_route(torch.ones(6, 2, dtype=torch.long), 2)
+    with pytest.raises(TypeError, match="`token_mask`"):
+        smk.expert_choice_route(s, 2, torch.ones(6))
+    with pytest.raises(ValueError, match="`token_mask`"):
+        smk.expert_choice_route(s, 2, torch.ones(5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="`backend`"):
+        smk.expert_choice_route(s, 2, backend="nope")
+    with pytest.raises(smk.BackendUnavailableError):
+        smk.expert_choice_route(s, 2, backend="triton")
+
+
+def test_unchecked_nan_is_never_chosen_and_stays_in_bounds():
+    s = torch.rand(8, 2)
+    s[3, 0] = float("nan")
+    idx, gates = smk.expert_choice_route(s, 8, validate=False)
+    assert 3 not in idx[0].tolist() and bool(((idx >= -1) & (idx < 8)).all())
+    assert not bool(gates.isnan().any())
+
+
+# ---- the op contract ----
+
+def test_opcheck():
+    op = torch.ops.sparsemm.expert_choice_indices.default
+    opcheck(op, (torch.rand(9, 3), None, 4, "eager", None))
+    opcheck(op, (torch.rand(9, 3), torch.arange(9) % 2 == 0, 12, "off", "torch"))
+
+
+def test_compiles_fullgraph_with_eager_equal_results():
+    def route(s, mask):
+        idx, gates = smk.expert_choice_route(torch.sigmoid(s), 3, mask)
+        return idx, gates
+
+    compiled = torch.compile(route, fullgraph=True, backend="aot_eager")
+    s = torch.randn(11, 4, requires_grad=True)
+    mask = torch.arange(11) % 4 != 0
+    (i1, g1), (i2, g2) = route(s, mask), compiled(s, mask)
+    assert torch.equal(i1, i2) and torch.equal(g1, g2)
+    dg = torch.randn(4, 3)
+    assert torch.equal(torch.autograd.grad(g1, s, dg)[0], torch.autograd.grad(g2, s, dg)[0])
+
+
+def test_router_under_autocast():
+    router = torch.nn.Linear(16, 4, bias=False)
+    x = torch.randn(10, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = torch.sigmoid(router(x))
+        idx, gates = smk.expert_choice_route(scores, 3)
+    assert scores.dtype == torch.bfloat16 and gates.dtype == torch.bfloat16
+    assert torch.equal(idx, loop_route(scores.detach().float(), 3)[0])
+    gates.float().sum().backward()
+    assert router.weight.grad is not None and bool(router.weight.grad.abs().sum() > 0)
+
+
+def test_second_derivative_through_the_gates():
+    # gates are a gather of scores: linear, so second derivatives are exact (gradgradcheck through a router)
+    x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    idx = smk.expert_choice_route(torch.sigmoid(x @ w.t()), 2)[0]
+
+    def fn(x, w):  # the choice fixed (it has no gradient), the gates through the sigmoid router
+        return smk.expert_choice_route(torch.sigmoid(x @ w.t()), 2)[1]
+
+    assert torch.equal(smk.expert_choice_route(torch.sigmoid(x @ w.t()), 2)[0], idx)
+    assert torch.autograd.gradcheck(fn, (x, w))
+    assert torch.autograd.gradgradcheck(fn, (x, w))
+
+
+def test_capacity_from_a_factor_matches_the_rule():
+    # The layers' rule C = min(max(ceil(c N / E), 1), N): at the edges the route returns exactly C slots.
+    for N, E, c in ((10, 4, 1.0), (10, 4, 0.5), (3, 8, 1.0), (10, 2, 2.0)):
+        C = min(max(math.ceil(c * N / E), 1), N)
+        idx, _ = smk.expert_choice_route(torch.rand(N, E), C)
+        assert idx.shape == (E, C) and bool((idx >= 0).all())
+
+
+@pytest.mark.gpu
+def test_cuda_route_matches_the_loop_without_host_sync():
+    dev = torch.device("cuda")
+    scores = _scores(300, 8, "ties", seed=5).detach().to(dev).requires_grad_(True)
+    mask = (torch.arange(300) % 5 != 2).to(dev)
+    smk.expert_choice_route(scores, 40, mask)  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        idx, gates = smk.expert_choice_route(scores, 40, mask)  # the async finiteness check: no sync
+        gates.sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    want_idx, want_gates = loop_route(scores.detach().cpu(), 40, mask.cpu())
+    assert torch.equal(idx.cpu(), want_idx) and torch.equal(gates.detach().cpu().double(), want_gates)
+    bad = scores.detach().clone()
+    bad[3, 2] = float("nan")
+    with pytest.raises(ValueError, match="`scores`"):
+        smk.expert_choice_route(bad, 40, validate=True)
