@@ -132,6 +132,12 @@ MUTATIONS = [
         ["tests/ops/test_expert_choice_route.py"],
         "expert-choice routing: each expert's tokens in score order instead of ascending token order",
     ),
+    Mutation(
+        "slots-combine-drops-last-expert", "sparsemm_kernels/ops/slots.py",
+        "for k in range(inverse.shape[1]):", "for k in range(inverse.shape[1] - 1):",
+        ["tests/nn/test_moe.py"],
+        "expert-choice combine: the last expert's slots never reach their tokens (and dX misses them)",
+    ),
     # ---- the seven of issue 8 ----
     Mutation(
         "triton-bias-row-stride-is-J", GEMM,

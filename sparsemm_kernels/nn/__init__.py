@@ -1,11 +1,13 @@
 """Drop-in ``torch.nn`` modules whose forward reads like the papers' equations."""
 
+from sparsemm_kernels.nn.moe import ExpertChoiceMoE
 from sparsemm_kernels.nn.mot import DenseBlock, MoTAttention, MoTBlock, MoTFeedForward, MoTTransformer
 from sparsemm_kernels.nn.mot_linear import MoTLinear
 from sparsemm_kernels.nn.norms import MoTLayerNorm, MoTRMSNorm
 
 __all__ = [
     "DenseBlock",
+    "ExpertChoiceMoE",
     "MoTAttention",
     "MoTBlock",
     "MoTFeedForward",

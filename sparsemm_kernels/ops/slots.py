@@ -1,0 +1,79 @@
+"""Moving rows between tokens and expert slots without atomics: ``pick_rows`` and ``sum_rows``.
+
+An expert-choice layer computes on ``P = E * C`` slots; slot ``p`` holds token ``index[p]`` (or nothing, -1),
+and a token may sit in several slots (several experts chose it). ``pick_rows`` fills the slots from the tokens;
+``sum_rows`` adds each token's slots back (the combine). Each is the other's adjoint, so each one's backward is
+the other: a token's gradient is the sum of its slots' gradients taken through ``inverse`` (``[N, K]``: the
+slots of token ``t``, -1 padded), in a fixed order - no scatter-add, no atomics, bitwise reproducible, and
+second derivatives come for free. Every index is bounded: a value outside its range reads a zero row.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sparsemm_kernels.ops.dispatch import Op
+
+
+def _bounded(index: torch.Tensor, size: int) -> torch.Tensor:
+    """``index`` with every value outside ``[0, size)`` (the -1 "nothing" included) sent to ``size``: the zero
+    row appended by the caller."""
+    return torch.where((index >= 0) & (index < size), index, size)
+
+
+def _pick_rows(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """``out[p] = x[index[p]]``, zeros where ``index[p]`` is -1 (or out of range); ``x [N, D]``, ``index [P]``."""
+    padded = torch.cat([x, x.new_zeros(1, *x.shape[1:])])
+    return padded.index_select(0, _bounded(index, x.shape[0]))
+
+
+def _pick_rows_fake(x, index, inverse):
+    return x.new_empty(index.shape[0], *x.shape[1:])
+
+
+def _sum_rows(y: torch.Tensor, inverse: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``out[t] = sum_k y[inverse[t, k]]`` over the valid entries, in order of ``k``; ``y [P, D]``,
+    ``inverse [N, K]``."""
+    padded = torch.cat([y, y.new_zeros(1, *y.shape[1:])])
+    bounded = _bounded(inverse, y.shape[0])
+    out = y.new_zeros(inverse.shape[0], *y.shape[1:])
+    for k in range(inverse.shape[1]):  # K (experts) is a static size: a fixed summation order
+        out += padded.index_select(0, bounded[:, k])
+    return out
+
+
+def _sum_rows_fake(y, inverse, index):
+    return y.new_empty(inverse.shape[0], *y.shape[1:])
+
+
+def _setup(ctx, inputs, output):
+    _, a, b = inputs
+    ctx.save_for_backward(a, b)
+
+
+def _pick_backward(ctx, dy):
+    index, inverse = ctx.saved_tensors
+    return sum_rows_op(dy, inverse, index), None, None
+
+
+def _sum_backward(ctx, dy):
+    inverse, index = ctx.saved_tensors
+    return pick_rows_op(dy, index, inverse), None, None
+
+
+pick_rows_op = Op("sparsemm::pick_rows", _pick_rows, _pick_rows_fake, _setup, _pick_backward)
+sum_rows_op = Op("sparsemm::sum_rows", _sum_rows, _sum_rows_fake, _setup, _sum_backward)
+
+
+def slot_inverse(index: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """``[num_rows, E]`` int64: for the expert-major ``index [E, C]`` (token per slot, -1 empty), the slot
+    ``e * C + j`` that holds token ``t`` in expert ``e``'s row, or -1. Expert choice puts a token at most once
+    in an expert's row, so every write of the scatter below has its own place (the empty slots all land in a
+    discarded extra row)."""
+    E, C = index.shape
+    inverse = torch.full((num_rows + 1, E), -1, dtype=torch.int64, device=index.device)
+    rows = _bounded(index, num_rows)
+    cols = torch.arange(E, device=index.device).view(E, 1).expand(E, C)
+    slots = torch.arange(E * C, device=index.device).view(E, C)
+    inverse.index_put_((rows.reshape(-1), cols.reshape(-1)), slots.reshape(-1))
+    return inverse[:num_rows]
