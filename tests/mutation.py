@@ -138,6 +138,13 @@ MUTATIONS = [
         ["tests/nn/test_moe.py"],
         "expert-choice combine: the last expert's slots never reach their tokens (and dX misses them)",
     ),
+    Mutation(
+        "moma-capacity-from-all-tokens", "sparsemm_kernels/nn/moe.py",
+        "cap = torch.minimum(cap.clamp(min=1), b)  # 0 when b_m = 0",
+        "cap = torch.full_like(b, bound)",
+        ["tests/nn/test_moma.py"],
+        "MoMa: every expert takes the static bound of tokens instead of C_m from its group's b_m",
+    ),
     # ---- the seven of issue 8 ----
     Mutation(
         "triton-bias-row-stride-is-J", GEMM,

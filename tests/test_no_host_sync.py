@@ -60,7 +60,7 @@ ALLOWED = {
         "torch backend: group bounds for its host loop",
     # utils/checks.py: the "eager" branches, taken only for CPU tensors or an explicit validate=True (documented
     # to sync); CUDA's default "async" branch uses torch._assert_async and returns before them.
-    ("nn/moe.py", "ExpertChoiceMoE.__init__", "float(capacity_factor)"): "a Python number at construction",
+    ("nn/moe.py", "_check_capacity_factor", "float(capacity_factor)"): "a Python number at construction",
     ("ops/routing.py", "_check_scores_values", "bool(finite.all())"): "eager mode only (CPU, or validate=True)",
     ("ops/routing.py", "_check_scores_values", "int((~finite).flatten().to(torch.uint8).argmax())"):
         "eager mode only, error message",

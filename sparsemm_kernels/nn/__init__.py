@@ -1,6 +1,6 @@
 """Drop-in ``torch.nn`` modules whose forward reads like the papers' equations."""
 
-from sparsemm_kernels.nn.moe import ExpertChoiceMoE
+from sparsemm_kernels.nn.moe import ExpertChoiceMoE, MoMaFeedForward
 from sparsemm_kernels.nn.mot import DenseBlock, MoTAttention, MoTBlock, MoTFeedForward, MoTTransformer
 from sparsemm_kernels.nn.mot_linear import MoTLinear
 from sparsemm_kernels.nn.norms import MoTLayerNorm, MoTRMSNorm
@@ -8,6 +8,7 @@ from sparsemm_kernels.nn.norms import MoTLayerNorm, MoTRMSNorm
 __all__ = [
     "DenseBlock",
     "ExpertChoiceMoE",
+    "MoMaFeedForward",
     "MoTAttention",
     "MoTBlock",
     "MoTFeedForward",

@@ -17,7 +17,7 @@ from torch import nn
 from sparsemm_kernels.backend import check_backend_name, prefer
 from sparsemm_kernels.nn.mot_linear import init_per_modality_
 from sparsemm_kernels.ops.grouped_linear import grouped_mm
-from sparsemm_kernels.ops.routing import expert_choice_route
+from sparsemm_kernels.ops.routing import _route, expert_choice_route
 from sparsemm_kernels.ops.slots import pick_rows_op, slot_inverse, sum_rows_op
 from sparsemm_kernels.ops.swiglu import silu_mul
 from sparsemm_kernels.utils.checks import check_float_tensor, check_positive_int
@@ -68,17 +68,14 @@ class ExpertChoiceMoE(nn.Module):
         super().__init__()
         for v, name in ((dim, "dim"), (hidden_dim, "hidden_dim"), (num_experts, "num_experts")):
             check_positive_int(v, name)
-        if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)):
-            raise TypeError(f"`capacity_factor` must be a number, got {type(capacity_factor).__name__}")
-        if not (capacity_factor > 0 and math.isfinite(capacity_factor)):
-            raise ValueError(f"`capacity_factor` must be a finite number > 0, got {capacity_factor}")
+        capacity_factor = _check_capacity_factor(capacity_factor)
         if gate not in _GATES:
             raise ValueError(f"`gate` must be one of {_GATES}, got {gate!r}")
         if router_noise not in _NOISE:
             raise ValueError(f"`router_noise` must be None or 'gumbel', got {router_noise!r}")
         factory = {"device": device, "dtype": dtype}
         self.dim, self.hidden_dim, self.num_experts = dim, hidden_dim, num_experts
-        self.capacity_factor, self.gate, self.router_noise = float(capacity_factor), gate, router_noise
+        self.capacity_factor, self.gate, self.router_noise = capacity_factor, gate, router_noise
         self.backend = check_backend_name(backend)
         self.router = nn.Linear(dim, num_experts, bias=False, **factory)
         self.w1 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim, **factory))
@@ -134,3 +131,194 @@ class ExpertChoiceMoE(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.dim}, hidden_dim={self.hidden_dim}, num_experts={self.num_experts}, "
                 f"capacity_factor={self.capacity_factor}, gate={self.gate!r}, router_noise={self.router_noise!r}")
+
+
+def _check_capacity_factor(capacity_factor) -> float:
+    if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)):
+        raise TypeError(f"`capacity_factor` must be a number, got {type(capacity_factor).__name__}")
+    if not (capacity_factor > 0 and math.isfinite(capacity_factor)):
+        raise ValueError(f"`capacity_factor` must be a finite number > 0, got {capacity_factor}")
+    return float(capacity_factor)
+
+
+def _check_experts_per_modality(experts) -> tuple[int, ...]:
+    if isinstance(experts, (str, bytes)) or not hasattr(experts, "__len__") or len(experts) == 0:
+        raise ValueError(f"`experts_per_modality` must be a non-empty sequence of expert counts, got {experts!r}")
+    out = []
+    for v in experts:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"`experts_per_modality` must hold ints >= 1 (one count per modality), got {experts!r}")
+        out.append(v)
+    return tuple(out)
+
+
+class MoMaFeedForward(nn.Module):
+    """MoMa's modality-aware experts: the modality picks a group of experts, expert choice inside the group.
+
+    Group ``m`` (its ``b_m`` tokens, those with modality ``m``) has ``E_m`` SwiGLU experts and a router
+    ``routers[m]``; each of its experts takes the ``C_m = min(max(ceil(c * b_m / E_m), 1), b_m)`` tokens of the
+    group it scores highest (nothing when ``b_m = 0``); ``out[t] = sum_{e picked t} s[t, e] * FFN_e(x_t)``.
+    ``b_m`` lives on the device: every size is a bound (at most ``ceil(c * N) + E_total`` expert rows) and the
+    experts' rows are packed by offsets computed on the device, so **all groups' experts run in one grouped
+    GEMM per projection**, no loop over groups or experts, no host sync (on the Triton backend).
+
+    Args:
+        dim, hidden_dim: model and SwiGLU widths.
+        experts_per_modality: ``(E_0, E_1, ...)``, e.g. ``(4, 4)`` for MoMa 4t4i.
+        capacity_factor: ``c > 0``.
+        gate: ``"sigmoid"`` (MoMa) or ``"softmax"`` (over the group's experts).
+        aux_router: MoMa's auxiliary routers for causal decoding: not implemented yet (raises).
+        device, dtype, backend: as the other modules.
+
+    Parameters:
+        ``w1, w3 [E_total, hidden, dim]``, ``w2 [E_total, dim, hidden]`` (modality 0's experts first, then
+        modality 1's, ...), ``routers`` (``nn.ModuleList`` of ``nn.Linear(dim, E_m, bias=False)``).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        experts_per_modality=(4, 4),
+        capacity_factor: float = 1.0,
+        gate: str = "sigmoid",
+        aux_router: bool = False,
+        device=None,
+        dtype=None,
+        *,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        for v, name in ((dim, "dim"), (hidden_dim, "hidden_dim")):
+            check_positive_int(v, name)
+        experts = _check_experts_per_modality(experts_per_modality)
+        self.capacity_factor = _check_capacity_factor(capacity_factor)
+        if gate not in _GATES:
+            raise ValueError(f"`gate` must be one of {_GATES}, got {gate!r}")
+        if aux_router:
+            raise NotImplementedError("MoMaFeedForward(aux_router=True): the auxiliary routers for causal decoding "
+                                      "are not implemented yet")
+        factory = {"device": device, "dtype": dtype}
+        self.dim, self.hidden_dim, self.experts_per_modality, self.gate = dim, hidden_dim, experts, gate
+        self.num_modalities, self.num_experts = len(experts), sum(experts)
+        self.backend = check_backend_name(backend)
+        self.routers = nn.ModuleList(nn.Linear(dim, e, bias=False, **factory) for e in experts)
+        E = self.num_experts
+        self.w1 = nn.Parameter(torch.empty(E, hidden_dim, dim, **factory))
+        self.w3 = nn.Parameter(torch.empty(E, hidden_dim, dim, **factory))
+        self.w2 = nn.Parameter(torch.empty(E, dim, hidden_dim, **factory))
+        # each expert's group, as a buffer so that it follows .to(device)
+        group_of = [g for g, count in enumerate(experts) for _ in range(count)]
+        self.register_buffer("expert_group", torch.tensor(group_of, device=device), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Routers and each expert's W1, W3, W2 initialised like ``nn.Linear``."""
+        for r in self.routers:
+            r.reset_parameters()
+        for w in (self.w1, self.w3, self.w2):
+            init_per_modality_(w)
+
+    @classmethod
+    def from_modality_ffn(cls, ffn, experts_per_modality, **kwargs) -> MoMaFeedForward:
+        """Upcycling: every expert of group ``m`` starts as a copy of modality ``m``'s FFN of ``ffn`` (a
+        :class:`~sparsemm_kernels.nn.MoTFeedForward`); ``kwargs`` as the constructor (routers freshly
+        initialised)."""
+        from sparsemm_kernels.nn.mot import MoTFeedForward
+
+        if not isinstance(ffn, MoTFeedForward):
+            raise TypeError(f"`ffn` must be a MoTFeedForward, got {type(ffn).__name__}")
+        experts = _check_experts_per_modality(experts_per_modality)
+        if len(experts) != ffn.num_modalities:
+            raise ValueError(f"`experts_per_modality` has {len(experts)} groups but `ffn` has "
+                             f"{ffn.num_modalities} modalities")
+        w = ffn.w1
+        new = cls(ffn.dim, ffn.hidden_dim, experts, device=w.device, dtype=w.dtype, **kwargs)
+        with torch.no_grad():
+            for name in ("w1", "w3", "w2"):
+                src = getattr(ffn, name)
+                getattr(new, name).copy_(src.index_select(0, new.expert_group.to(src.device)))
+        return new
+
+    def _scores(self, x2d: torch.Tensor) -> torch.Tensor:
+        logits = [r(x2d) for r in self.routers]
+        if self.gate == "sigmoid":
+            return torch.sigmoid(torch.cat(logits, dim=1))
+        return torch.cat([torch.softmax(v, dim=-1) for v in logits], dim=1)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        modality_ids: torch.Tensor,
+        plan=None,
+        token_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: ``[..., dim]``; modality_ids: ``x.shape[:-1]`` ints in ``[0, M)``; plan: a
+        ``group_plan(modality_ids, M)`` to reuse (its counts give ``b_m``); token_mask: optional bool
+        ``x.shape[:-1]`` (False: never routed, output 0; masked tokens still count in ``b_m``).
+        Returns ``[..., dim]``."""
+        from sparsemm_kernels.nn.mot import _resolve_plan
+        from sparsemm_kernels.plan import checked_ids
+
+        check_float_tensor(x, "x")
+        if x.dim() < 1 or x.shape[-1] != self.dim:
+            raise ValueError(f"`x` must be (..., {self.dim}), got shape {tuple(x.shape)}")
+        if not isinstance(modality_ids, torch.Tensor) or tuple(modality_ids.shape) != tuple(x.shape[:-1]):
+            shape = tuple(modality_ids.shape) if isinstance(modality_ids, torch.Tensor) else type(modality_ids)
+            raise ValueError(f"`modality_ids` must have shape {tuple(x.shape[:-1])}, got {shape}")
+        x2 = x.reshape(-1, self.dim)
+        ids = modality_ids.reshape(-1)
+        N, M, E = x2.shape[0], self.num_modalities, self.num_experts
+        # The ids are range-checked once (ValueError / device assertion); b_m from the plan's counts.
+        if M == 1:
+            ids = checked_ids(ids, 1, validate=None, name="modality_ids")
+            counts = torch.full((1,), N, dtype=torch.int64, device=x2.device)
+        else:
+            plan, ids = _resolve_plan(ids, M, plan, self.backend)
+            counts = plan.counts
+        if token_mask is not None:
+            if not isinstance(token_mask, torch.Tensor) or tuple(token_mask.shape) != tuple(x.shape[:-1]):
+                shape = tuple(token_mask.shape) if isinstance(token_mask, torch.Tensor) else type(token_mask)
+                raise ValueError(f"`token_mask` must have shape {tuple(x.shape[:-1])}, got {shape}")
+            token_mask = token_mask.reshape(-1)
+        if N == 0:
+            return x2.new_zeros(x.shape) + 0 * sum(p.sum() for p in self.parameters())
+        grp = self.expert_group
+        experts = torch.tensor(self.experts_per_modality, device=x2.device)
+        # C_m on the device from b_m; the static bound of each expert's slots from N.
+        b = counts.to(torch.int64)
+        cap = torch.ceil(self.capacity_factor * b.to(torch.float64) / experts).to(torch.int64)
+        cap = torch.minimum(cap.clamp(min=1), b)  # 0 when b_m = 0
+        bound = max(expert_capacity(self.capacity_factor, N, e) for e in self.experts_per_modality)
+        eligible = ids[:, None] == grp[None, :]  # [N, E]: an expert sees its group's tokens only
+        if token_mask is not None:
+            eligible = eligible & token_mask[:, None]
+        s = self._scores(x2)
+        idx, gates = _route(s, bound, eligible, cap[grp], None, None)  # [E, bound], -1 past C_m
+        # Pack each expert's rows after the previous expert's: offsets on the device, the buffer sized by the
+        # bound sum_e C_e <= c * N + E; the rows past the last expert's are zero and go to the last expert.
+        rows = min(math.ceil(self.capacity_factor * N) + E, E * bound)
+        filled = (idx >= 0).sum(1)
+        starts = torch.cumsum(filled, 0) - filled
+        offsets = torch.cat([starts, starts.new_full((1,), rows)])
+        position = torch.where(idx >= 0, starts[:, None] + torch.arange(bound, device=x2.device)[None, :], rows)
+        slots = torch.full((rows + 1,), -1, dtype=torch.int64, device=x2.device)
+        slots.index_put_((position.reshape(-1),), idx.reshape(-1))  # empty slots all land in the extra row
+        slots = slots[:rows]
+        slot_gates = torch.zeros(rows + 1, dtype=gates.dtype, device=x2.device).index_put(
+            (position.reshape(-1),), gates.reshape(-1))[:rows]  # differentiable: each position written once
+        inverse = torch.full((N + 1, E), -1, dtype=torch.int64, device=x2.device)
+        cols = torch.arange(E, device=x2.device)[:, None].expand_as(idx)
+        inverse.index_put_((torch.where(idx >= 0, idx, N).reshape(-1), cols.reshape(-1)), position.reshape(-1))
+        inverse = inverse[:N]
+        backend = prefer(self.backend)
+        xe = pick_rows_op(x2, slots, inverse)
+        h = silu_mul(grouped_mm(xe, self.w1, offsets, backend=backend),
+                     grouped_mm(xe, self.w3, offsets, backend=backend), backend=backend)
+        ye = grouped_mm(h, self.w2, offsets, backend=backend)
+        ye = ye * slot_gates.reshape(-1, 1).to(ye.dtype)
+        return sum_rows_op(ye, inverse, slots).view(x.shape)
+
+    def extra_repr(self) -> str:
+        return (f"{self.dim}, hidden_dim={self.hidden_dim}, experts_per_modality={self.experts_per_modality}, "
+                f"capacity_factor={self.capacity_factor}, gate={self.gate!r}")

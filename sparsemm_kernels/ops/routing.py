@@ -44,15 +44,19 @@ def _check_scores_values(scores: torch.Tensor, mode: str) -> None:
         raise ValueError(f"`scores` must be finite; scores[{t}, {e}] = {float(scores[t, e])}")  # sync-ok
 
 
-def _indices_torch(scores: torch.Tensor, token_mask: torch.Tensor | None, capacity: int) -> torch.Tensor:
+def _indices_torch(
+    scores: torch.Tensor, token_mask: torch.Tensor | None, capacity: int, limit: torch.Tensor | None
+) -> torch.Tensor:
     N, E = scores.shape
     k = min(capacity, N)
     s = scores.t()
-    if token_mask is not None:
-        s = s.masked_fill(~token_mask[None, :], float("-inf"))
+    if token_mask is not None:  # [N] for every expert, or [N, E] per expert
+        s = s.masked_fill(~(token_mask.t() if token_mask.dim() == 2 else token_mask[None, :]), float("-inf"))
     # A stable descending sort keeps equal scores in token order: ties go to the lower token index.
     order = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :k]
     eligible = s.gather(1, order) > float("-inf")  # masked tokens (and, unchecked, NaN) are never chosen
+    if limit is not None:  # per-expert capacities that live on the device, each <= capacity
+        eligible &= torch.arange(k, device=s.device)[None, :] < limit[:, None]
     # Chosen tokens in ascending order, the slots nobody fills (key N) at the end as -1.
     key = torch.where(eligible, order, N).sort(dim=1).values
     idx = torch.where(key < N, key, -1)
@@ -62,18 +66,24 @@ def _indices_torch(scores: torch.Tensor, token_mask: torch.Tensor | None, capaci
 
 
 def _expert_choice_indices(
-    scores: torch.Tensor, token_mask: torch.Tensor | None, capacity: int, mode: str, backend: str | None
+    scores: torch.Tensor,
+    token_mask: torch.Tensor | None,
+    capacity: int,
+    limit: torch.Tensor | None,
+    mode: str,
+    backend: str | None,
 ) -> torch.Tensor:
-    """``[E, capacity]`` int64: per expert the tokens of its ``capacity`` highest ``scores[:, e]`` (``token_mask``
-    False never chosen; ties to the lower token), ascending, ``-1`` slots at the end."""
+    """``[E, capacity]`` int64: per expert the tokens of its ``capacity`` (or ``limit[e]``) highest
+    ``scores[:, e]`` (``token_mask`` False never chosen; ties to the lower token), ascending, ``-1`` slots at
+    the end."""
     if mode not in MODES:
         raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
     _check_scores_values(scores, mode)
     select_backend("expert_choice_route", scores.device, scores.dtype, backend)  # only `torch` so far
-    return _indices_torch(scores, token_mask, capacity)
+    return _indices_torch(scores, token_mask, capacity, limit)
 
 
-def _expert_choice_indices_fake(scores, token_mask, capacity, mode, backend):
+def _expert_choice_indices_fake(scores, token_mask, capacity, limit, mode, backend):
     return scores.new_empty(scores.shape[1], capacity, dtype=torch.int64)
 
 
@@ -121,9 +131,16 @@ def expert_choice_route(
             raise ValueError(f"`token_mask` must have shape ({N},) (one flag per row of `scores`), got "
                              f"{tuple(token_mask.shape)}")
         check_same_device("scores", scores, "token_mask", token_mask)
+    return _route(scores, capacity, token_mask, None, backend, validate)
+
+
+def _route(scores, capacity: int, token_mask, limit, backend, validate) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`expert_choice_route` after its argument checks; ``token_mask`` may be ``[N, E]`` (per expert) and
+    ``limit [E]`` int64 caps each expert's slots on the device (the layers that route inside groups)."""
+    N, E = scores.shape
     backend = check_backend_name(backend)
     mode = validation_mode(validate, scores.device)
-    idx = expert_choice_indices_op(scores.detach(), token_mask, capacity, mode, backend)
+    idx = expert_choice_indices_op(scores.detach(), token_mask, capacity, limit, mode, backend)
     # Empty slots read a zero column appended after the N tokens (also right when N = 0).
     padded = torch.cat([scores.t(), scores.new_zeros(E, 1)], dim=1)
     return idx, padded.gather(1, torch.where(idx >= 0, idx, N))

@@ -130,8 +130,9 @@ def test_unchecked_nan_is_never_chosen_and_stays_in_bounds():
 
 def test_opcheck():
     op = torch.ops.sparsemm.expert_choice_indices.default
-    opcheck(op, (torch.rand(9, 3), None, 4, "eager", None))
-    opcheck(op, (torch.rand(9, 3), torch.arange(9) % 2 == 0, 12, "off", "torch"))
+    opcheck(op, (torch.rand(9, 3), None, 4, None, "eager", None))
+    opcheck(op, (torch.rand(9, 3), torch.arange(9) % 2 == 0, 12, None, "off", "torch"))
+    opcheck(op, (torch.rand(9, 3), torch.rand(9, 3) > 0.3, 5, torch.tensor([0, 2, 5]), "eager", None))
 
 
 def test_compiles_fullgraph_with_eager_equal_results():
@@ -201,3 +202,20 @@ def test_cuda_route_matches_the_loop_without_host_sync():
     bad[3, 2] = float("nan")
     with pytest.raises(ValueError, match="`scores`"):
         smk.expert_choice_route(bad, 40, validate=True)
+
+
+def test_per_expert_masks_and_device_capacities():
+    # What a layer that routes inside groups uses: each expert's own eligible tokens and its own capacity
+    # (a device tensor, at most the static bound).
+    from sparsemm_kernels.ops.routing import _route
+
+    N, E, bound = 23, 5, 6
+    scores = _scores(N, E, "ties", seed=3)
+    eligible = torch.rand(N, E, generator=torch.Generator().manual_seed(4)) > 0.4
+    limit = torch.tensor([0, 1, 3, 6, 6])
+    idx, gates = _route(scores, bound, eligible, limit, None, None)
+    for e in range(E):
+        want_idx, want_gates = loop_route(scores.detach()[:, e:e + 1], int(limit[e]), eligible[:, e])
+        got = idx[e][idx[e] >= 0]
+        assert torch.equal(got, want_idx[0][want_idx[0] >= 0]), (e, got, want_idx)
+        assert bool((idx[e][len(got):] == -1).all()) and bool((gates[e][len(got):] == 0).all())
