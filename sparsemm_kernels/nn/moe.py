@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sparsemm_kernels.backend import check_backend_name, prefer
@@ -152,6 +153,30 @@ def _check_experts_per_modality(experts) -> tuple[int, ...]:
     return tuple(out)
 
 
+class AuxRouter(nn.Module):
+    """MoMa's auxiliary router of one group: ``a(x) = sigmoid(A2 silu(A1 x))``, ``A1 [dim/2, dim]``,
+    ``A2 [E_m, dim/2]`` (``a1``, ``a2``: ``nn.Linear`` without bias)."""
+
+    def __init__(self, dim: int, num_experts: int, device=None, dtype=None) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.a1 = nn.Linear(dim, max(dim // 2, 1), bias=False, **factory)
+        self.a2 = nn.Linear(max(dim // 2, 1), num_experts, bias=False, **factory)
+
+    def reset_parameters(self) -> None:
+        """Both projections initialised like ``nn.Linear``."""
+        self.a1.reset_parameters()
+        self.a2.reset_parameters()
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``A2 silu(A1 x)``: the pre-sigmoid scores ``[..., E_m]`` (``a_j > 0.5`` iff the logit is > 0)."""
+        return self.a2(F.silu(self.a1(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``a(x) [..., E_m]`` in ``(0, 1)``."""
+        return torch.sigmoid(self.logits(x))
+
+
 class MoMaFeedForward(nn.Module):
     """MoMa's modality-aware experts: the modality picks a group of experts, expert choice inside the group.
 
@@ -167,7 +192,11 @@ class MoMaFeedForward(nn.Module):
         experts_per_modality: ``(E_0, E_1, ...)``, e.g. ``(4, 4)`` for MoMa 4t4i.
         capacity_factor: ``c > 0``.
         gate: ``"sigmoid"`` (MoMa) or ``"softmax"`` (over the group's experts).
-        aux_router: MoMa's auxiliary routers for causal decoding: not implemented yet (raises).
+        aux_router: add MoMa's auxiliary routers for causal decoding (:class:`AuxRouter` per group). In training
+            every forward sets ``aux_loss``: the binary cross-entropy of ``a(x)`` on **detached** inputs against
+            the true expert-choice membership (it trains the aux routers only). With ``causal_routing = True``
+            token ``t`` goes to expert ``j`` of its group iff ``a_j(x_t) > 0.5``, weighted by ``s[t, j]``: a
+            token's output depends on that token alone (one decoding token works).
         device, dtype, backend: as the other modules.
 
     Parameters:
@@ -195,14 +224,16 @@ class MoMaFeedForward(nn.Module):
         self.capacity_factor = _check_capacity_factor(capacity_factor)
         if gate not in _GATES:
             raise ValueError(f"`gate` must be one of {_GATES}, got {gate!r}")
-        if aux_router:
-            raise NotImplementedError("MoMaFeedForward(aux_router=True): the auxiliary routers for causal decoding "
-                                      "are not implemented yet")
         factory = {"device": device, "dtype": dtype}
         self.dim, self.hidden_dim, self.experts_per_modality, self.gate = dim, hidden_dim, experts, gate
         self.num_modalities, self.num_experts = len(experts), sum(experts)
         self.backend = check_backend_name(backend)
         self.routers = nn.ModuleList(nn.Linear(dim, e, bias=False, **factory) for e in experts)
+        #: MoMa's auxiliary routers (``aux_router=True``): ``a(x) = sigmoid(A2 silu(A1 x))`` per group, trained by
+        #: :attr:`aux_loss` on detached inputs; with :attr:`causal_routing` they route instead of expert choice.
+        self.aux_routers = nn.ModuleList(AuxRouter(dim, e, **factory) for e in experts) if aux_router else None
+        self.causal_routing = False
+        self.aux_loss: torch.Tensor | None = None
         E = self.num_experts
         self.w1 = nn.Parameter(torch.empty(E, hidden_dim, dim, **factory))
         self.w3 = nn.Parameter(torch.empty(E, hidden_dim, dim, **factory))
@@ -210,12 +241,16 @@ class MoMaFeedForward(nn.Module):
         # each expert's group, as a buffer so that it follows .to(device)
         group_of = [g for g, count in enumerate(experts) for _ in range(count)]
         self.register_buffer("expert_group", torch.tensor(group_of, device=device), persistent=False)
+        self.register_buffer("group_sizes", torch.tensor(experts, dtype=torch.float64, device=device),
+                             persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Routers and each expert's W1, W3, W2 initialised like ``nn.Linear``."""
         for r in self.routers:
             r.reset_parameters()
+        for a in self.aux_routers or ():
+            a.reset_parameters()
         for w in (self.w1, self.w3, self.w2):
             init_per_modality_(w)
 
@@ -245,6 +280,21 @@ class MoMaFeedForward(nn.Module):
         if self.gate == "sigmoid":
             return torch.sigmoid(torch.cat(logits, dim=1))
         return torch.cat([torch.softmax(v, dim=-1) for v in logits], dim=1)
+
+    def _aux_logits(self, x2d: torch.Tensor) -> torch.Tensor:
+        return torch.cat([a.logits(x2d) for a in self.aux_routers], dim=1)
+
+    def _aux_loss(self, x2d: torch.Tensor, idx: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
+        """Mean binary cross-entropy of the aux routers on detached inputs against the expert-choice membership,
+        over each token's own group (the other groups' experts never see it)."""
+        N, E = eligible.shape
+        member = torch.zeros(N + 1, E, dtype=torch.float32, device=x2d.device)
+        cols = torch.arange(E, device=x2d.device)[:, None].expand_as(idx)
+        member[torch.where(idx >= 0, idx, N).reshape(-1), cols.reshape(-1)] = 1.0  # row N: the empty slots
+        logits = self._aux_logits(x2d.detach()).float()
+        bce = F.binary_cross_entropy_with_logits(logits, member[:N], reduction="none")
+        weight = eligible.to(bce.dtype)
+        return (bce * weight).sum() / weight.sum().clamp(min=1.0)
 
     def forward(
         self,
@@ -284,20 +334,28 @@ class MoMaFeedForward(nn.Module):
         if N == 0:
             return x2.new_zeros(x.shape) + 0 * sum(p.sum() for p in self.parameters())
         grp = self.expert_group
-        experts = torch.tensor(self.experts_per_modality, device=x2.device)
         # C_m on the device from b_m; the static bound of each expert's slots from N.
         b = counts.to(torch.int64)
-        cap = torch.ceil(self.capacity_factor * b.to(torch.float64) / experts).to(torch.int64)
+        cap = torch.ceil(self.capacity_factor * b.to(torch.float64) / self.group_sizes).to(torch.int64)
         cap = torch.minimum(cap.clamp(min=1), b)  # 0 when b_m = 0
         bound = max(expert_capacity(self.capacity_factor, N, e) for e in self.experts_per_modality)
         eligible = ids[:, None] == grp[None, :]  # [N, E]: an expert sees its group's tokens only
         if token_mask is not None:
             eligible = eligible & token_mask[:, None]
         s = self._scores(x2)
-        idx, gates = _route(s, bound, eligible, cap[grp], None, None)  # [E, bound], -1 past C_m
-        # Pack each expert's rows after the previous expert's: offsets on the device, the buffer sized by the
-        # bound sum_e C_e <= c * N + E; the rows past the last expert's are zero and go to the last expert.
-        rows = min(math.ceil(self.capacity_factor * N) + E, E * bound)
+        causal = self.causal_routing and self.aux_routers is not None
+        if causal:  # every token of the group its aux router sends there: up to N per expert
+            aux = self._aux_logits(x2)
+            bound, rows = N, E * N
+            idx, gates = _route(s, N, eligible & (aux > 0), None, None, None)
+        else:
+            idx, gates = _route(s, bound, eligible, cap[grp], None, None)  # [E, bound], -1 past C_m
+            # Pack each expert's rows after the previous expert's: offsets on the device, the buffer sized by the
+            # bound sum_e C_e <= c * N + E; the rows past the last expert's are zero and go to the last expert.
+            rows = min(math.ceil(self.capacity_factor * N) + E, E * bound)
+        self.aux_loss = None
+        if self.aux_routers is not None and self.training and not causal:
+            self.aux_loss = self._aux_loss(x2, idx, eligible)
         filled = (idx >= 0).sum(1)
         starts = torch.cumsum(filled, 0) - filled
         offsets = torch.cat([starts, starts.new_full((1,), rows)])

@@ -134,8 +134,6 @@ def test_bad_arguments_name_themselves():
         MoMaFeedForward(8, 12, (1, 1), capacity_factor=-1)
     with pytest.raises(ValueError, match="`gate`"):
         MoMaFeedForward(8, 12, (1, 1), gate="tanh")
-    with pytest.raises(NotImplementedError, match="aux_router"):
-        MoMaFeedForward(8, 12, (1, 1), aux_router=True)
     m = MoMaFeedForward(8, 12, (1, 2))
     x = torch.randn(5, 8)
     with pytest.raises(ValueError, match="`modality_ids`"):
@@ -193,3 +191,70 @@ def test_cuda_forward_backward_without_host_sync():
     want = loop_moma(ref, x.detach().double().cpu(), ids.cpu())
     err = (m(x, ids, plan).double().cpu() - want).abs().max() / want.abs().max()
     assert err < 3e-2, err
+
+
+# ---- auxiliary routers for causal decoding ----
+
+def test_aux_loss_is_the_bce_of_detached_inputs_against_membership():
+    torch.manual_seed(8)
+    m = MoMaFeedForward(12, 20, (2, 3), aux_router=True, dtype=torch.float64)
+    x = torch.randn(19, 12, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, 2, (19,))
+    y = m(x, ids)
+    assert m.aux_loss is not None and m.aux_loss.dim() == 0
+    # the truth: membership from the loop's routing, BCE over each token's own group's experts
+    terms = []
+    first = 0
+    for g, E_g in enumerate(m.experts_per_modality):
+        members = [t for t in range(19) if int(ids[t]) == g]
+        s = torch.sigmoid(x.detach() @ m.routers[g].weight.t())
+        C = min(max(math.ceil(len(members) / E_g), 1), len(members))
+        eligible = torch.zeros(19, dtype=torch.bool)
+        eligible[members] = True
+        idx, _ = loop_route(s, C, eligible)
+        a = m.aux_routers[g](x.detach())
+        for t in members:
+            for j in range(E_g):
+                target = float(t in idx[j].tolist())
+                terms.append(F.binary_cross_entropy(a[t, j], torch.tensor(target, dtype=torch.float64)))
+        first += E_g
+    torch.testing.assert_close(m.aux_loss.double(), torch.stack(terms).mean(), rtol=1e-6, atol=1e-9)
+    # it trains the aux routers only: no gradient reaches x or the main model through it
+    grads = torch.autograd.grad(m.aux_loss, [x, *m.parameters()], allow_unused=True)
+    named = [n for n, _ in m.named_parameters()]
+    assert grads[0] is None
+    for n, gr in zip(named, grads[1:]):
+        assert (gr is not None and bool(gr.abs().sum() > 0)) == n.startswith("aux_routers"), n
+    y.sum().backward()  # the main loss still trains everything else
+    m.eval()
+    m(x, ids)
+    assert m.aux_loss is None  # training only
+
+
+def test_causal_routing_depends_on_each_token_alone():
+    torch.manual_seed(9)
+    m = MoMaFeedForward(12, 20, (2, 2), aux_router=True, dtype=torch.float64)
+    m.causal_routing = True
+    x = torch.randn(2, 10, 12, dtype=torch.float64)
+    ids = torch.randint(0, 2, (2, 10))
+    y = m(x, ids)
+    # the truth: token t goes to expert j of its group iff a_j(x_t) > 0.5, weighted by the main gate
+    want = torch.zeros_like(x)
+    first = 0
+    for g, E_g in enumerate(m.experts_per_modality):
+        s = torch.sigmoid(x @ m.routers[g].weight.t())
+        a = m.aux_routers[g](x)
+        for b in range(2):
+            for t in range(10):
+                if int(ids[b, t]) != g:
+                    continue
+                for j in range(E_g):
+                    if a[b, t, j] > 0.5:
+                        e = first + j
+                        h = F.silu(x[b, t] @ m.w1[e].t()) * (x[b, t] @ m.w3[e].t())
+                        want[b, t] += s[b, t, j] * (h @ m.w2[e].t())
+        first += E_g
+    torch.testing.assert_close(y, want, rtol=0, atol=1e-12)
+    # decoding one token at a time gives the same rows
+    for t in (0, 4, 9):
+        torch.testing.assert_close(m(x[:, t:t + 1], ids[:, t:t + 1]), y[:, t:t + 1], rtol=0, atol=1e-12)
