@@ -1,6 +1,7 @@
 """Drop-in ``torch.nn`` modules whose forward reads like the papers' equations."""
 
 from sparsemm_kernels.nn.moe import ExpertChoiceMoE, MoMaFeedForward
+from sparsemm_kernels.nn.moma import MoMaBlock, MoMaTransformer
 from sparsemm_kernels.nn.mot import DenseBlock, MoTAttention, MoTBlock, MoTFeedForward, MoTTransformer
 from sparsemm_kernels.nn.mot_linear import MoTLinear
 from sparsemm_kernels.nn.norms import MoTLayerNorm, MoTRMSNorm
@@ -8,7 +9,9 @@ from sparsemm_kernels.nn.norms import MoTLayerNorm, MoTRMSNorm
 __all__ = [
     "DenseBlock",
     "ExpertChoiceMoE",
+    "MoMaBlock",
     "MoMaFeedForward",
+    "MoMaTransformer",
     "MoTAttention",
     "MoTBlock",
     "MoTFeedForward",

@@ -317,15 +317,15 @@ class MoMaFeedForward(nn.Module):
             shape = tuple(modality_ids.shape) if isinstance(modality_ids, torch.Tensor) else type(modality_ids)
             raise ValueError(f"`modality_ids` must have shape {tuple(x.shape[:-1])}, got {shape}")
         x2 = x.reshape(-1, self.dim)
-        ids = modality_ids.reshape(-1)
         N, M, E = x2.shape[0], self.num_modalities, self.num_experts
         # The ids are range-checked once (ValueError / device assertion); b_m from the plan's counts.
         if M == 1:
-            ids = checked_ids(ids, 1, validate=None, name="modality_ids")
+            ids = checked_ids(modality_ids, 1, validate=None, name="modality_ids")
             counts = torch.full((1,), N, dtype=torch.int64, device=x2.device)
-        else:
-            plan, ids = _resolve_plan(ids, M, plan, self.backend)
+        else:  # the caller's plan built from these very ids is not checked again
+            plan, ids = _resolve_plan(modality_ids, M, plan, self.backend)
             counts = plan.counts
+        ids = ids.reshape(-1)
         if token_mask is not None:
             if not isinstance(token_mask, torch.Tensor) or tuple(token_mask.shape) != tuple(x.shape[:-1]):
                 shape = tuple(token_mask.shape) if isinstance(token_mask, torch.Tensor) else type(token_mask)

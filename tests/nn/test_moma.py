@@ -258,3 +258,64 @@ def test_causal_routing_depends_on_each_token_alone():
     # decoding one token at a time gives the same rows
     for t in (0, 4, 9):
         torch.testing.assert_close(m(x[:, t:t + 1], ids[:, t:t + 1]), y[:, t:t + 1], rtol=0, atol=1e-12)
+
+
+# ---- the MoMa / expert-choice MoE transformer ----
+
+@pytest.mark.parametrize("experts,placement", [((2, 3), "post"), ((8,), "pre"), ((1, 2, 1), "post")])
+def test_transformer_matches_its_modules_composed_by_hand(experts, placement):
+    torch.manual_seed(10)
+    from sparsemm_kernels.nn import MoMaTransformer
+
+    M = len(experts)
+    model = MoMaTransformer(37, 16, 2, 4, 24, experts, norm_placement=placement, dtype=torch.float64)
+    tokens = torch.randint(0, 37, (2, 9))
+    ids = torch.randint(0, M, (2, 9))
+    logits = model(tokens, ids if M > 1 else None)
+    ref = copy.deepcopy(model)
+    h = ref.embed(tokens)
+    for layer in ref.layers:
+        def attn(t, layer=layer):
+            return layer.attn(t, None)
+
+        if placement == "post":
+            h = h + layer.attn_norm(attn(h))
+            h = h + layer.ffn_norm(loop_moma(layer.ffn, h, ids))
+        else:
+            h = h + attn(layer.attn_norm(h))
+            h = h + loop_moma(layer.ffn, layer.ffn_norm(h), ids)
+    want = ref.lm_head(ref.norm(h))
+    torch.testing.assert_close(logits, want, rtol=0, atol=1e-10)
+    dy = torch.randn_like(want)
+    logits.backward(dy)
+    want.backward(dy)
+    for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad if q.grad is not None else torch.zeros_like(p), rtol=0,
+                                   atol=1e-10, msg=lambda s, n=name: f"d{n}: {s}")
+
+
+def test_transformer_builds_one_plan_per_forward_and_sums_aux_losses(monkeypatch):
+    import sparsemm_kernels.nn.mot as mot
+    from sparsemm_kernels.nn import MoMaTransformer
+
+    calls = []
+    real = mot.build_plan
+    monkeypatch.setattr(mot, "build_plan", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = MoMaTransformer(37, 16, 3, 4, 24, (2, 2), aux_router=True)
+    tokens, ids = torch.randint(0, 37, (2, 9)), torch.randint(0, 2, (2, 9))
+    model(tokens, ids)
+    assert len(calls) == 1
+    assert model.aux_loss is not None
+    torch.testing.assert_close(model.aux_loss, sum(layer.ffn.aux_loss for layer in model.layers))
+    with pytest.raises(ValueError, match="`modality_ids`"):
+        model(tokens)
+
+
+def test_transformer_compiles_fullgraph():
+    from sparsemm_kernels.nn import MoMaTransformer
+
+    torch.manual_seed(11)
+    model = MoMaTransformer(37, 16, 2, 4, 24, (2, 2))
+    tokens, ids = torch.randint(0, 37, (2, 9)), torch.randint(0, 2, (2, 9))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(tokens, ids), model(tokens, ids), rtol=0, atol=0)
