@@ -114,3 +114,25 @@ def param_count(cfg: ModelConfig) -> ParamCount:
     from profiling.registry import family
 
     return family(cfg.family).params(cfg)
+
+
+def moma_flops(cfg: ModelConfig) -> FlopCount:
+    """MoMa / expert-choice MoE: the dense counts with the FFN scaled by the capacity factor ``c`` (``E_m * C_m``
+    expert rows per group of ``b_m`` tokens: ``c`` experts' FFN per token on average; the rounding of ``C_m``
+    and the empty rows of the buffer bound are not counted) plus every router, ``2 * d * E_total`` per token
+    (each router scores every token)."""
+    base = transformer_flops(cfg).components
+    c = cfg.options.get("capacity_factor", 1.0)
+    experts = sum(cfg.options["experts"])
+    return FlopCount({**base, "ffn": round(c * base["ffn"]), "router": cfg.n_layers * 2 * cfg.dim * experts})
+
+
+def moma_params(cfg: ModelConfig) -> ParamCount:
+    """The dense model's (one modality) with ``E_total`` SwiGLU experts per layer instead of one, plus the routers
+    ``d * E_total`` per layer; active: one expert's FFN per token (capacity factor 1) and every router."""
+    dense = transformer_params(cfg.override(num_modalities=1))
+    experts = sum(cfg.options["experts"])
+    ffn = 3 * cfg.dim * cfg.hidden
+    routers = cfg.n_layers * cfg.dim * experts
+    return ParamCount(total=dense.total + cfg.n_layers * (experts - 1) * ffn + routers,
+                      active=dense.active + routers, embedding=dense.embedding)

@@ -23,7 +23,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsemm_kernels.nn import MoTAttention, MoTBlock, MoTFeedForward, MoTLayerNorm, MoTRMSNorm, MoTTransformer
+from sparsemm_kernels.nn import (
+    MoMaBlock,
+    MoMaFeedForward,
+    MoMaTransformer,
+    MoTAttention,
+    MoTBlock,
+    MoTFeedForward,
+    MoTLayerNorm,
+    MoTRMSNorm,
+    MoTTransformer,
+)
 from sparsemm_kernels.reference.mot import mot_block_ref, per_modality
 
 if TYPE_CHECKING:
@@ -174,8 +184,10 @@ class ReferenceMoTTransformer(nn.Module):
 ROLE_OF_TYPE: list[tuple[type, str]] = [
     (ReferenceBlock, "ref_block"),
     (MoTBlock, "block"),
+    (MoMaBlock, "block"),
     (MoTAttention, "attn"),
     (MoTFeedForward, "ffn"),
+    (MoMaFeedForward, "ffn"),
     (MoTRMSNorm, "norm"),
     (MoTLayerNorm, "norm"),
     (ReferenceNorm, "norm"),
@@ -227,3 +239,18 @@ def build_mot_reference(cfg: ModelConfig, device: torch.device, dtype: torch.dty
     if cfg.num_modalities < 2:
         raise ValueError(f"{cfg.name}: the reference-style MoT needs num_modalities >= 2, got {cfg.num_modalities}")
     return _workload(ReferenceMoTTransformer(_transformer(cfg, device, dtype)), cfg, device)
+
+
+def build_moma(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> Workload:
+    """The ``moma`` family: a :class:`MoMaTransformer` with ``options["experts"]`` experts per modality (one group:
+    the expert-choice MoE) and ``options["capacity_factor"]`` (default 1: every token gets one expert's FLOPs on
+    average, FLOP-matched with the dense model of the same ``hidden``)."""
+    experts = tuple(cfg.options["experts"])
+    if len(experts) != cfg.num_modalities:
+        raise ValueError(f"{cfg.name}: options['experts'] has {len(experts)} groups but num_modalities is "
+                         f"{cfg.num_modalities}")
+    model = MoMaTransformer(
+        cfg.vocab, cfg.dim, cfg.n_layers, cfg.n_heads, cfg.hidden, experts,
+        capacity_factor=cfg.options.get("capacity_factor", 1.0), device=device, dtype=dtype,
+    )
+    return _workload(model, cfg, device)

@@ -1,17 +1,18 @@
 """Named model configurations, the families that build them, presets, and the papers' published numbers.
 
-Adding a layer (MoMa, expert choice, token choice, Avg-K, MoD, ...) to the report takes three calls::
+Adding a layer (token choice, Avg-K, MoD, ...; MoMa and expert choice are registered this way) to the report
+takes three calls::
 
-    register_family(Family("moma", build=build_moma, flops=moma_flops, params=moma_params, description="..."))
-    register(ModelConfig("moma-4t4i-435m", family="moma", dim=1024, n_layers=24, n_heads=16, hidden=4096,
-                         num_modalities=2, group="435m-moma", baseline="dense-435m-moma", paper_ratio="moma-4t4i",
-                         options={"text_experts": 4, "image_experts": 4}))
-    add_to_preset("gpu", "moma-4t4i-435m")
+    register_family(Family("tc", build=build_tc, flops=tc_flops, params=tc_params, description="..."))
+    register(ModelConfig("tc-8x-435m", family="tc", dim=1024, n_layers=24, n_heads=16, hidden=4096,
+                         num_modalities=1, group="435m-moma", baseline="dense-435m-moma",
+                         options={"experts": 8, "top_k": 2}))
+    add_to_preset("gpu", "tc-8x-435m")
     # and its CPU size, so that the CPU report (preset ``cpu``) carries the same rows
-    register(ModelConfig("moma-4t4i-cpu", family="moma", dim=512, n_layers=4, n_heads=8, hidden=1536, seq=1024,
-                         batch=2, vocab=8192, image_span=256, num_modalities=2, group="cpu", baseline="dense-cpu",
-                         options={"text_experts": 4, "image_experts": 4}))
-    add_to_preset("cpu", "moma-4t4i-cpu")
+    register(ModelConfig("tc-8x-cpu", family="tc", dim=512, n_layers=4, n_heads=8, hidden=1536, seq=1024,
+                         batch=2, vocab=8192, num_modalities=1, group="cpu", baseline="dense-cpu",
+                         options={"experts": 8, "top_k": 2}))
+    add_to_preset("cpu", "tc-8x-cpu")
 
 ``build(cfg, device, dtype)`` returns a :class:`profiling.models.Workload` (model, batch maker, loss, breakdown
 roles); ``flops(cfg)`` a :class:`profiling.flops.FlopCount`; ``params(cfg)`` a :class:`profiling.flops.ParamCount`.
@@ -378,7 +379,36 @@ register(ModelConfig(
     description="MoMa's 435M FLOP-matched dense baseline (24 layers, dim 1024, ffn 4096, 16 heads)",
 ))
 
-register_preset("tiny", ["dense-tiny", "mot2-tiny", "mot3-tiny", "mot2-tiny-ref"])
-register_preset("cpu", ["dense-cpu", "mot2-cpu", "mot3-cpu", "mot2-cpu-ref"])
+register_family(Family(
+    "moma", _models.build_moma, _flops.moma_flops, _flops.moma_params,
+    "MoMaTransformer: dense attention, modality groups of SwiGLU experts with expert choice inside each group "
+    "(one group: the expert-choice MoE), all experts in one grouped GEMM per projection",
+))
+
+
+def _moma_family(size: str, baseline: str, group: str, ratio_suffix: bool, **common: Any) -> list[str]:
+    """moe-8x-SIZE (expert choice, 8 experts, no modality split), moma-1t1i-SIZE and moma-4t4i-SIZE (MoMa Table 2),
+    FLOP-matched with ``baseline`` at capacity factor 1."""
+    names = []
+    for name, experts, ratio in (("moe-8x", (8,), "moe-8x-ec"), ("moma-1t1i", (1, 1), "moma-1t1i"),
+                                 ("moma-4t4i", (4, 4), "moma-4t4i")):
+        register(ModelConfig(
+            f"{name}-{size}", "moma", num_modalities=len(experts), baseline=baseline, group=group,
+            paper_ratio=ratio if ratio_suffix else None, options={"experts": experts, "capacity_factor": 1.0},
+            description=f"{size} {name}: {'+'.join(map(str, experts))} experts, capacity factor 1", **common,
+        ))
+        names.append(f"{name}-{size}")
+    return names
+
+
+_MOMA_435M = _moma_family("435m", "dense-435m-moma", "435m-moma", True, dim=1024, n_layers=24, n_heads=16,
+                          hidden=4096, seq=4096)
+_MOMA_CPU = _moma_family("cpu", "dense-cpu", "cpu", True, dim=512, n_layers=4, n_heads=8, hidden=swiglu_hidden(512),
+                         seq=1024, batch=2, vocab=CPU_VOCAB, image_span=256)
+_MOMA_TINY = _moma_family("tiny", "dense-tiny", "tiny", True, dim=64, n_layers=2, n_heads=4, hidden=192, seq=128,
+                          batch=2, vocab=256, image_span=32)
+
+register_preset("tiny", ["dense-tiny", "mot2-tiny", "mot3-tiny", "mot2-tiny-ref", *_MOMA_TINY])
+register_preset("cpu", ["dense-cpu", "mot2-cpu", "mot3-cpu", "mot2-cpu-ref", *_MOMA_CPU])
 register_preset("gpu-quick", ["dense-443m", "mot2-443m", "mot3-443m", "mot2-443m-ref"])
-register_preset("gpu", [*PRESETS["gpu-quick"], "dense-1.5b", "mot2-1.5b", "dense-435m-moma"])
+register_preset("gpu", [*PRESETS["gpu-quick"], "dense-1.5b", "mot2-1.5b", "dense-435m-moma", *_MOMA_435M])

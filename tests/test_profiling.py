@@ -89,9 +89,10 @@ def test_tiny_preset_runs_end_to_end(cpu_report):
             assert all(cats.get(c, {}).get("ms", 0) > 0 for c in (ATTENTION, PROJ, FFN, NORMS)), cats
             assert GEMM_UNSPLIT not in cats, cats
         assert r["telemetry"]["energy_j_per_step"] == "n/a"
-        assert r["timing_order"] == "alternating with 3 other configuration(s)"  # one group, timed together
+        # one group, timed together
+        assert r["timing_order"] == f"alternating with {len(PRESETS['tiny']) - 1} other configuration(s)"
     tables = data["tables"]
-    assert {t["name"] for t in tables["relative_to_dense"]} == {"mot2-tiny", "mot3-tiny", "mot2-tiny-ref"}
+    assert {t["name"] for t in tables["relative_to_dense"]} == set(PRESETS["tiny"]) - {"dense-tiny"}
     assert {t["name"] for t in tables["mot_projection"]} == {"mot2-tiny", "mot2-tiny-ref"}
     assert [(t["name"], t["reference"]) for t in tables["kernels_vs_reference"]] == [("mot2-tiny", "mot2-tiny-ref")]
     for name in PLOTS.values():
@@ -190,11 +191,14 @@ def test_flops_match_hand_formula(name):
     d, L, f, S, V = cfg.dim, cfg.n_layers, cfg.hidden, cfg.seq, cfg.vocab
     # weights one token multiplies: Q, K, V, O (d x d each, MHA), W1, W3, W2 (d x f each) per layer; the LM head
     n_matmul = L * (4 * d * d + 3 * d * f) + d * V
+    if cfg.family == "moma":  # + every router scores every token: d x E_total per layer (capacity factor 1)
+        assert cfg.options["capacity_factor"] == 1.0
+        n_matmul += L * d * sum(cfg.options["experts"])
     per_token = 6 * n_matmul + 6 * L * d * (S + 1)  # + exact causal attention, forward + backward
     fl = flop_count(cfg)
     assert fl.train_per_token == per_token
     assert fl.train_per_step(3, S) == 3 * S * per_token
-    if cfg.baseline:  # MoT (and its reference style) does the dense model's FLOPs per token
+    if cfg.baseline and cfg.family != "moma":  # MoT (and its reference style) does the dense model's FLOPs
         assert fl.train_per_token == flop_count(get_config(cfg.baseline)).train_per_token
 
 
@@ -210,9 +214,12 @@ def test_paper_sizes_and_parameter_counts():
     mot2, dense = param_count(get_config("mot2-443m")), param_count(get_config("dense-443m"))
     assert mot2.active == dense.total
     assert mot2.total - dense.total == dense.total - 2 * 65536 * 1024  # one more copy of the non-embedding weights
+    # MoMa 4t4i at 435M: 7 more SwiGLU FFNs (3 x 1024 x 4096) and 8 router rows (1024) per layer, 24 layers
+    moma, base = param_count(get_config("moma-4t4i-435m")), param_count(get_config("dense-435m-moma"))
+    assert moma.total - base.total == 24 * (7 * 3 * 1024 * 4096 + 8 * 1024)
 
 
-@pytest.mark.parametrize("name", ["dense-tiny", "mot2-tiny", "mot3-tiny", "mot2-tiny-ref"])
+@pytest.mark.parametrize("name", PRESETS["tiny"])
 def test_parameter_count_matches_the_built_model(name):
     cfg = get_config(name)
     model = cfg.build("cpu", torch.float32).model
@@ -279,16 +286,18 @@ def test_no_gpu_selects_the_cpu_preset(monkeypatch):
     assert device.type == "cpu"
     # the default: every family at a size where matmuls dominate a CPU step; --quick: the tiny models
     names = PRESETS[default_preset(device.type, False)]
-    assert names == ["dense-cpu", "mot2-cpu", "mot3-cpu", "mot2-cpu-ref"]
+    assert names == ["dense-cpu", "mot2-cpu", "mot3-cpu", "mot2-cpu-ref", "moe-8x-cpu", "moma-1t1i-cpu",
+                     "moma-4t4i-cpu"]
     assert all(get_config(n).dim >= 512 and get_config(n).seq >= 1024 for n in names)
     assert "no GPU found" in preset_reason(device.type, False)
     quick = PRESETS[default_preset(device.type, True)]
-    assert quick == ["dense-tiny", "mot2-tiny", "mot3-tiny", "mot2-tiny-ref"]
+    assert quick == ["dense-tiny", "mot2-tiny", "mot3-tiny", "mot2-tiny-ref", "moe-8x-tiny", "moma-1t1i-tiny",
+                     "moma-4t4i-tiny"]
     assert all(get_config(n).dim <= 64 for n in quick)
     assert default_preset("cuda", False) == "gpu" and default_preset("cuda", True) == "gpu-quick"
     # the cpu preset carries the same kinds of rows as the GPU presets: a dense baseline, MoT 2 and 3 and the
     # reference of MoT 2, one group
-    assert {get_config(n).family for n in names} == {get_config(n).family for n in PRESETS["gpu-quick"]}
+    assert {get_config(n).family for n in names} == {get_config(n).family for n in PRESETS["gpu"]}
     assert {get_config(n).baseline for n in names[1:]} == {"dense-cpu"}
     assert get_config("mot2-cpu-ref").reference_of == "mot2-cpu"
 
