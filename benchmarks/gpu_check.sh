@@ -14,6 +14,7 @@ set -u
 BENCHMARKS=(
   "benchmarks.bench_grouped_gemm --device cuda --dtype bf16"
   "benchmarks.bench_mot_block --device cuda --dtype bf16"
+  "benchmarks.bench_moma_ffn --device cuda --dtype bf16 --configs 435M"
   "profiling --configs gpu-quick --device cuda"
 )
 

@@ -240,3 +240,37 @@ def test_trust_note_flags_spread_and_load():
     assert "spread 30%" in harness.trust_note({**row, "ms_p80": 12.8})
     assert "load average 5.0 > 2 cores" in harness.trust_note({**row, "load_avg": 5.0})
     assert harness.make_row({}, op="x")["cores"] >= 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bench_moma_ffn
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("_restore_threads")
+def test_moma_ffn_script_validates_and_times_every_layer(tmp_path):
+    from benchmarks import bench_moma_ffn
+
+    args = ["--device", "cpu", "--quick", "--modes", "full", "--cpu-budget", "0.2", "--out", str(tmp_path)]
+    assert bench_moma_ffn.main(args) == 0
+    (js,) = tmp_path.glob("moma_ffn-*-fp32-*.json")
+    rows = json.loads(js.read_text())["rows"]
+    want = {"dense", *bench_moma_ffn.LAYERS, *(f"{n}_loop" for n in bench_moma_ffn.LAYERS)}
+    assert {r["provider"] for r in rows} == want
+    for r in rows:
+        assert r["status"] == "ok" and r["ms_p50"] > 0, r
+        if r["provider"] != "dense":  # each layer agrees with its loop (float32) before it is timed
+            assert r["validation_rel_err"] <= 1e-4 and r["loop_over_layer"] > 0
+    assert bench_moma_ffn.main(["--device", "cpu", "--configs", "9B", "--out", str(tmp_path)]) == 2
+
+
+def test_moma_ffn_loop_matches_the_layers_in_float64():
+    from benchmarks.bench_moma_ffn import _ids, loop_forward
+    from sparsemm_kernels.nn import ExpertChoiceMoE, MoMaFeedForward
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 8, dtype=torch.float64)
+    ids = _ids(2, 16, 4, "cpu")
+    for m in (ExpertChoiceMoE(8, 12, 4, dtype=torch.float64), MoMaFeedForward(8, 12, (2, 3), dtype=torch.float64)):
+        got = m(x) if isinstance(m, ExpertChoiceMoE) else m(x, ids)
+        torch.testing.assert_close(got, loop_forward(m, x, ids), rtol=0, atol=1e-12)
