@@ -97,7 +97,7 @@ def loop_forward(m, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return out.view(x.shape)
 
 
-def _validate(m, dtype_run: torch.dtype, x: torch.Tensor, ids: torch.Tensor) -> float:
+def _validate(m, x: torch.Tensor, ids: torch.Tensor) -> float:
     m32 = copy.deepcopy(m).float()
     x32 = x.detach().float()
     call = (lambda t: m32(t)) if isinstance(m32, ExpertChoiceMoE) else (lambda t: m32(t, ids))
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         for p in wanted:
             _, _, module = fns[p]
             if module is not None:
-                err = _validate(module, dtype, x, ids)
+                err = _validate(module, x, ids)
                 checked[p] = err
                 checked[f"{p}_loop"] = err
         for mode in args.modes:

@@ -34,6 +34,39 @@ def expert_capacity(capacity_factor: float, num_tokens: int, num_experts: int) -
     return min(max(math.ceil(capacity_factor * num_tokens / num_experts), 1), num_tokens)
 
 
+def _flat_tokens(x: torch.Tensor, dim: int) -> torch.Tensor:
+    check_float_tensor(x, "x")
+    if x.dim() < 1 or x.shape[-1] != dim:
+        raise ValueError(f"`x` must be (..., {dim}), got shape {tuple(x.shape)}")
+    return x.reshape(-1, dim)
+
+
+def _flat_mask(token_mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    if token_mask is None:
+        return None
+    if not isinstance(token_mask, torch.Tensor) or tuple(token_mask.shape) != tuple(x.shape[:-1]):
+        shape = tuple(token_mask.shape) if isinstance(token_mask, torch.Tensor) else type(token_mask)
+        raise ValueError(f"`token_mask` must have shape {tuple(x.shape[:-1])} (x without its last dim), got {shape}")
+    return token_mask.reshape(-1)
+
+
+def _no_tokens(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    # Nothing to route; the graph stays connected to every parameter (their gradients are exact zeros).
+    return x.new_zeros(x.shape) + 0 * sum(p.sum() for p in module.parameters())
+
+
+def _experts_swiglu(module: nn.Module, x2d, slots, inverse, gates, offsets) -> torch.Tensor:
+    """The tokens copied into their expert slots (``slots``: the token of each buffer row, -1 empty), one grouped
+    SwiGLU over all experts (expert ``e`` = rows ``offsets[e]:offsets[e+1]``), each row scaled by its gate and
+    added back to its token through ``inverse`` (a fixed order, no atomics)."""
+    backend = prefer(module.backend)
+    xe = pick_rows_op(x2d, slots, inverse)  # empty slots are zero rows
+    h = silu_mul(grouped_mm(xe, module.w1, offsets, backend=backend),
+                 grouped_mm(xe, module.w3, offsets, backend=backend), backend=backend)
+    ye = grouped_mm(h, module.w2, offsets, backend=backend)  # the autocast dtype under autocast
+    return sum_rows_op(ye * gates.reshape(-1, 1).to(ye.dtype), inverse, slots)
+
+
 class ExpertChoiceMoE(nn.Module):
     """A SwiGLU mixture of experts with expert-choice routing (Zhou et al. 2022; MoMa's routing).
 
@@ -102,32 +135,16 @@ class ExpertChoiceMoE(nn.Module):
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: ``[..., dim]``; token_mask: optional bool ``x.shape[:-1]`` (False: never routed, output 0).
         Returns ``[..., dim]``."""
-        check_float_tensor(x, "x")
-        if x.dim() < 1 or x.shape[-1] != self.dim:
-            raise ValueError(f"`x` must be (..., {self.dim}), got shape {tuple(x.shape)}")
-        x2 = x.reshape(-1, self.dim)
+        x2 = _flat_tokens(x, self.dim)
         N, E = x2.shape[0], self.num_experts
-        if token_mask is not None:
-            if not isinstance(token_mask, torch.Tensor) or tuple(token_mask.shape) != tuple(x.shape[:-1]):
-                shape = tuple(token_mask.shape) if isinstance(token_mask, torch.Tensor) else type(token_mask)
-                raise ValueError(f"`token_mask` must have shape {tuple(x.shape[:-1])} (x without its last dim), "
-                                 f"got {shape}")
-            token_mask = token_mask.reshape(-1)
+        token_mask = _flat_mask(token_mask, x)
         C = expert_capacity(self.capacity_factor, N, E)
-        if C == 0:  # no tokens: nothing to route (keep the graph connected to every parameter)
-            return x2.new_zeros(x.shape) + 0 * sum(p.sum() for p in self.parameters())
-        s = self.scores(x2)
-        token_idx, gates = expert_choice_route(s, C, token_mask)
+        if C == 0:
+            return _no_tokens(self, x)
+        token_idx, gates = expert_choice_route(self.scores(x2), C, token_mask)
         slots = token_idx.reshape(-1)
-        inverse = slot_inverse(token_idx, N)
-        backend = prefer(self.backend)
-        xe = pick_rows_op(x2, slots, inverse)  # [E*C, dim]: empty slots are zero rows
         offsets = torch.arange(0, (E + 1) * C, C, device=x2.device)
-        h = silu_mul(grouped_mm(xe, self.w1, offsets, backend=backend),
-                     grouped_mm(xe, self.w3, offsets, backend=backend), backend=backend)
-        ye = grouped_mm(h, self.w2, offsets, backend=backend)  # the autocast dtype under autocast
-        ye = ye * gates.reshape(-1, 1).to(ye.dtype)
-        return sum_rows_op(ye, inverse, slots).view(x.shape)
+        return _experts_swiglu(self, x2, slots, slot_inverse(token_idx, N), gates, offsets).view(x.shape)
 
     def extra_repr(self) -> str:
         return (f"{self.dim}, hidden_dim={self.hidden_dim}, num_experts={self.num_experts}, "
@@ -284,15 +301,11 @@ class MoMaFeedForward(nn.Module):
     def _aux_logits(self, x2d: torch.Tensor) -> torch.Tensor:
         return torch.cat([a.logits(x2d) for a in self.aux_routers], dim=1)
 
-    def _aux_loss(self, x2d: torch.Tensor, idx: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
-        """Mean binary cross-entropy of the aux routers on detached inputs against the expert-choice membership,
-        over each token's own group (the other groups' experts never see it)."""
-        N, E = eligible.shape
-        member = torch.zeros(N + 1, E, dtype=torch.float32, device=x2d.device)
-        cols = torch.arange(E, device=x2d.device)[:, None].expand_as(idx)
-        member[torch.where(idx >= 0, idx, N).reshape(-1), cols.reshape(-1)] = 1.0  # row N: the empty slots
+    def _aux_loss(self, x2d: torch.Tensor, member: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
+        """Mean binary cross-entropy of the aux routers on detached inputs against the expert-choice membership
+        ``member [N, E]`` (bool), over each token's own group (the other groups' experts never see it)."""
         logits = self._aux_logits(x2d.detach()).float()
-        bce = F.binary_cross_entropy_with_logits(logits, member[:N], reduction="none")
+        bce = F.binary_cross_entropy_with_logits(logits, member.float(), reduction="none")
         weight = eligible.to(bce.dtype)
         return (bce * weight).sum() / weight.sum().clamp(min=1.0)
 
@@ -310,13 +323,10 @@ class MoMaFeedForward(nn.Module):
         from sparsemm_kernels.nn.mot import _resolve_plan
         from sparsemm_kernels.plan import checked_ids
 
-        check_float_tensor(x, "x")
-        if x.dim() < 1 or x.shape[-1] != self.dim:
-            raise ValueError(f"`x` must be (..., {self.dim}), got shape {tuple(x.shape)}")
+        x2 = _flat_tokens(x, self.dim)
         if not isinstance(modality_ids, torch.Tensor) or tuple(modality_ids.shape) != tuple(x.shape[:-1]):
             shape = tuple(modality_ids.shape) if isinstance(modality_ids, torch.Tensor) else type(modality_ids)
             raise ValueError(f"`modality_ids` must have shape {tuple(x.shape[:-1])}, got {shape}")
-        x2 = x.reshape(-1, self.dim)
         N, M, E = x2.shape[0], self.num_modalities, self.num_experts
         # The ids are range-checked once (ValueError / device assertion); b_m from the plan's counts.
         if M == 1:
@@ -326,13 +336,9 @@ class MoMaFeedForward(nn.Module):
             plan, ids = _resolve_plan(modality_ids, M, plan, self.backend)
             counts = plan.counts
         ids = ids.reshape(-1)
-        if token_mask is not None:
-            if not isinstance(token_mask, torch.Tensor) or tuple(token_mask.shape) != tuple(x.shape[:-1]):
-                shape = tuple(token_mask.shape) if isinstance(token_mask, torch.Tensor) else type(token_mask)
-                raise ValueError(f"`token_mask` must have shape {tuple(x.shape[:-1])}, got {shape}")
-            token_mask = token_mask.reshape(-1)
+        token_mask = _flat_mask(token_mask, x)
         if N == 0:
-            return x2.new_zeros(x.shape) + 0 * sum(p.sum() for p in self.parameters())
+            return _no_tokens(self, x)
         grp = self.expert_group
         # C_m on the device from b_m; the static bound of each expert's slots from N.
         b = counts.to(torch.int64)
@@ -353,9 +359,6 @@ class MoMaFeedForward(nn.Module):
             # Pack each expert's rows after the previous expert's: offsets on the device, the buffer sized by the
             # bound sum_e C_e <= c * N + E; the rows past the last expert's are zero and go to the last expert.
             rows = min(math.ceil(self.capacity_factor * N) + E, E * bound)
-        self.aux_loss = None
-        if self.aux_routers is not None and self.training and not causal:
-            self.aux_loss = self._aux_loss(x2, idx, eligible)
         filled = (idx >= 0).sum(1)
         starts = torch.cumsum(filled, 0) - filled
         offsets = torch.cat([starts, starts.new_full((1,), rows)])
@@ -365,17 +368,11 @@ class MoMaFeedForward(nn.Module):
         slots = slots[:rows]
         slot_gates = torch.zeros(rows + 1, dtype=gates.dtype, device=x2.device).index_put(
             (position.reshape(-1),), gates.reshape(-1))[:rows]  # differentiable: each position written once
-        inverse = torch.full((N + 1, E), -1, dtype=torch.int64, device=x2.device)
-        cols = torch.arange(E, device=x2.device)[:, None].expand_as(idx)
-        inverse.index_put_((torch.where(idx >= 0, idx, N).reshape(-1), cols.reshape(-1)), position.reshape(-1))
-        inverse = inverse[:N]
-        backend = prefer(self.backend)
-        xe = pick_rows_op(x2, slots, inverse)
-        h = silu_mul(grouped_mm(xe, self.w1, offsets, backend=backend),
-                     grouped_mm(xe, self.w3, offsets, backend=backend), backend=backend)
-        ye = grouped_mm(h, self.w2, offsets, backend=backend)
-        ye = ye * slot_gates.reshape(-1, 1).to(ye.dtype)
-        return sum_rows_op(ye, inverse, slots).view(x.shape)
+        inverse = slot_inverse(idx, N, position)
+        self.aux_loss = None
+        if self.aux_routers is not None and self.training and not causal:
+            self.aux_loss = self._aux_loss(x2, inverse >= 0, eligible)
+        return _experts_swiglu(self, x2, slots, inverse, slot_gates, offsets).view(x.shape)
 
     def extra_repr(self) -> str:
         return (f"{self.dim}, hidden_dim={self.hidden_dim}, experts_per_modality={self.experts_per_modality}, "

@@ -65,15 +65,16 @@ pick_rows_op = Op("sparsemm::pick_rows", _pick_rows, _pick_rows_fake, _setup, _p
 sum_rows_op = Op("sparsemm::sum_rows", _sum_rows, _sum_rows_fake, _setup, _sum_backward)
 
 
-def slot_inverse(index: torch.Tensor, num_rows: int) -> torch.Tensor:
-    """``[num_rows, E]`` int64: for the expert-major ``index [E, C]`` (token per slot, -1 empty), the slot
-    ``e * C + j`` that holds token ``t`` in expert ``e``'s row, or -1. Expert choice puts a token at most once
-    in an expert's row, so every write of the scatter below has its own place (the empty slots all land in a
-    discarded extra row)."""
+def slot_inverse(index: torch.Tensor, num_rows: int, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """``[num_rows, E]`` int64: for the expert-major ``index [E, C]`` (token per slot, -1 empty), the buffer row
+    that holds token ``t`` for expert ``e`` (``positions[e, j]``, by default ``e * C + j``), or -1. Expert choice
+    puts a token at most once in an expert's row, so every write of the scatter below has its own place (the
+    empty slots all land in a discarded extra row)."""
     E, C = index.shape
-    inverse = torch.full((num_rows + 1, E), -1, dtype=torch.int64, device=index.device)
-    rows = _bounded(index, num_rows)
-    cols = torch.arange(E, device=index.device).view(E, 1).expand(E, C)
-    slots = torch.arange(E * C, device=index.device).view(E, C)
-    inverse.index_put_((rows.reshape(-1), cols.reshape(-1)), slots.reshape(-1))
+    device = index.device
+    if positions is None:
+        positions = torch.arange(E * C, device=device).view(E, C)
+    inverse = torch.full((num_rows + 1, E), -1, dtype=torch.int64, device=device)
+    cols = torch.arange(E, device=device).view(E, 1).expand(E, C)
+    inverse.index_put_((_bounded(index, num_rows).reshape(-1), cols.reshape(-1)), positions.reshape(-1))
     return inverse[:num_rows]
