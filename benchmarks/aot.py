@@ -70,6 +70,7 @@ KERNEL_MODULES = (
     "sparsemm_kernels.kernels.triton.norms",
     "sparsemm_kernels.kernels.triton.swiglu",
     "sparsemm_kernels.kernels.triton.group_plan",
+    "sparsemm_kernels.kernels.triton.routing",
 )
 
 # Constexprs that are tile configuration (shown in the "config" column); every other constexpr is a mode.
@@ -492,6 +493,29 @@ def _plan_scenarios(rec: Recorder, quick: bool) -> None:
         rec.call(f"n{n} G{G} ids {dt}", bench, group_plan_triton, torch.zeros(n, dtype=getattr(torch, dt)), G)
 
 
+def _routing_scenarios(rec: Recorder, quick: bool, dtypes: list[str]) -> None:
+    import torch
+
+    from sparsemm_kernels.kernels.triton.routing import expert_choice_indices_triton
+
+    # (N tokens, E experts, capacity, mask: None / per token / per token and expert with device limits):
+    # MoE-8x and MoMa 4t4i at 435M (seq 4096 x batch 6, capacity factor 1), and small odd shapes.
+    cases = [(24576, 8, 3072, "none"), (24576, 8, 3072, "expert")]
+    if not quick:
+        cases += [(4096, 4, 1024, "token"), (77, 3, 5, "none"), (1, 1, 1, "token")]
+    for prec in dtypes:
+        if prec == "tf32":
+            continue  # no matmul: the same kernel as fp32
+        dtype = _dtype(PRECISIONS[prec][0])
+        for n, E, C, mask in cases:
+            scores = _empty(n, E, dtype=dtype)
+            token_mask = {"none": None, "token": torch.zeros(n, dtype=torch.bool),
+                          "expert": torch.zeros(n, E, dtype=torch.bool)}[mask]
+            limit = torch.zeros(E, dtype=torch.int64) if mask == "expert" else None
+            rec.call(f"N{n} E{E} C{C} mask {mask}", not quick and mask == "none" and n > 1000,
+                     expert_choice_indices_triton, scores, token_mask, C, limit)
+
+
 @contextlib.contextmanager
 def _fixed_gemm_configs(modules: dict) -> Iterator[None]:
     """Within: the GEMM autotuners hold the ``SPARSEMM_AUTOTUNE=0`` config lists (what the GPU tests run)."""
@@ -530,6 +554,7 @@ def record(archs: list[Arch], quick: bool, include_pruned: bool) -> list[Launch]
             _norm_scenarios(rec, quick, dtypes)
             _swiglu_scenarios(rec, quick, dtypes)
             _plan_scenarios(rec, quick)
+            _routing_scenarios(rec, quick, dtypes)
             if not quick:
                 with _fixed_gemm_configs(modules):
                     rec.fixed = True

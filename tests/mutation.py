@@ -133,6 +133,18 @@ MUTATIONS = [
         "expert-choice routing: each expert's tokens in score order instead of ascending token order",
     ),
     Mutation(
+        "ec-triton-ties-take-one-more", "sparsemm_kernels/kernels/triton/routing.py",
+        "(equal_rank < take_equal)", "(equal_rank <= take_equal)",
+        ["tests/ops/test_expert_choice_route.py"],
+        "Triton expert choice: one tie too many at the threshold (an expert takes capacity + 1 tokens)",
+    ),
+    Mutation(
+        "ec-triton-negative-keys-reversed", "sparsemm_kernels/kernels/triton/routing.py",
+        "key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)", "key = bits",
+        ["tests/ops/test_expert_choice_route.py"],
+        "Triton expert choice: negative scores ranked by raw bits (-2 above -1)",
+    ),
+    Mutation(
         "slots-combine-drops-last-expert", "sparsemm_kernels/ops/slots.py",
         "for k in range(inverse.shape[1]):", "for k in range(inverse.shape[1] - 1):",
         ["tests/nn/test_moe.py"],

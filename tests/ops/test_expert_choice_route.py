@@ -115,7 +115,9 @@ def test_bad_input_names_the_argument():
     with pytest.raises(ValueError, match="`backend`"):
         smk.expert_choice_route(s, 2, backend="nope")
     with pytest.raises(smk.BackendUnavailableError):
-        smk.expert_choice_route(s, 2, backend="triton")
+        smk.expert_choice_route(s, 2, backend="cuda")  # no CUDA kernel: Triton's wins on every GPU
+    with pytest.raises(smk.BackendUnavailableError, match="float64"):
+        smk.expert_choice_route(s.double(), 2, backend="triton")
 
 
 def test_unchecked_nan_is_never_chosen_and_stays_in_bounds():
@@ -123,6 +125,77 @@ def test_unchecked_nan_is_never_chosen_and_stays_in_bounds():
     s[3, 0] = float("nan")
     idx, gates = smk.expert_choice_route(s, 8, validate=False)
     assert 3 not in idx[0].tolist() and bool(((idx >= -1) & (idx < 8)).all())
+    assert not bool(gates.isnan().any())
+
+
+# ---- the Triton segmented top-k (CPU tensors under TRITON_INTERPRET=1, as in `make test`) ----
+
+TRITON_CASES = [  # (N, E, capacity, kind, mask): the interpreter is slow, so few and small, every branch once
+    (1, 1, 1, "rand", None),
+    (8, 4, 1, "ties", None),       # capacity 1, ties: the lowest token
+    (5, 2, 12, "ties", "token"),   # capacity > N: -1 slots; masked tokens
+    (33, 5, 28, "signed", None),   # negative scores chosen too; -0.0 == +0.0 (a tie, not an order)
+    (0, 3, 2, "rand", None),       # no tokens
+    (70, 3, 9, "ties", "expert"),  # per-expert eligibility and device capacities, several blocks of the pass
+]
+
+
+def _triton_case_scores(N, E, kind, dtype):
+    g = torch.Generator().manual_seed(N * 31 + E)
+    if kind == "ties":
+        s = torch.randint(0, 3, (N, E), generator=g) / 2.0
+    elif kind == "signed":
+        s = torch.randn(N, E, generator=g) * 10
+        s[::7] = 0.0
+        s[1::7] = -0.0
+    else:
+        s = torch.rand(N, E, generator=g)
+    return s.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: f"N{c[0]}-E{c[1]}-C{c[2]}-{c[3]}-{c[4]}")
+def test_triton_kernel_matches_the_loop(case, dtype):
+    from sparsemm_kernels.backend import unsupported_reasons
+    from sparsemm_kernels.ops.routing import _route
+
+    if unsupported_reasons("expert_choice_route", "triton", torch.device("cpu"), dtype):
+        pytest.skip("triton does not run here (needs TRITON_INTERPRET=1 and a supported triton)")
+    N, E, C, kind, mask_kind = case
+    scores = _triton_case_scores(N, E, kind, dtype)
+    g = torch.Generator().manual_seed(7)
+    mask = limit = None
+    if mask_kind == "token":
+        mask = torch.arange(N) % 3 != 1
+    elif mask_kind == "expert":
+        mask = torch.rand(N, E, generator=g) > 0.4
+        limit = torch.tensor([0, 4, C])[:E]
+    idx, gates = _route(scores, C, mask, limit, "triton", None)  # into poisoned memory (conftest): every slot written
+    for e in range(E):
+        cap = C if limit is None else int(limit[e])
+        m = None if mask is None else (mask if mask.dim() == 1 else mask[:, e])
+        want_idx, want_gates = loop_route(scores[:, e:e + 1], cap, m)
+        want_idx = torch.cat([want_idx[0], want_idx.new_full((C - cap,), -1)])
+        want_gates = torch.cat([want_gates[0], want_gates.new_zeros(C - cap)])
+        assert torch.equal(idx[e], want_idx), (e, idx[e], want_idx)
+        assert torch.equal(gates[e].double(), want_gates)
+    assert torch.equal(idx, _route(scores, C, mask, limit, "torch", None)[0])
+
+
+def test_triton_kernel_reads_strided_scores_and_never_picks_nan():
+    from sparsemm_kernels.backend import unsupported_reasons
+    from sparsemm_kernels.ops.routing import _route
+
+    if unsupported_reasons("expert_choice_route", "triton", torch.device("cpu"), torch.float32):
+        pytest.skip("triton does not run here (needs TRITON_INTERPRET=1 and a supported triton)")
+    wide = torch.rand(9, 12, generator=torch.Generator().manual_seed(2))
+    scores = wide[:, ::3]  # [9, 4], column stride 3
+    idx, _ = _route(scores, 3, None, None, "triton", None)
+    assert torch.equal(idx, loop_route(scores, 3)[0])
+    bad = scores.clone()
+    bad[2, 1], bad[5, 1] = float("nan"), float("-inf")
+    idx, gates = _route(bad, 9, None, None, "triton", False)
+    assert 2 not in idx[1].tolist() and 5 not in idx[1].tolist() and idx[1].tolist()[-2:] == [-1, -1]
     assert not bool(gates.isnan().any())
 
 
