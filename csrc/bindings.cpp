@@ -54,6 +54,15 @@ PYBIND11_MODULE(_C, m) {
         arg("num_groups"), arg("n_dim"), arg("k_dim"), arg("num_rows"), arg("num_positions"), arg("dtype"),
         py::call_guard<py::gil_scoped_release>());
 
+m.def("expert_choice_cpu", &sparsemm::expert_choice_cpu,
+        "Expert-choice routing: out[e, :] = expert e's min(capacity, n, limit[e]) top-scoring tokens (ties to "
+        "the lower token) in ascending order, then -1. float32/float64 scores with strides (stride_n, "
+        "stride_e); NaN, -inf and masked tokens never chosen (mask_mode 0 none, 1 per token, 2 per token and "
+        "expert, uint8); limit null or int64[E]; out contiguous int64 [E, capacity].",
+        arg("scores_ptr"), arg("dtype"), arg("n"), arg("num_experts"), arg("stride_n"), arg("stride_e"),
+        arg("mask_ptr"), arg("mask_mode"), arg("mask_stride_n"), arg("mask_stride_e"), arg("limit_ptr"),
+        arg("capacity"), arg("out_ptr"), py::call_guard<py::gil_scoped_release>());
+
 #if defined(SPARSEMM_WITH_CUDA)
   m.def("group_plan_cuda_workspace_bytes", &sparsemm::group_plan_cuda_workspace_bytes,
         "Bytes of device scratch group_plan_cuda needs for (n, num_groups, ids_dtype). Launches nothing; "

@@ -42,14 +42,14 @@ _PRIORITY: dict[str, dict[str, tuple[str, ...]]] = {
     "grouped_mm": {"cuda": ("triton", "torch"), "cpu": ("torch", "cpu")},
     "modality_norm": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
     "swiglu": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
-    "expert_choice_route": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
+    "expert_choice_route": {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")},
 }
 _ALL_IMPLEMENTED: dict[str, tuple[str, ...]] = {
     "group_plan": ("cuda", "triton", "cpu", "torch"),
     "grouped_mm": ("triton", "cpu", "torch"),
     "modality_norm": ("triton", "torch"),
     "swiglu": ("triton", "torch"),
-    "expert_choice_route": ("triton", "torch"),
+    "expert_choice_route": ("triton", "cpu", "torch"),
 }
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _CPU_GEMM_DTYPES = (torch.float32, torch.float64)

@@ -145,6 +145,12 @@ MUTATIONS = [
         "Triton expert choice: negative scores ranked by raw bits (-2 above -1)",
     ),
     Mutation(
+        "ec-cpp-ties-to-higher-token", "csrc/cpu/expert_choice.cpp",
+        "(a.first == b.first && a.second < b.second)", "(a.first == b.first && a.second > b.second)",
+        ["tests/ops/test_expert_choice_route.py"],
+        "C++ expert choice: ties at the threshold go to the higher token",
+    ),
+    Mutation(
         "slots-combine-drops-last-expert", "sparsemm_kernels/ops/slots.py",
         "for k in range(inverse.shape[1]):", "for k in range(inverse.shape[1] - 1):",
         ["tests/nn/test_moe.py"],

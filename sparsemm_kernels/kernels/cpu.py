@@ -210,6 +210,54 @@ def grouped_gemm_dw_cpu(
     return dw, dbias
 
 
+def expert_choice_cpu(
+    scores: torch.Tensor, token_mask: torch.Tensor | None, capacity: int, limit: torch.Tensor | None
+) -> torch.Tensor:
+    """Expert-choice routing (C++ segmented top-k, one thread per expert at a time).
+
+    Args:
+        scores: ``[N, E]`` float CPU tensor, any strides (float16/bfloat16 are read as float32, exactly).
+        token_mask: None, ``[N]`` or ``[N, E]`` bool; False is never chosen.
+        capacity: slots per expert, ``>= 1``.
+        limit: None or ``[E]`` int64 per-expert caps (``<= capacity``; negative counts as 0).
+
+    Returns:
+        ``[E, capacity]`` int64: per expert its ``min(capacity, N, limit[e])`` highest-scoring eligible tokens
+        (ties to the lower token) in ascending order, then ``-1``. NaN and ``-inf`` scores are never chosen.
+    """
+    c = _ext.require()
+    check_tensor(scores, "scores")
+    _check_cpu(scores, "scores")
+    check_dim(scores, 2, "scores", "[N, E]")
+    check_positive_int(capacity, "capacity")
+    N, E = scores.shape
+    if scores.dtype not in _GEMM_DTYPES:
+        scores = scores.float()  # float16/bfloat16 -> float32 is exact: the same ranking
+    mask_mode, mask_ptr, msn, mse = 0, 0, 0, 0
+    if token_mask is not None:
+        check_tensor(token_mask, "token_mask")
+        _check_cpu(token_mask, "token_mask")
+        if token_mask.dtype != torch.bool or tuple(token_mask.shape) not in ((N,), (N, E)):
+            raise ValueError(f"`token_mask` must be bool [N] or [N, E] = [{N}, {E}], got {token_mask.dtype} "
+                             f"{tuple(token_mask.shape)}")
+        token_mask = token_mask.view(torch.uint8)
+        mask_mode = token_mask.dim()
+        mask_ptr, msn = token_mask.data_ptr(), token_mask.stride(0)
+        mse = token_mask.stride(1) if mask_mode == 2 else 0
+    limit_ptr = 0
+    if limit is not None:
+        check_int_tensor(limit, "limit")
+        _check_cpu(limit, "limit")
+        if tuple(limit.shape) != (E,):
+            raise ValueError(f"`limit` must have shape ({E},), got {tuple(limit.shape)}")
+        limit = limit.to(torch.int64).contiguous()
+        limit_ptr = limit.data_ptr()
+    out = torch.empty(E, capacity, dtype=torch.int64)
+    c.expert_choice_cpu(scores.data_ptr(), _ext.dtype_code(scores.dtype), N, E, scores.stride(0), scores.stride(1),
+                        mask_ptr, mask_mode, msn, mse, limit_ptr, capacity, out.data_ptr())
+    return out
+
+
 def _check_cpu(t: torch.Tensor, name: str) -> None:
     if t.device.type != "cpu":
         raise ValueError(f"`{name}` must be a CPU tensor for the C++ kernels, got device {t.device}")

@@ -79,10 +79,15 @@ def _expert_choice_indices(
     if mode not in MODES:
         raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
     _check_scores_values(scores, mode)
-    if select_backend("expert_choice_route", scores.device, scores.dtype, backend) == "triton":
+    name = select_backend("expert_choice_route", scores.device, scores.dtype, backend)
+    if name == "triton":
         from sparsemm_kernels.kernels.triton.routing import expert_choice_indices_triton
 
         return expert_choice_indices_triton(scores, token_mask, capacity, limit)
+    if name == "cpu":
+        from sparsemm_kernels.kernels.cpu import expert_choice_cpu
+
+        return expert_choice_cpu(scores, token_mask, capacity, limit)
     return _indices_torch(scores, token_mask, capacity, limit)
 
 
@@ -108,8 +113,9 @@ def expert_choice_route(
         scores: ``[N, E]`` float router scores (token x expert), e.g. ``sigmoid(x W_r^T)``; must be finite.
         capacity: ``C >= 1`` tokens per expert (may exceed ``N``: the extra slots stay empty).
         token_mask: optional ``[N]`` bool; tokens with ``False`` (padding) are never chosen.
-        backend: see :mod:`sparsemm_kernels.backend`: ``triton`` (the segmented top-k kernel, CUDA default for
-            float16/bfloat16/float32) or ``torch`` (two stable sorts; the CPU default and float64).
+        backend: see :mod:`sparsemm_kernels.backend`: ``triton`` (the segmented top-k kernel, the CUDA
+            default for float16/bfloat16/float32), ``cpu`` (the C++ segmented top-k, the CPU default) or
+            ``torch`` (two stable sorts).
         validate: checks that ``scores`` is finite: eager on CPU, an asynchronous device assertion on CUDA;
             ``True`` eager everywhere, ``False`` off (a NaN score is then never chosen).
 

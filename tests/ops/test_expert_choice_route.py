@@ -47,13 +47,14 @@ CASES = [  # (N, E, capacity, kind, masked)
 ]
 
 
+@pytest.mark.parametrize("backend", [None, "torch"], ids=["auto", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"N{c[0]}-E{c[1]}-C{c[2]}-{c[3]}{'-mask' if c[4] else ''}")
-def test_matches_the_per_expert_loop(case, dtype):
+def test_matches_the_per_expert_loop(case, dtype, backend):
     N, E, C, kind, masked = case
     scores = _scores(N, E, kind, seed=N * 7 + C, dtype=dtype)
     mask = (torch.arange(N) % 3 != 1) if masked else None
-    idx, gates = smk.expert_choice_route(scores, C, mask)
+    idx, gates = smk.expert_choice_route(scores, C, mask, backend=backend)  # auto: the C++ kernel when built
     want_idx, want_gates = loop_route(scores.detach(), C, mask)
     assert idx.dtype == torch.int64 and gates.dtype == dtype
     assert torch.equal(idx, want_idx), (idx, want_idx)
@@ -128,7 +129,7 @@ def test_unchecked_nan_is_never_chosen_and_stays_in_bounds():
     assert not bool(gates.isnan().any())
 
 
-# ---- the Triton segmented top-k (CPU tensors under TRITON_INTERPRET=1, as in `make test`) ----
+# ---- the segmented top-k kernels: Triton (CPU tensors under TRITON_INTERPRET=1, as in `make test`), C++ ----
 
 TRITON_CASES = [  # (N, E, capacity, kind, mask): the interpreter is slow, so few and small, every branch once
     (1, 1, 1, "rand", None),
@@ -153,14 +154,21 @@ def _triton_case_scores(N, E, kind, dtype):
     return s.to(dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: f"N{c[0]}-E{c[1]}-C{c[2]}-{c[3]}-{c[4]}")
-def test_triton_kernel_matches_the_loop(case, dtype):
+def _kernel_backend_or_skip(backend, dtype):
     from sparsemm_kernels.backend import unsupported_reasons
+
+    reasons = unsupported_reasons("expert_choice_route", backend, torch.device("cpu"), dtype)
+    if reasons:
+        pytest.skip("; ".join(reasons))
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: f"N{c[0]}-E{c[1]}-C{c[2]}-{c[3]}-{c[4]}")
+def test_kernel_matches_the_loop(case, dtype, backend):
     from sparsemm_kernels.ops.routing import _route
 
-    if unsupported_reasons("expert_choice_route", "triton", torch.device("cpu"), dtype):
-        pytest.skip("triton does not run here (needs TRITON_INTERPRET=1 and a supported triton)")
+    _kernel_backend_or_skip(backend, dtype)
     N, E, C, kind, mask_kind = case
     scores = _triton_case_scores(N, E, kind, dtype)
     g = torch.Generator().manual_seed(7)
@@ -170,7 +178,7 @@ def test_triton_kernel_matches_the_loop(case, dtype):
     elif mask_kind == "expert":
         mask = torch.rand(N, E, generator=g) > 0.4
         limit = torch.tensor([0, 4, C])[:E]
-    idx, gates = _route(scores, C, mask, limit, "triton", None)  # into poisoned memory (conftest): every slot written
+    idx, gates = _route(scores, C, mask, limit, backend, None)  # into poisoned memory (conftest): every slot written
     for e in range(E):
         cap = C if limit is None else int(limit[e])
         m = None if mask is None else (mask if mask.dim() == 1 else mask[:, e])
@@ -182,19 +190,18 @@ def test_triton_kernel_matches_the_loop(case, dtype):
     assert torch.equal(idx, _route(scores, C, mask, limit, "torch", None)[0])
 
 
-def test_triton_kernel_reads_strided_scores_and_never_picks_nan():
-    from sparsemm_kernels.backend import unsupported_reasons
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_kernel_reads_strided_scores_and_never_picks_nan(backend):
     from sparsemm_kernels.ops.routing import _route
 
-    if unsupported_reasons("expert_choice_route", "triton", torch.device("cpu"), torch.float32):
-        pytest.skip("triton does not run here (needs TRITON_INTERPRET=1 and a supported triton)")
+    _kernel_backend_or_skip(backend, torch.float32)
     wide = torch.rand(9, 12, generator=torch.Generator().manual_seed(2))
     scores = wide[:, ::3]  # [9, 4], column stride 3
-    idx, _ = _route(scores, 3, None, None, "triton", None)
+    idx, _ = _route(scores, 3, None, None, backend, None)
     assert torch.equal(idx, loop_route(scores, 3)[0])
     bad = scores.clone()
     bad[2, 1], bad[5, 1] = float("nan"), float("-inf")
-    idx, gates = _route(bad, 9, None, None, "triton", False)
+    idx, gates = _route(bad, 9, None, None, backend, False)
     assert 2 not in idx[1].tolist() and 5 not in idx[1].tolist() and idx[1].tolist()[-2:] == [-1, -1]
     assert not bool(gates.isnan().any())
 
@@ -292,3 +299,28 @@ def test_per_expert_masks_and_device_capacities():
         got = idx[e][idx[e] >= 0]
         assert torch.equal(got, want_idx[0][want_idx[0] >= 0]), (e, got, want_idx)
         assert bool((idx[e][len(got):] == -1).all()) and bool((gates[e][len(got):] == 0).all())
+
+
+def test_cpu_kernel_launcher_names_bad_arguments():
+    from sparsemm_kernels.backend import unsupported_reasons
+    from sparsemm_kernels.kernels.cpu import expert_choice_cpu
+
+    if unsupported_reasons("expert_choice_route", "cpu", torch.device("cpu"), torch.float32):
+        pytest.skip("the C++ extension is not built")
+    s = torch.rand(6, 3)
+    with pytest.raises(ValueError, match="`scores`"):
+        expert_choice_cpu(torch.rand(6), None, 2, None)
+    with pytest.raises(ValueError, match="`capacity`"):
+        expert_choice_cpu(s, None, 0, None)
+    with pytest.raises(ValueError, match="`token_mask`"):
+        expert_choice_cpu(s, torch.ones(6, 2, dtype=torch.bool), 2, None)
+    with pytest.raises(ValueError, match="`token_mask`"):
+        expert_choice_cpu(s, torch.ones(6), 2, None)
+    with pytest.raises(ValueError, match="`limit`"):
+        expert_choice_cpu(s, None, 2, torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(TypeError, match="`limit`"):
+        expert_choice_cpu(s, None, 2, torch.zeros(3))
+    # a limit above the capacity is capped at the capacity: the row never overflows
+    assert torch.equal(expert_choice_cpu(s, None, 2, torch.tensor([9, 1, -4])),
+                       torch.stack([loop_route(s, 2)[0][0], torch.tensor([loop_route(s, 1)[0][1, 0], -1]),
+                                    torch.tensor([-1, -1])]))

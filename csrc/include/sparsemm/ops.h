@@ -35,6 +35,15 @@ void grouped_gemm_dw_cpu(std::uintptr_t dy, int64_t dy_stride_row, std::uintptr_
                          std::uintptr_t rows, bool gather_dy, bool gather_x, int64_t num_groups, int64_t n_dim,
                          int64_t k_dim, int64_t num_rows, int64_t num_positions, int dtype);
 
+// Expert-choice routing (a segmented top-k): for each expert e, out[e, :] = the min(capacity, n, limit[e])
+// tokens t with the highest scores[t * stride_n + e * stride_e] (ties to the lower t), in ascending order, then
+// -1 up to `capacity`. float32/float64 scores; NaN and -inf are never chosen, nor tokens whose mask byte is 0
+// (mask_mode 0: no mask, 1: mask[t * mask_stride_n], 2: mask[t * mask_stride_n + e * mask_stride_e]). `limit`
+// is null or int64[num_experts]; out is contiguous int64 [num_experts, capacity].
+void expert_choice_cpu(std::uintptr_t scores, int dtype, int64_t n, int64_t num_experts, int64_t stride_n,
+                       int64_t stride_e, std::uintptr_t mask, int mask_mode, int64_t mask_stride_n,
+                       int64_t mask_stride_e, std::uintptr_t limit, int64_t capacity, std::uintptr_t out);
+
 #if defined(SPARSEMM_WITH_CUDA)
 // Bytes of device scratch that group_plan_cuda needs for these sizes (a host-side query; launches nothing).
 int64_t group_plan_cuda_workspace_bytes(int64_t n, int64_t num_groups, int ids_dtype);

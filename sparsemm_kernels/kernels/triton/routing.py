@@ -90,7 +90,8 @@ def _expert_choice_kernel(
         equal_seen += tl.sum(equal, 0)
     for start in range(0, C, BLOCK):
         slots = start + lanes
-        tl.store(out_ptr + e * stride_oe + slots, tl.full((BLOCK,), -1, tl.int64), mask=(slots >= written) & (slots < C))
+        empty = (slots >= written) & (slots < C)
+        tl.store(out_ptr + e * stride_oe + slots, tl.full((BLOCK,), -1, tl.int64), mask=empty)
 
 
 @on_first_tensor_device
