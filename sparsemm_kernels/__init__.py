@@ -19,6 +19,7 @@ Backends (``backend=`` or ``SPARSEMM_BACKEND``): see :mod:`sparsemm_kernels.back
 from sparsemm_kernels import nn
 from sparsemm_kernels.backend import BACKENDS, BackendUnavailableError, available_backends, select_backend
 from sparsemm_kernels.ops.grouped_linear import grouped_linear, grouped_mm
+from sparsemm_kernels.ops.mod_routing import mod_route
 from sparsemm_kernels.ops.modality_linear import modality_linear
 from sparsemm_kernels.ops.norms import grouped_layer_norm, grouped_rms_norm, modality_layer_norm, modality_rms_norm
 from sparsemm_kernels.ops.permute import sort_rows, unsort_rows
@@ -41,6 +42,7 @@ __all__ = [
     "grouped_mm",
     "grouped_rms_norm",
     "modality_layer_norm",
+    "mod_route",
     "modality_linear",
     "modality_rms_norm",
     "nn",

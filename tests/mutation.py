@@ -151,6 +151,25 @@ MUTATIONS = [
         "C++ expert choice: ties at the threshold go to the higher token",
     ),
     Mutation(
+        "mod-positions-renumbered", "sparsemm_kernels/nn/mod.py",
+        "pos = position_ids.reshape(-1)[tok]", "pos = torch.arange(L, device=x.device).expand(R, L)",
+        ["tests/nn/test_mod.py"],
+        "Mixture-of-Depths: the selected tokens get positions 0..L-1 (the published bug: rotary and causal "
+        "mask see the wrong positions)",
+    ),
+    Mutation(
+        "mod-batch-level-sequences-mixed", "sparsemm_kernels/nn/mod.py",
+        "if R == 1 and B > 1:", "if False:",
+        ["tests/nn/test_mod.py"],
+        "Mixture-of-Depths, batch level: one row of several sequences without the mask that keeps them apart",
+    ),
+    Mutation(
+        "mod-update-not-scaled", "sparsemm_kernels/nn/mod.py",
+        "new = x_sel + r_sel * (y_sel - x_sel)", "new = y_sel",
+        ["tests/nn/test_mod.py"],
+        "Mixture-of-Depths: the block's output replaces the token unscaled (the router never learns)",
+    ),
+    Mutation(
         "slots-combine-drops-last-expert", "sparsemm_kernels/ops/slots.py",
         "for k in range(inverse.shape[1]):", "for k in range(inverse.shape[1] - 1):",
         ["tests/nn/test_moe.py"],

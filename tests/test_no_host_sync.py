@@ -61,10 +61,10 @@ ALLOWED = {
     # utils/checks.py: the "eager" branches, taken only for CPU tensors or an explicit validate=True (documented
     # to sync); CUDA's default "async" branch uses torch._assert_async and returns before them.
     ("nn/moe.py", "_check_capacity_factor", "float(capacity_factor)"): "a Python number at construction",
-    ("ops/routing.py", "_check_scores_values", "bool(finite.all())"): "eager mode only (CPU, or validate=True)",
-    ("ops/routing.py", "_check_scores_values", "int((~finite).flatten().to(torch.uint8).argmax())"):
+    ("ops/routing.py", "check_finite_scores", "bool(finite.all())"): "eager mode only (CPU, or validate=True)",
+    ("ops/routing.py", "check_finite_scores", "int((~finite).flatten().to(torch.uint8).argmax())"):
         "eager mode only, error message",
-    ("ops/routing.py", "_check_scores_values", "float(scores[t, e])"): "eager mode only, error message",
+    ("ops/routing.py", "check_finite_scores", "float(scores[t, e])"): "eager mode only, error message",
     ("utils/checks.py", "check_ids_values", "bool(bad.any())"): "eager mode only (CPU, or validate=True)",
     ("utils/checks.py", "check_ids_values", "int(bad.flatten().to(torch.uint8).argmax())"):
         "eager mode only, error message",

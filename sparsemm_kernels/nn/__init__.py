@@ -1,5 +1,6 @@
 """Drop-in ``torch.nn`` modules whose forward reads like the papers' equations."""
 
+from sparsemm_kernels.nn.mod import MixtureOfDepths
 from sparsemm_kernels.nn.moe import ExpertChoiceMoE, MoMaFeedForward
 from sparsemm_kernels.nn.moma import MoMaBlock, MoMaTransformer
 from sparsemm_kernels.nn.mot import DenseBlock, MoTAttention, MoTBlock, MoTFeedForward, MoTTransformer
@@ -9,6 +10,7 @@ from sparsemm_kernels.nn.norms import MoTLayerNorm, MoTRMSNorm
 __all__ = [
     "DenseBlock",
     "ExpertChoiceMoE",
+    "MixtureOfDepths",
     "MoMaBlock",
     "MoMaFeedForward",
     "MoMaTransformer",

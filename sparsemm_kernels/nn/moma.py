@@ -58,9 +58,12 @@ class MoMaBlock(nn.Module):
         self.ffn = MoMaFeedForward(dim, hidden_dim, experts_per_modality, capacity_factor, gate, aux_router,
                                    backend=backend, **factory)
 
-    def forward(self, x: torch.Tensor, modality_ids: torch.Tensor | None = None, plan=None, **attention_kwargs):
+    def forward(self, x: torch.Tensor, modality_ids: torch.Tensor | None = None, plan=None, token_mask=None,
+                **attention_kwargs):
         """x: ``(B, S, dim)``; modality_ids: ``(B, S)`` (None with one group of experts); plan: a reusable
-        ``group_plan`` of the ids; ``attention_kwargs`` as :meth:`MoTAttention.forward`. Returns ``(B, S, dim)``."""
+        ``group_plan`` of the ids; token_mask: ``(B, S)`` bool, tokens the experts may not choose (padding, as
+        :class:`~sparsemm_kernels.nn.MixtureOfDepths` passes); ``attention_kwargs`` as
+        :meth:`MoTAttention.forward`. Returns ``(B, S, dim)``."""
         check_float_tensor(x, "x")
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"`x` must be (B, S, {self.dim}), got shape {tuple(x.shape)}")
@@ -74,9 +77,9 @@ class MoMaBlock(nn.Module):
 
         if self.norm_placement == "post":
             h = x + self.attn_norm(attn(x))
-            return h + self.ffn_norm(self.ffn(h, modality_ids, plan))
+            return h + self.ffn_norm(self.ffn(h, modality_ids, plan, token_mask))
         h = x + attn(self.attn_norm(x))
-        return h + self.ffn(self.ffn_norm(h), modality_ids, plan)
+        return h + self.ffn(self.ffn_norm(h), modality_ids, plan, token_mask)
 
 
 class MoMaTransformer(nn.Module):

@@ -31,17 +31,19 @@ from sparsemm_kernels.utils.checks import (
 MAX_SLOTS = 1 << 31
 
 
-def _check_scores_values(scores: torch.Tensor, mode: str) -> None:
+def check_finite_scores(scores: torch.Tensor, name: str, mode: str) -> None:
+    """``ValueError`` naming ``name`` and the first non-finite entry of the 2-D ``scores`` (``mode`` eager), an
+    asynchronous device assertion (``async``), nothing otherwise."""
     if mode not in (EAGER, ASYNC) or scores.numel() == 0:
         return
     finite = torch.isfinite(scores)
     if mode == ASYNC:
-        torch._assert_async(finite.all(), "`scores` must be finite (router scores with NaN or inf)")
+        torch._assert_async(finite.all(), f"`{name}` must be finite (router scores with NaN or inf)")
         return
     if not bool(finite.all()):  # sync-ok: eager mode reads on purpose
         flat = int((~finite).flatten().to(torch.uint8).argmax())  # sync-ok: eager mode
         t, e = divmod(flat, scores.shape[1])
-        raise ValueError(f"`scores` must be finite; scores[{t}, {e}] = {float(scores[t, e])}")  # sync-ok
+        raise ValueError(f"`{name}` must be finite; {name}[{t}, {e}] = {float(scores[t, e])}")  # sync-ok
 
 
 def _indices_torch(
@@ -78,7 +80,7 @@ def _expert_choice_indices(
     the end."""
     if mode not in MODES:
         raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}")
-    _check_scores_values(scores, mode)
+    check_finite_scores(scores, "scores", mode)
     name = select_backend("expert_choice_route", scores.device, scores.dtype, backend)
     if name == "triton":
         from sparsemm_kernels.kernels.triton.routing import expert_choice_indices_triton
@@ -97,6 +99,12 @@ def _expert_choice_indices_fake(scores, token_mask, capacity, limit, mode, backe
 
 expert_choice_indices_op = Op("sparsemm::expert_choice_indices", _expert_choice_indices,
                               _expert_choice_indices_fake)
+
+
+def route_indices(scores, capacity: int, token_mask, limit, mode: str, backend) -> torch.Tensor:
+    """``sparsemm::expert_choice_indices`` on checked arguments: ``[E, capacity]`` int64 (see
+    :func:`_expert_choice_indices`); for the layers and the other routers built on the same top-k."""
+    return expert_choice_indices_op(scores, token_mask, capacity, limit, mode, check_backend_name(backend))
 
 
 def expert_choice_route(
