@@ -71,6 +71,7 @@ KERNEL_MODULES = (
     "sparsemm_kernels.kernels.triton.swiglu",
     "sparsemm_kernels.kernels.triton.group_plan",
     "sparsemm_kernels.kernels.triton.routing",
+    "sparsemm_kernels.kernels.triton.mod_combine",
 )
 
 # Constexprs that are tile configuration (shown in the "config" column); every other constexpr is a mode.
@@ -516,6 +517,28 @@ def _routing_scenarios(rec: Recorder, quick: bool, dtypes: list[str]) -> None:
                      expert_choice_indices_triton, scores, token_mask, C, limit)
 
 
+def _mod_scenarios(rec: Recorder, quick: bool, dtypes: list[str]) -> None:
+    import torch
+
+    from sparsemm_kernels.kernels.triton.mod_combine import mod_combine_bwd, mod_combine_fwd
+
+    # (tokens T, width D, slots M): MoD at 12.5% around the 443M MoT block (seq 4096 x batch 4), MoMa's 25% at
+    # 435M (seq 4096 x batch 6); small odd shapes.
+    cases = [(16384, 1024, 2048)]
+    if not quick:
+        cases += [(24576, 1024, 6144), (77, 40, 9), (1, 8, 1)]
+    for prec in dtypes:
+        if prec == "tf32":
+            continue
+        dtype = _dtype(PRECISIONS[prec][0])
+        for T, D, M in cases:
+            x, y, dout = _empty(T, D, dtype=dtype), _empty(M, D, dtype=dtype), _empty(T, D, dtype=dtype)
+            r, slot_of = _empty(M, dtype=dtype), torch.zeros(T, dtype=torch.int64)
+            bench = T > 1000
+            rec.call(f"T{T} D{D} M{M} fwd", bench, mod_combine_fwd, x, y, r, slot_of)
+            rec.call(f"T{T} D{D} M{M} bwd", bench, mod_combine_bwd, dout, x, y, r, slot_of)
+
+
 @contextlib.contextmanager
 def _fixed_gemm_configs(modules: dict) -> Iterator[None]:
     """Within: the GEMM autotuners hold the ``SPARSEMM_AUTOTUNE=0`` config lists (what the GPU tests run)."""
@@ -555,6 +578,7 @@ def record(archs: list[Arch], quick: bool, include_pruned: bool) -> list[Launch]
             _swiglu_scenarios(rec, quick, dtypes)
             _plan_scenarios(rec, quick)
             _routing_scenarios(rec, quick, dtypes)
+            _mod_scenarios(rec, quick, dtypes)
             if not quick:
                 with _fixed_gemm_configs(modules):
                     rec.fixed = True

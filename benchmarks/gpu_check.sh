@@ -15,6 +15,7 @@ BENCHMARKS=(
   "benchmarks.bench_grouped_gemm --device cuda --dtype bf16"
   "benchmarks.bench_mot_block --device cuda --dtype bf16"
   "benchmarks.bench_moma_ffn --device cuda --dtype bf16 --configs 435M"
+  "benchmarks.bench_mod --device cuda --dtype bf16 --configs 443M"
   "profiling --configs gpu-quick --device cuda"
 )
 

@@ -274,3 +274,36 @@ def test_moma_ffn_loop_matches_the_layers_in_float64():
     for m in (ExpertChoiceMoE(8, 12, 4, dtype=torch.float64), MoMaFeedForward(8, 12, (2, 3), dtype=torch.float64)):
         got = m(x) if isinstance(m, ExpertChoiceMoE) else m(x, ids)
         torch.testing.assert_close(got, loop_forward(m, x, ids), rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bench_mod
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("_restore_threads")
+def test_mod_script_validates_and_times_every_provider(tmp_path):
+    from benchmarks import bench_mod
+
+    args = ["--device", "cpu", "--quick", "--modes", "full", "--cpu-budget", "0.2", "--out", str(tmp_path)]
+    assert bench_mod.main(args) == 0
+    (js,) = tmp_path.glob("mod-*-fp32-*.json")
+    rows = json.loads(js.read_text())["rows"]
+    want = {"full", *bench_mod.CAPACITIES, *(f"{n}_plain" for n in bench_mod.CAPACITIES)}
+    assert {r["provider"] for r in rows} == want
+    for r in rows:
+        assert r["status"] == "ok" and r["ms_p50"] > 0, r
+        if r["provider"] != "full":  # each MoD agrees with its plain twin (float32) before it is timed
+            assert r["validation_rel_err"] <= 1e-4
+    assert bench_mod.main(["--device", "cpu", "--configs", "9B", "--out", str(tmp_path)]) == 2
+
+
+def test_plain_mod_matches_the_layer_in_float64():
+    from benchmarks.bench_mod import plain_mod
+    from sparsemm_kernels.nn import MixtureOfDepths, MoTBlock
+
+    torch.manual_seed(0)
+    m = MixtureOfDepths(MoTBlock(16, 2, 24, 2), 16, capacity=0.25).double()
+    x = torch.randn(2, 16, 16, dtype=torch.float64)
+    ids = torch.randint(0, 2, (2, 16))
+    torch.testing.assert_close(m(x, ids), plain_mod(m, x, ids), rtol=1e-12, atol=1e-12)

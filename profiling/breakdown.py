@@ -34,12 +34,13 @@ GEMM_UNSPLIT = "GEMMs, unsplit (reference)"
 NORMS = "norms"
 PLAN = "plan"
 MASKS = "mask gather/scatter"
+DEPTH_ROUTING = "MoD route/gather/combine"
 EMBED_HEAD_LOSS = "embedding, LM head, loss"
 HOST = "host (Python and autograd bookkeeping between operators, CPU only)"
 OTHER = "other"
 
 #: Report order. Later layers add categories (e.g. "router") by appending here and mapping a role to them.
-CATEGORIES = [ATTENTION, PROJ, FFN, GEMM_UNSPLIT, NORMS, PLAN, MASKS, EMBED_HEAD_LOSS, HOST, OTHER]
+CATEGORIES = [ATTENTION, PROJ, FFN, GEMM_UNSPLIT, NORMS, PLAN, MASKS, DEPTH_ROUTING, EMBED_HEAD_LOSS, HOST, OTHER]
 
 #: Role of the innermost range -> category; ``None``: decided by op names alone.
 ROLE_CATEGORY: dict[str | None, str | None] = {
@@ -50,6 +51,7 @@ ROLE_CATEGORY: dict[str | None, str | None] = {
     "lm_head": EMBED_HEAD_LOSS,
     "model": PLAN,  # what a model runs outside its submodules: the modality plan (and argument checks)
     "block": OTHER,  # residual adds
+    "mod": DEPTH_ROUTING,  # a MixtureOfDepths outside its block: the router, the top-k, the gather and the combine
     "ref_block": None,
     None: None,
 }

@@ -120,11 +120,23 @@ def moma_flops(cfg: ModelConfig) -> FlopCount:
     """MoMa / expert-choice MoE: the dense counts with the FFN scaled by the capacity factor ``c`` (``E_m * C_m``
     expert rows per group of ``b_m`` tokens: ``c`` experts' FFN per token on average; the rounding of ``C_m``
     and the empty rows of the buffer bound are not counted) plus every router, ``2 * d * E_total`` per token
-    (each router scores every token)."""
+    (each router scores every token). With ``options["mod_capacity"]`` (MoD every ``mod_every``-th layer): those
+    layers' per-token work scaled by ``c_d`` and their attention by ``c_d^2`` (a chosen token attends to the chosen
+    keys of its sequence), plus the MoD router ``2 * d`` per token and MoD layer."""
     base = transformer_flops(cfg).components
     c = cfg.options.get("capacity_factor", 1.0)
     experts = sum(cfg.options["experts"])
-    return FlopCount({**base, "ffn": round(c * base["ffn"]), "router": cfg.n_layers * 2 * cfg.dim * experts})
+    counts = {**base, "ffn": c * base["ffn"], "router": cfg.n_layers * 2 * cfg.dim * experts}
+    c_d = cfg.options.get("mod_capacity")
+    if c_d is not None:
+        # MoD layers: a fraction c_d of the tokens runs the layer, attending to a fraction c_d of the keys.
+        L = cfg.n_layers
+        L_mod = len(range(0, L, cfg.options.get("mod_every", 2)))
+        rows = (L - L_mod + c_d * L_mod) / L
+        pairs = (L - L_mod + c_d * c_d * L_mod) / L
+        counts = {k: v * (pairs if k == "attention" else rows) if k != "lm_head" else v for k, v in counts.items()}
+        counts["mod_router"] = L_mod * 2 * cfg.dim
+    return FlopCount({k: round(v) for k, v in counts.items()})
 
 
 def moma_params(cfg: ModelConfig) -> ParamCount:
@@ -134,5 +146,7 @@ def moma_params(cfg: ModelConfig) -> ParamCount:
     experts = sum(cfg.options["experts"])
     ffn = 3 * cfg.dim * cfg.hidden
     routers = cfg.n_layers * cfg.dim * experts
+    if cfg.options.get("mod_capacity") is not None:  # one MoD router (d x 1) per MoD layer
+        routers += len(range(0, cfg.n_layers, cfg.options.get("mod_every", 2))) * cfg.dim
     return ParamCount(total=dense.total + cfg.n_layers * (experts - 1) * ffn + routers,
                       active=dense.active + routers, embedding=dense.embedding)

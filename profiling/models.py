@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsemm_kernels.nn import (
+    MixtureOfDepths,
     MoMaBlock,
     MoMaFeedForward,
     MoMaTransformer,
@@ -183,6 +184,7 @@ class ReferenceMoTTransformer(nn.Module):
 # First match wins; ReferenceBlock comes first so that the block inside it is not timed twice.
 ROLE_OF_TYPE: list[tuple[type, str]] = [
     (ReferenceBlock, "ref_block"),
+    (MixtureOfDepths, "mod"),
     (MoTBlock, "block"),
     (MoMaBlock, "block"),
     (MoTAttention, "attn"),
@@ -244,7 +246,8 @@ def build_mot_reference(cfg: ModelConfig, device: torch.device, dtype: torch.dty
 def build_moma(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> Workload:
     """The ``moma`` family: a :class:`MoMaTransformer` with ``options["experts"]`` experts per modality (one group:
     the expert-choice MoE) and ``options["capacity_factor"]`` (default 1: every token gets one expert's FLOPs on
-    average, FLOP-matched with the dense model of the same ``hidden``)."""
+    average, FLOP-matched with the dense model of the same ``hidden``); ``options["mod_capacity"]`` adds MoD
+    (batch-level, every ``options["mod_every"]``-th layer from layer 0, default every other)."""
     experts = tuple(cfg.options["experts"])
     if len(experts) != cfg.num_modalities:
         raise ValueError(f"{cfg.name}: options['experts'] has {len(experts)} groups but num_modalities is "
@@ -252,5 +255,6 @@ def build_moma(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> Wo
     model = MoMaTransformer(
         cfg.vocab, cfg.dim, cfg.n_layers, cfg.n_heads, cfg.hidden, experts,
         capacity_factor=cfg.options.get("capacity_factor", 1.0), device=device, dtype=dtype,
+        mod_capacity=cfg.options.get("mod_capacity"), mod_every=cfg.options.get("mod_every", 2),
     )
     return _workload(model, cfg, device)

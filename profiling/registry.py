@@ -401,6 +401,23 @@ def _moma_family(size: str, baseline: str, group: str, ratio_suffix: bool, **com
     return names
 
 
+def _mod_moma_family(size: str, baseline: str, group: str, n_layers: int, **common: Any) -> list[str]:
+    """mod-moma-1t1i-SIZE and mod-moma-4t4i-SIZE (MoMa Table 2): MoD before the modality split, batch-level,
+    capacity 25%, every other layer from layer 0, with more layers to stay FLOP-matched (the paper's 435M MoD model
+    has 40 layers for the dense 24)."""
+    names = []
+    for name, experts in (("mod-moma-1t1i", (1, 1)), ("mod-moma-4t4i", (4, 4))):
+        register(ModelConfig(
+            f"{name}-{size}", "moma", num_modalities=len(experts), baseline=baseline, group=group, n_layers=n_layers,
+            paper_ratio=name, options={"experts": experts, "capacity_factor": 1.0, "mod_capacity": 0.25,
+                                       "mod_every": 2},
+            description=f"{size} {name}: MoD (batch level, 25%, every other layer of {n_layers}) + "
+                        f"{'+'.join(map(str, experts))} experts, capacity factor 1", **common,
+        ))
+        names.append(f"{name}-{size}")
+    return names
+
+
 _MOMA_435M = _moma_family("435m", "dense-435m-moma", "435m-moma", True, dim=1024, n_layers=24, n_heads=16,
                           hidden=4096, seq=4096)
 _MOMA_CPU = _moma_family("cpu", "dense-cpu", "cpu", True, dim=512, n_layers=4, n_heads=8, hidden=swiglu_hidden(512),
@@ -408,7 +425,15 @@ _MOMA_CPU = _moma_family("cpu", "dense-cpu", "cpu", True, dim=512, n_layers=4, n
 _MOMA_TINY = _moma_family("tiny", "dense-tiny", "tiny", True, dim=64, n_layers=2, n_heads=4, hidden=192, seq=128,
                           batch=2, vocab=256, image_span=32)
 
-register_preset("tiny", ["dense-tiny", "mot2-tiny", "mot3-tiny", "mot2-tiny-ref", *_MOMA_TINY])
-register_preset("cpu", ["dense-cpu", "mot2-cpu", "mot3-cpu", "mot2-cpu-ref", *_MOMA_CPU])
+_MOD_MOMA_435M = _mod_moma_family("435m", "dense-435m-moma", "435m-moma", 40, dim=1024, n_heads=16, hidden=4096,
+                                  seq=4096)
+_MOD_MOMA_CPU = _mod_moma_family("cpu", "dense-cpu", "cpu", 6, dim=512, n_heads=8, hidden=swiglu_hidden(512),
+                                 seq=1024, batch=2, vocab=CPU_VOCAB, image_span=256)
+_MOD_MOMA_TINY = _mod_moma_family("tiny", "dense-tiny", "tiny", 4, dim=64, n_heads=4, hidden=192, seq=128, batch=2,
+                                  vocab=256, image_span=32)
+
+register_preset("tiny", ["dense-tiny", "mot2-tiny", "mot3-tiny", "mot2-tiny-ref", *_MOMA_TINY, *_MOD_MOMA_TINY])
+register_preset("cpu", ["dense-cpu", "mot2-cpu", "mot3-cpu", "mot2-cpu-ref", *_MOMA_CPU, *_MOD_MOMA_CPU])
 register_preset("gpu-quick", ["dense-443m", "mot2-443m", "mot3-443m", "mot2-443m-ref"])
-register_preset("gpu", [*PRESETS["gpu-quick"], "dense-1.5b", "mot2-1.5b", "dense-435m-moma", *_MOMA_435M])
+register_preset("gpu", [*PRESETS["gpu-quick"], "dense-1.5b", "mot2-1.5b", "dense-435m-moma", *_MOMA_435M,
+                        *_MOD_MOMA_435M])

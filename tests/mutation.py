@@ -170,6 +170,19 @@ MUTATIONS = [
         "Mixture-of-Depths: the block's output replaces the token unscaled (the router never learns)",
     ),
     Mutation(
+        "mod-combine-triton-router-grad-sign", "sparsemm_kernels/kernels/triton/mod_combine.py",
+        "acc += tl.where(m_ok, g * (y - x), 0.0)", "acc += tl.where(m_ok, g * (x - y), 0.0)",
+        ["tests/ops/test_mod_combine.py"],
+        "Triton MoD combine: the router's gradient with the wrong sign",
+    ),
+    Mutation(
+        "mod-combine-torch-padding-writes", "sparsemm_kernels/ops/mod_combine.py",
+        "new = torch.where(_real(index, num_real), xs + r.to(x.dtype)[:, None] * (y - xs), xs)",
+        "new = xs + r.to(x.dtype)[:, None] * (y - xs)",
+        ["tests/ops/test_mod_combine.py"],
+        "torch MoD combine: padding slots write their update into the row they name",
+    ),
+    Mutation(
         "slots-combine-drops-last-expert", "sparsemm_kernels/ops/slots.py",
         "for k in range(inverse.shape[1]):", "for k in range(inverse.shape[1] - 1):",
         ["tests/nn/test_moe.py"],

@@ -196,6 +196,16 @@ def test_flops_match_hand_formula(name):
         n_matmul += L * d * sum(cfg.options["experts"])
     per_token = 6 * n_matmul + 6 * L * d * (S + 1)  # + exact causal attention, forward + backward
     fl = flop_count(cfg)
+    if cfg.options.get("mod_capacity") is not None:
+        # MoD on layers 0, 2, 4, ...: a quarter of the tokens runs them, attending to a quarter of the keys; the MoD
+        # router (d x 1) scores every token of those layers
+        c, every = cfg.options["mod_capacity"], cfg.options["mod_every"]
+        L_mod = (L + every - 1) // every
+        layer = 4 * d * d + 3 * d * f + d * sum(cfg.options["experts"])
+        n_matmul = (L - L_mod + c * L_mod) * layer + d * V + L_mod * d
+        per_token = 6 * n_matmul + 6 * d * (S + 1) * (L - L_mod + c * c * L_mod)
+        assert fl.train_per_token == pytest.approx(per_token, rel=1e-6)
+        return
     assert fl.train_per_token == per_token
     assert fl.train_per_step(3, S) == 3 * S * per_token
     if cfg.baseline and cfg.family != "moma":  # MoT (and its reference style) does the dense model's FLOPs
@@ -287,12 +297,12 @@ def test_no_gpu_selects_the_cpu_preset(monkeypatch):
     # the default: every family at a size where matmuls dominate a CPU step; --quick: the tiny models
     names = PRESETS[default_preset(device.type, False)]
     assert names == ["dense-cpu", "mot2-cpu", "mot3-cpu", "mot2-cpu-ref", "moe-8x-cpu", "moma-1t1i-cpu",
-                     "moma-4t4i-cpu"]
+                     "moma-4t4i-cpu", "mod-moma-1t1i-cpu", "mod-moma-4t4i-cpu"]
     assert all(get_config(n).dim >= 512 and get_config(n).seq >= 1024 for n in names)
     assert "no GPU found" in preset_reason(device.type, False)
     quick = PRESETS[default_preset(device.type, True)]
     assert quick == ["dense-tiny", "mot2-tiny", "mot3-tiny", "mot2-tiny-ref", "moe-8x-tiny", "moma-1t1i-tiny",
-                     "moma-4t4i-tiny"]
+                     "moma-4t4i-tiny", "mod-moma-1t1i-tiny", "mod-moma-4t4i-tiny"]
     assert all(get_config(n).dim <= 64 for n in quick)
     assert default_preset("cuda", False) == "gpu" and default_preset("cuda", True) == "gpu-quick"
     # the cpu preset carries the same kinds of rows as the GPU presets: a dense baseline, MoT 2 and 3 and the

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsemm_kernels.backend import check_backend_name, prefer
+from sparsemm_kernels.ops.mod_combine import mod_combine
 from sparsemm_kernels.ops.mod_routing import mod_capacity, mod_route
 from sparsemm_kernels.utils.checks import check_float_tensor, check_int_tensor
 
@@ -47,6 +49,7 @@ class MixtureOfDepths(nn.Module):
         aux: how causal decoding predicts the choice: ``"bce"`` (the router's own ``sigma(logit)`` trained with
             binary cross-entropy against the top-k membership) or ``"predictor"`` (a small MLP on detached inputs,
             ``sigma(silu(x A1^T) A2^T)``, trained the same way; the main router is untouched by it).
+        backend: a preference for the routing and combine kernels (see :mod:`sparsemm_kernels.backend`).
 
     Parameters: ``router`` (``nn.Linear(dim, 1, bias=False)``), with ``aux="predictor"`` ``predictor``
     (``nn.Sequential(Linear(dim, dim // 2), SiLU, Linear(dim // 2, 1))``, no biases).
@@ -66,6 +69,8 @@ class MixtureOfDepths(nn.Module):
         aux: str = "bce",
         device=None,
         dtype=None,
+        *,
+        backend: str | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(block, nn.Module):
@@ -86,6 +91,7 @@ class MixtureOfDepths(nn.Module):
             hidden = max(dim // 2, 1)
             self.predictor = nn.Sequential(nn.Linear(dim, hidden, bias=False, **factory), nn.SiLU(),
                                            nn.Linear(hidden, 1, bias=False, **factory))
+        self.backend = check_backend_name(backend)
         self.causal_routing = False
         self.aux_loss: torch.Tensor | None = None
         try:
@@ -120,9 +126,10 @@ class MixtureOfDepths(nn.Module):
         if self.causal_routing:
             flat, valid = self._slots_from_mask(self._predict(x, logits) > 0.5)
         elif self.batch_level:
-            flat = mod_route(logits, self.capacity, batch_level=True)[None, :]  # one row: [1, C]
+            flat = mod_route(logits, self.capacity, batch_level=True, backend=prefer(self.backend))[None, :]
         else:  # [B, C] positions -> flat indices
-            flat = mod_route(logits, self.capacity) + (torch.arange(B, device=x.device) * S)[:, None]
+            flat = mod_route(logits, self.capacity, backend=prefer(self.backend))
+            flat = flat + (torch.arange(B, device=x.device) * S)[:, None]
         if self.training and not self.causal_routing:
             self.aux_loss = self._aux_loss(x, logits, flat, B, S)
         return self._through_block(x, r, flat, valid, modality_ids, position_ids, kwargs)
@@ -228,9 +235,9 @@ class MixtureOfDepths(nn.Module):
             got = tuple(y_sel.shape) if isinstance(y_sel, torch.Tensor) else type(y_sel).__name__
             raise ValueError(f"`block` ({type(self.block).__name__}) must return the shape of its input "
                              f"{tuple(x_sel.shape)}, got {got}")
-        r_sel = r.reshape(-1)[tok].view(R, L, 1).to(x_sel.dtype)
-        new = x_sel + r_sel * (y_sel - x_sel)
-        out = x2.index_copy(0, index, new.reshape(R * L, D))  # every real token named once
+        # x + r (block - x) at the chosen rows, x elsewhere: one fused pass each way, no atomics.
+        out = mod_combine(x2, y_sel.reshape(R * L, D), r.reshape(-1)[tok].reshape(R * L), index, B * S,
+                          backend=prefer(self.backend))
         return out[: B * S].view(B, S, D) if rows > B * S else out.view(B, S, D)
 
     def extra_repr(self) -> str:

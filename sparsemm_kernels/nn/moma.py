@@ -11,9 +11,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sparsemm_kernels.nn.mod import MixtureOfDepths
 from sparsemm_kernels.nn.moe import MoMaFeedForward
 from sparsemm_kernels.nn.mot import _NORMS, _PLACEMENTS, MoTAttention, _resolve_plan
 from sparsemm_kernels.utils.checks import check_float_tensor, check_int_tensor, check_positive_int
+
+
+def _block(layer: nn.Module) -> MoMaBlock:
+    return layer.block if isinstance(layer, MixtureOfDepths) else layer
 
 
 class MoMaBlock(nn.Module):
@@ -86,7 +91,12 @@ class MoMaTransformer(nn.Module):
     """A MoMa (or, with one group, expert-choice MoE) language model: shared embedding and LM head, a stack of
     :class:`MoMaBlock`, a dense final norm. The modality plan is built once per forward and handed to every
     layer. ``aux_loss``: the sum of the layers' auxiliary-router losses of the last training forward (None
-    without ``aux_router``)."""
+    without ``aux_router``).
+
+    ``mod_capacity`` (a float in (0, 1], default None: no MoD) makes it MoMa + Mixture-of-Depths as in the MoMa
+    paper: every ``mod_every``-th layer from layer 0 is a :class:`~sparsemm_kernels.nn.MixtureOfDepths` around its
+    block, batch-level, before the modality split (the block builds the plan of the tokens it gets).
+    """
 
     def __init__(
         self,
@@ -108,26 +118,34 @@ class MoMaTransformer(nn.Module):
         device=None,
         dtype=None,
         *,
+        mod_capacity: float | None = None,
+        mod_every: int = 2,
         backend: str | None = None,
     ) -> None:
         super().__init__()
         check_positive_int(vocab_size, "vocab_size")
         check_positive_int(n_layers, "n_layers")
+        check_positive_int(mod_every, "mod_every")
+        if mod_capacity is not None and not isinstance(mod_capacity, float):
+            raise TypeError(f"`mod_capacity` must be a float in (0, 1] or None, got {type(mod_capacity).__name__}")
         factory = {"device": device, "dtype": dtype}
         self.backend = backend
         self.embed = nn.Embedding(vocab_size, dim, **factory)
-        self.layers = nn.ModuleList(
-            MoMaBlock(dim, n_heads, hidden_dim, experts_per_modality, capacity_factor, gate, aux_router, norm,
-                      norm_placement, qk_norm, n_kv_heads, norm_eps, rope_theta, backend=backend, **factory)
-            for _ in range(n_layers)
-        )
-        self.num_modalities = self.layers[0].ffn.num_modalities
+        layers = []
+        for i in range(n_layers):
+            block = MoMaBlock(dim, n_heads, hidden_dim, experts_per_modality, capacity_factor, gate, aux_router, norm,
+                              norm_placement, qk_norm, n_kv_heads, norm_eps, rope_theta, backend=backend, **factory)
+            if mod_capacity is not None and i % mod_every == 0:
+                block = MixtureOfDepths(block, dim, mod_capacity, batch_level=True, backend=backend, **factory)
+            layers.append(block)
+        self.layers = nn.ModuleList(layers)
+        self.num_modalities = _block(self.layers[0]).ffn.num_modalities
         self.norm = _NORMS[norm](dim, 1, norm_eps, backend=backend, **factory)
         self.lm_head = nn.Linear(dim, vocab_size, bias=False, **factory)
 
     @property
     def aux_loss(self) -> torch.Tensor | None:
-        losses = [layer.ffn.aux_loss for layer in self.layers if layer.ffn.aux_loss is not None]
+        losses = [_block(layer).ffn.aux_loss for layer in self.layers if _block(layer).ffn.aux_loss is not None]
         return torch.stack(losses).sum() if losses else None
 
     def forward(self, tokens: torch.Tensor, modality_ids: torch.Tensor | None = None, **attention_kwargs):
@@ -145,5 +163,8 @@ class MoMaTransformer(nn.Module):
             plan, modality_ids = _resolve_plan(modality_ids, self.num_modalities, None, self.backend)
         h = self.embed(tokens)
         for layer in self.layers:
-            h = layer(h, modality_ids, plan, **attention_kwargs)
+            if isinstance(layer, MixtureOfDepths):  # its block sees a subset of the tokens: it plans them itself
+                h = layer(h, modality_ids, **attention_kwargs)
+            else:
+                h = layer(h, modality_ids, plan, **attention_kwargs)
         return self.lm_head(self.norm(h))

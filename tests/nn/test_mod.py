@@ -251,3 +251,24 @@ def test_bad_input_names_the_argument():
     with pytest.raises(ValueError, match="`attn_mask`"):
         MixtureOfDepths(Wrong(), D, batch_level=True)(torch.randn(2, 8, D))  # a block that takes no mask
     assert smk.nn.MixtureOfDepths is MixtureOfDepths
+
+
+@pytest.mark.parametrize("batch_level", [False, True], ids=["per-sequence", "batch"])
+def test_triton_routing_and_combine_match_the_loop(batch_level):
+    from sparsemm_kernels.backend import unsupported_reasons
+
+    for op in ("expert_choice_route", "mod_combine"):
+        if unsupported_reasons(op, "triton", torch.device("cpu"), torch.float32):
+            pytest.skip(f"triton cannot run {op} here")
+    torch.manual_seed(0)
+    m = MixtureOfDepths(MoTBlock(D, 2, 24, 2), D, capacity=0.5, batch_level=batch_level, backend="triton")
+    ref = copy.deepcopy(m).double()
+    x = torch.randn(2, 8, D, requires_grad=True)
+    xr = x.detach().double().requires_grad_()
+    ids = torch.randint(0, 2, (2, 8))
+    y, want = m(x, ids), loop_mod(ref, xr, ids)
+    torch.testing.assert_close(y.double(), want, rtol=1e-4, atol=1e-4)
+    y.sum().backward()
+    want.sum().backward()
+    torch.testing.assert_close(x.grad.double(), xr.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(m.router.weight.grad.double(), ref.router.weight.grad, rtol=1e-4, atol=1e-4)

@@ -332,3 +332,25 @@ def test_under_autocast_matches_the_loop():
     want = loop_moma(copy.deepcopy(m).double(), x.double(), ids)
     err = (y.double() - want).abs().max() / want.abs().max()
     assert err < 3e-2, err  # bf16 GEMMs; a wrong routing or gate would be off by O(1)
+
+
+def test_moma_with_mixture_of_depths_layers():
+    from sparsemm_kernels.nn import MixtureOfDepths, MoMaTransformer
+
+    torch.manual_seed(0)
+    model = MoMaTransformer(37, 16, 4, 4, 24, (2, 2), mod_capacity=0.25, dtype=torch.float64)
+    kinds = [type(layer).__name__ for layer in model.layers]
+    assert kinds == ["MixtureOfDepths", "MoMaBlock", "MixtureOfDepths", "MoMaBlock"]
+    assert all(layer.batch_level and layer.capacity == 0.25 for layer in model.layers
+               if isinstance(layer, MixtureOfDepths))
+    tokens, ids = torch.randint(0, 37, (2, 12)), torch.randint(0, 2, (2, 12))
+    logits = model(tokens, ids)
+    # the same layers applied by hand, each planning its own tokens (the model hands its plan to the full layers)
+    h = model.embed(tokens)
+    for layer in model.layers:
+        h = layer(h, ids)
+    torch.testing.assert_close(logits, model.lm_head(model.norm(h)), rtol=0, atol=0)
+    logits.sum().backward()
+    assert model.layers[0].router.weight.grad is not None and bool(model.layers[0].router.weight.grad.abs().sum() > 0)
+    with pytest.raises(TypeError, match="`mod_capacity`"):
+        MoMaTransformer(37, 16, 2, 4, 24, (2, 2), mod_capacity=1)
