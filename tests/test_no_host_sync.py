@@ -411,3 +411,33 @@ def test_forward_backward_capture_in_a_cuda_graph(kind):
     # is off by about the tensor's own size (ratio ~1), far above 1e-2 of its root mean square.
     for name, got, want in zip(["out", "dx"] + [n for n, _ in module.named_parameters()], captured, eager):
         assert_close_verbose(got, want.double(), torch.bfloat16, f"graph {name}", tol=Tol(rtol=0.0, atol=1e-2))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch_level", [False, True], ids=["per-sequence", "batch"])
+def test_mixture_of_depths_forward_backward_without_sync(batch_level):
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    block = smk.nn.MoTBlock(256, 4, 512, 2, device=dev, dtype=torch.bfloat16)
+    layer = smk.nn.MixtureOfDepths(block, 256, capacity=0.25, batch_level=batch_level, device=dev,
+                                   dtype=torch.bfloat16)
+    ids = torch.randint(0, 2, (2, 128), device=dev)
+    x = torch.randn(2, 128, 256, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    def decode():
+        layer.eval()
+        layer.causal_routing = True
+        with torch.no_grad():
+            layer(x[:, :1], ids[:, :1])  # one decoding token
+        layer.train()
+        layer.causal_routing = False
+
+    layer(x, ids).float().square().mean().backward()  # warm-up: compile and autotune (autotuning syncs)
+    decode()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        layer(x, ids).float().square().mean().backward()
+        decode()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
