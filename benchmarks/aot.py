@@ -72,6 +72,7 @@ KERNEL_MODULES = (
     "sparsemm_kernels.kernels.triton.group_plan",
     "sparsemm_kernels.kernels.triton.routing",
     "sparsemm_kernels.kernels.triton.mod_combine",
+    "sparsemm_kernels.kernels.triton.token_topk",
 )
 
 # Constexprs that are tile configuration (shown in the "config" column); every other constexpr is a mode.
@@ -539,6 +540,21 @@ def _mod_scenarios(rec: Recorder, quick: bool, dtypes: list[str]) -> None:
             rec.call(f"T{T} D{D} M{M} bwd", bench, mod_combine_bwd, dout, x, y, r, slot_of)
 
 
+def _token_topk_scenarios(rec: Recorder, quick: bool, dtypes: list[str]) -> None:
+    from sparsemm_kernels.kernels.triton.token_topk import token_topk_triton
+
+    # (tokens, experts, k): E8 top-2 and the fine-grained E128 top-8 at 32K tokens; small odd shapes.
+    cases = [(32768, 8, 2), (32768, 128, 8)]
+    if not quick:
+        cases += [(77, 5, 5), (1, 1, 1), (4096, 64, 6)]
+    for prec in dtypes:
+        if prec == "tf32":
+            continue
+        for n, E, k in cases:
+            rec.call(f"N{n} E{E} k{k}", not quick and n > 1000, token_topk_triton,
+                     _empty(n, E, dtype=_dtype(PRECISIONS[prec][0])), k)
+
+
 @contextlib.contextmanager
 def _fixed_gemm_configs(modules: dict) -> Iterator[None]:
     """Within: the GEMM autotuners hold the ``SPARSEMM_AUTOTUNE=0`` config lists (what the GPU tests run)."""
@@ -579,6 +595,7 @@ def record(archs: list[Arch], quick: bool, include_pruned: bool) -> list[Launch]
             _plan_scenarios(rec, quick)
             _routing_scenarios(rec, quick, dtypes)
             _mod_scenarios(rec, quick, dtypes)
+            _token_topk_scenarios(rec, quick, dtypes)
             if not quick:
                 with _fixed_gemm_configs(modules):
                     rec.fixed = True

@@ -307,3 +307,38 @@ def test_plain_mod_matches_the_layer_in_float64():
     x = torch.randn(2, 16, 16, dtype=torch.float64)
     ids = torch.randint(0, 2, (2, 16))
     torch.testing.assert_close(m(x, ids), plain_mod(m, x, ids), rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bench_token_choice
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("_restore_threads")
+def test_token_choice_script_validates_and_times_every_provider(tmp_path):
+    from benchmarks import bench_token_choice
+
+    args = ["--device", "cpu", "--quick", "--modes", "full", "--cpu-budget", "0.2", "--out", str(tmp_path)]
+    assert bench_token_choice.main(args) == 0
+    (js,) = tmp_path.glob("token_choice-*-fp32-*.json")
+    rows = json.loads(js.read_text())["rows"]
+    assert {r["provider"] for r in rows} == {"ours", "routing", "grouped_mm", "loop"}
+    assert {r["config"] for r in rows} == set(bench_token_choice.CPU_CONFIGS)
+    for r in rows:
+        assert r["status"] == "ok" and r["ms_p50"] > 0, r
+        if r["provider"] in ("ours", "grouped_mm"):  # validated against the loop (float32) before timing
+            assert r["validation_rel_err"] <= 1e-4
+    assert bench_token_choice.main(["--device", "cpu", "--configs", "9B", "--out", str(tmp_path)]) == 2
+
+
+def test_token_choice_baselines_match_the_layer_in_float64():
+    from benchmarks.bench_token_choice import grouped_mm_forward, loop_forward
+    from sparsemm_kernels.nn import TokenChoiceMoE
+
+    torch.manual_seed(0)
+    m = TokenChoiceMoE(16, 24, 6, top_k=3).double()
+    x = torch.randn(20, 16, dtype=torch.float64)
+    torch.testing.assert_close(loop_forward(m, x), m(x), rtol=1e-12, atol=1e-12)
+    if hasattr(torch, "_grouped_mm"):  # float64 is not a _grouped_mm dtype: check it in float32
+        m32, x32 = m.float(), x.float()
+        torch.testing.assert_close(grouped_mm_forward(m32, x32), m32(x32), rtol=1e-5, atol=1e-5)

@@ -63,6 +63,13 @@ m.def("expert_choice_cpu", &sparsemm::expert_choice_cpu,
         arg("mask_ptr"), arg("mask_mode"), arg("mask_stride_n"), arg("mask_stride_e"), arg("limit_ptr"),
         arg("capacity"), arg("out_ptr"), py::call_guard<py::gil_scoped_release>());
 
+m.def("token_topk_cpu", &sparsemm::token_topk_cpu,
+        "Token-choice routing: out[t, :] = the k experts with the highest logits of token t, descending, ties "
+        "to the lower expert (NaN last). float32/float64 logits with strides (stride_n, stride_e); out "
+        "contiguous int64 [n, k].",
+        arg("logits_ptr"), arg("dtype"), arg("n"), arg("num_experts"), arg("stride_n"), arg("stride_e"), arg("k"),
+        arg("out_ptr"), py::call_guard<py::gil_scoped_release>());
+
 #if defined(SPARSEMM_WITH_CUDA)
   m.def("group_plan_cuda_workspace_bytes", &sparsemm::group_plan_cuda_workspace_bytes,
         "Bytes of device scratch group_plan_cuda needs for (n, num_groups, ids_dtype). Launches nothing; "

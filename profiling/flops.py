@@ -150,3 +150,22 @@ def moma_params(cfg: ModelConfig) -> ParamCount:
         routers += len(range(0, cfg.n_layers, cfg.options.get("mod_every", 2))) * cfg.dim
     return ParamCount(total=dense.total + cfg.n_layers * (experts - 1) * ffn + routers,
                       active=dense.active + routers, embedding=dense.embedding)
+
+
+def token_choice_flops(cfg: ModelConfig) -> FlopCount:
+    """Token choice: the dense counts with ``cfg.hidden`` the expert width and the FFN done ``top_k`` times per
+    token (dropless), plus the router ``2 * d * E`` per token and layer."""
+    base = transformer_flops(cfg).components
+    k, experts = cfg.options["top_k"], cfg.options["experts"]
+    return FlopCount({**base, "ffn": k * base["ffn"], "router": cfg.n_layers * 2 * cfg.dim * experts})
+
+
+def token_choice_params(cfg: ModelConfig) -> ParamCount:
+    """The dense model's (FFN width ``cfg.hidden``) with ``E`` experts per layer instead of one and the routers
+    ``d * E`` per layer; active: ``top_k`` experts' FFNs per token and every router."""
+    dense = transformer_params(cfg.override(num_modalities=1))
+    k, experts = cfg.options["top_k"], cfg.options["experts"]
+    ffn = 3 * cfg.dim * cfg.hidden
+    routers = cfg.n_layers * cfg.dim * experts
+    return ParamCount(total=dense.total + cfg.n_layers * (experts - 1) * ffn + routers,
+                      active=dense.active + cfg.n_layers * (k - 1) * ffn + routers, embedding=dense.embedding)

@@ -34,6 +34,7 @@ from sparsemm_kernels.nn import (
     MoTLayerNorm,
     MoTRMSNorm,
     MoTTransformer,
+    TokenChoiceMoE,
 )
 from sparsemm_kernels.reference.mot import mot_block_ref, per_modality
 
@@ -190,6 +191,7 @@ ROLE_OF_TYPE: list[tuple[type, str]] = [
     (MoTAttention, "attn"),
     (MoTFeedForward, "ffn"),
     (MoMaFeedForward, "ffn"),
+    (TokenChoiceMoE, "ffn"),
     (MoTRMSNorm, "norm"),
     (MoTLayerNorm, "norm"),
     (ReferenceNorm, "norm"),
@@ -257,4 +259,15 @@ def build_moma(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> Wo
         capacity_factor=cfg.options.get("capacity_factor", 1.0), device=device, dtype=dtype,
         mod_capacity=cfg.options.get("mod_capacity"), mod_every=cfg.options.get("mod_every", 2),
     )
+    return _workload(model, cfg, device)
+
+
+def build_token_choice(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> Workload:
+    """The ``token_choice`` family: a dense :class:`MoTTransformer` whose every FFN is a :class:`TokenChoiceMoE` with
+    ``options["experts"]`` experts of width ``cfg.hidden``, ``options["top_k"]`` per token (dropless), as
+    :func:`sparsemm_kernels.btx_merge` builds it."""
+    model = MoTTransformer(cfg.vocab, cfg.dim, cfg.n_layers, cfg.n_heads, cfg.hidden, 1, device=device, dtype=dtype)
+    for layer in model.layers:
+        layer.ffn = TokenChoiceMoE(cfg.dim, cfg.hidden, cfg.options["experts"], top_k=cfg.options["top_k"],
+                                   device=device, dtype=dtype)
     return _workload(model, cfg, device)

@@ -432,8 +432,38 @@ _MOD_MOMA_CPU = _mod_moma_family("cpu", "dense-cpu", "cpu", 6, dim=512, n_heads=
 _MOD_MOMA_TINY = _mod_moma_family("tiny", "dense-tiny", "tiny", 4, dim=64, n_heads=4, hidden=192, seq=128, batch=2,
                                   vocab=256, image_span=32)
 
-register_preset("tiny", ["dense-tiny", "mot2-tiny", "mot3-tiny", "mot2-tiny-ref", *_MOMA_TINY, *_MOD_MOMA_TINY])
-register_preset("cpu", ["dense-cpu", "mot2-cpu", "mot3-cpu", "mot2-cpu-ref", *_MOMA_CPU, *_MOD_MOMA_CPU])
+register_family(Family(
+    "token_choice", _models.build_token_choice, _flops.token_choice_flops, _flops.token_choice_params,
+    "dense MoTTransformer with every FFN a dropless token-choice MoE (TokenChoiceMoE, as btx_merge builds it): "
+    "per-token top-k routing, one grouped GEMM per projection over all experts",
+))
+
+
+def _token_choice_family(size: str, baseline: str, group: str, hidden: int, **common: Any) -> list[str]:
+    """tc-8x-top2-SIZE and the fine-grained tc-E-top8-SIZE: expert width hidden / k, so that a token's FFN FLOPs
+    match the dense ``baseline``'s (same ``hidden``)."""
+    names = []
+    for experts, k in ((8, 2), (128 if size == "443m" else 64, 8)):
+        name = f"tc-{experts}x-top{k}-{size}"
+        register(ModelConfig(
+            name, "token_choice", num_modalities=1, baseline=baseline, group=group, hidden=hidden // k,
+            options={"experts": experts, "top_k": k},
+            description=f"{size} token choice: {experts} experts of width {hidden // k}, top-{k}, dropless", **common,
+        ))
+        names.append(name)
+    return names
+
+
+_TC_443M = _token_choice_family("443m", "dense-443m", "443m", swiglu_hidden(1024), dim=1024, n_layers=24,
+                                n_heads=16, seq=4096)
+_TC_CPU = _token_choice_family("cpu", "dense-cpu", "cpu", swiglu_hidden(512), dim=512, n_layers=4, n_heads=8,
+                               seq=1024, batch=2, vocab=CPU_VOCAB, image_span=256)
+_TC_TINY = _token_choice_family("tiny", "dense-tiny", "tiny", 192, dim=64, n_layers=2, n_heads=4, seq=128, batch=2,
+                                vocab=256, image_span=32)
+
+register_preset("tiny", ["dense-tiny", "mot2-tiny", "mot3-tiny", "mot2-tiny-ref", *_MOMA_TINY, *_MOD_MOMA_TINY,
+                         *_TC_TINY])
+register_preset("cpu", ["dense-cpu", "mot2-cpu", "mot3-cpu", "mot2-cpu-ref", *_MOMA_CPU, *_MOD_MOMA_CPU, *_TC_CPU])
 register_preset("gpu-quick", ["dense-443m", "mot2-443m", "mot3-443m", "mot2-443m-ref"])
 register_preset("gpu", [*PRESETS["gpu-quick"], "dense-1.5b", "mot2-1.5b", "dense-435m-moma", *_MOMA_435M,
-                        *_MOD_MOMA_435M])
+                        *_MOD_MOMA_435M, *_TC_443M])

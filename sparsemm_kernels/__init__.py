@@ -18,6 +18,7 @@ Backends (``backend=`` or ``SPARSEMM_BACKEND``): see :mod:`sparsemm_kernels.back
 
 from sparsemm_kernels import nn
 from sparsemm_kernels.backend import BACKENDS, BackendUnavailableError, available_backends, select_backend
+from sparsemm_kernels.nn.btx import btx_merge
 from sparsemm_kernels.ops.grouped_linear import grouped_linear, grouped_mm
 from sparsemm_kernels.ops.mod_routing import mod_route
 from sparsemm_kernels.ops.modality_linear import modality_linear
@@ -25,6 +26,7 @@ from sparsemm_kernels.ops.norms import grouped_layer_norm, grouped_rms_norm, mod
 from sparsemm_kernels.ops.permute import sort_rows, unsort_rows
 from sparsemm_kernels.ops.routing import expert_choice_route
 from sparsemm_kernels.ops.swiglu import silu_mul, swiglu
+from sparsemm_kernels.ops.token_routing import token_choice_route
 from sparsemm_kernels.plan import GroupPlan, group_plan
 
 __version__ = "0.1.0"
@@ -35,6 +37,7 @@ __all__ = [
     "GroupPlan",
     "__version__",
     "available_backends",
+    "btx_merge",
     "expert_choice_route",
     "group_plan",
     "grouped_layer_norm",
@@ -50,5 +53,6 @@ __all__ = [
     "silu_mul",
     "sort_rows",
     "swiglu",
+    "token_choice_route",
     "unsort_rows",
 ]

@@ -43,6 +43,7 @@ _PRIORITY: dict[str, dict[str, tuple[str, ...]]] = {
     "modality_norm": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
     "swiglu": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
     "mod_combine": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
+    "token_choice_route": {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")},
     "expert_choice_route": {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")},
 }
 _ALL_IMPLEMENTED: dict[str, tuple[str, ...]] = {
@@ -51,6 +52,7 @@ _ALL_IMPLEMENTED: dict[str, tuple[str, ...]] = {
     "modality_norm": ("triton", "torch"),
     "swiglu": ("triton", "torch"),
     "mod_combine": ("triton", "torch"),
+    "token_choice_route": ("triton", "cpu", "torch"),
     "expert_choice_route": ("triton", "cpu", "torch"),
 }
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -183,6 +183,33 @@ MUTATIONS = [
         "torch MoD combine: padding slots write their update into the row they name",
     ),
     Mutation(
+        "tc-route-ties-to-higher-expert", "sparsemm_kernels/ops/token_routing.py",
+        "torch.sort(logits, dim=1, descending=True, stable=True)", "torch.sort(logits, dim=1, descending=True)",
+        ["tests/ops/test_token_choice_route.py"],
+        "token choice (torch): an unstable sort, so tied logits go to any expert",
+    ),
+    Mutation(
+        "tc-triton-ties-to-higher-expert", "sparsemm_kernels/kernels/triton/token_topk.py",
+        "pick = tl.min(tl.where(hit, cols[None, :], BLOCK_E), axis=1)",
+        "pick = tl.max(tl.where(hit, cols[None, :], -1), axis=1)",
+        ["tests/ops/test_token_choice_route.py"],
+        "token choice (Triton): ties go to the higher expert index",
+    ),
+    Mutation(
+        "tc-cpp-ascending", "csrc/cpu/token_topk.cpp",
+        "return row[a] > row[b] || (row[a] == row[b] && a < b);",
+        "return row[a] < row[b] || (row[a] == row[b] && a < b);",
+        ["tests/ops/test_token_choice_route.py"],
+        "token choice (C++): the k smallest logits instead of the largest",
+    ),
+    Mutation(
+        "tc-moe-gate-not-applied", "sparsemm_kernels/nn/token_choice.py",
+        "slot_gates = gates.reshape(-1).index_select(0, pairs.sorted_to_orig)",
+        "slot_gates = gates.reshape(-1)",
+        ["tests/nn/test_token_choice.py"],
+        "token-choice MoE: each row scaled by another pair's gate (gates in pair order, rows in expert order)",
+    ),
+    Mutation(
         "slots-combine-drops-last-expert", "sparsemm_kernels/ops/slots.py",
         "for k in range(inverse.shape[1]):", "for k in range(inverse.shape[1] - 1):",
         ["tests/nn/test_moe.py"],

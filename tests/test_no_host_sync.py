@@ -61,6 +61,7 @@ ALLOWED = {
     # utils/checks.py: the "eager" branches, taken only for CPU tensors or an explicit validate=True (documented
     # to sync); CUDA's default "async" branch uses torch._assert_async and returns before them.
     ("nn/moe.py", "_check_capacity_factor", "float(capacity_factor)"): "a Python number at construction",
+    ("nn/token_choice.py", "TokenChoiceMoE.__init__", "float(lb_coef)"): "a Python number at construction",
     ("ops/routing.py", "check_finite_scores", "bool(finite.all())"): "eager mode only (CPU, or validate=True)",
     ("ops/routing.py", "check_finite_scores", "int((~finite).flatten().to(torch.uint8).argmax())"):
         "eager mode only, error message",
@@ -438,6 +439,23 @@ def test_mixture_of_depths_forward_backward_without_sync(batch_level):
     try:
         layer(x, ids).float().square().mean().backward()
         decode()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("experts,top_k", [(8, 2), (64, 8)])
+def test_token_choice_forward_backward_without_sync(experts, top_k):
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    layer = smk.nn.TokenChoiceMoE(256, 128, experts, top_k=top_k, device=dev, dtype=torch.bfloat16)
+    x = torch.randn(512, 256, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    (layer(x).float().square().mean() + layer.aux_loss).backward()  # warm-up: compile and autotune
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        (layer(x).float().square().mean() + layer.aux_loss).backward()
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()

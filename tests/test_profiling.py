@@ -194,6 +194,9 @@ def test_flops_match_hand_formula(name):
     if cfg.family == "moma":  # + every router scores every token: d x E_total per layer (capacity factor 1)
         assert cfg.options["capacity_factor"] == 1.0
         n_matmul += L * d * sum(cfg.options["experts"])
+    if cfg.family == "token_choice":  # each token through k experts of width f (dropless), + the router d x E
+        k, E = cfg.options["top_k"], cfg.options["experts"]
+        n_matmul = L * (4 * d * d + k * 3 * d * f + d * E) + d * V
     per_token = 6 * n_matmul + 6 * L * d * (S + 1)  # + exact causal attention, forward + backward
     fl = flop_count(cfg)
     if cfg.options.get("mod_capacity") is not None:
@@ -208,7 +211,7 @@ def test_flops_match_hand_formula(name):
         return
     assert fl.train_per_token == per_token
     assert fl.train_per_step(3, S) == 3 * S * per_token
-    if cfg.baseline and cfg.family != "moma":  # MoT (and its reference style) does the dense model's FLOPs
+    if cfg.baseline and cfg.family in ("mot", "mot_reference"):  # MoT does the dense model's FLOPs
         assert fl.train_per_token == flop_count(get_config(cfg.baseline)).train_per_token
 
 
@@ -297,12 +300,14 @@ def test_no_gpu_selects_the_cpu_preset(monkeypatch):
     # the default: every family at a size where matmuls dominate a CPU step; --quick: the tiny models
     names = PRESETS[default_preset(device.type, False)]
     assert names == ["dense-cpu", "mot2-cpu", "mot3-cpu", "mot2-cpu-ref", "moe-8x-cpu", "moma-1t1i-cpu",
-                     "moma-4t4i-cpu", "mod-moma-1t1i-cpu", "mod-moma-4t4i-cpu"]
+                     "moma-4t4i-cpu", "mod-moma-1t1i-cpu", "mod-moma-4t4i-cpu", "tc-8x-top2-cpu",
+                     "tc-64x-top8-cpu"]
     assert all(get_config(n).dim >= 512 and get_config(n).seq >= 1024 for n in names)
     assert "no GPU found" in preset_reason(device.type, False)
     quick = PRESETS[default_preset(device.type, True)]
     assert quick == ["dense-tiny", "mot2-tiny", "mot3-tiny", "mot2-tiny-ref", "moe-8x-tiny", "moma-1t1i-tiny",
-                     "moma-4t4i-tiny", "mod-moma-1t1i-tiny", "mod-moma-4t4i-tiny"]
+                     "moma-4t4i-tiny", "mod-moma-1t1i-tiny", "mod-moma-4t4i-tiny", "tc-8x-top2-tiny",
+                     "tc-64x-top8-tiny"]
     assert all(get_config(n).dim <= 64 for n in quick)
     assert default_preset("cuda", False) == "gpu" and default_preset("cuda", True) == "gpu-quick"
     # the cpu preset carries the same kinds of rows as the GPU presets: a dense baseline, MoT 2 and 3 and the

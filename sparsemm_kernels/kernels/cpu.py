@@ -258,6 +258,25 @@ def expert_choice_cpu(
     return out
 
 
+def token_topk_cpu(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Token-choice top-k (C++): ``[N, k]`` int64, per row of ``logits [N, E]`` (float CPU tensor, any strides;
+    float16/bfloat16 read as float32, exactly) the ``k`` largest, descending, ties to the lower index."""
+    c = _ext.require()
+    check_tensor(logits, "logits")
+    _check_cpu(logits, "logits")
+    check_dim(logits, 2, "logits", "[N, E]")
+    N, E = logits.shape
+    check_positive_int(k, "top_k")
+    if k > E:
+        raise ValueError(f"`top_k` must be in [1, {E}], got {k}")
+    if logits.dtype not in _GEMM_DTYPES:
+        logits = logits.float()
+    out = torch.empty(N, k, dtype=torch.int64)
+    c.token_topk_cpu(logits.data_ptr(), _ext.dtype_code(logits.dtype), N, E, logits.stride(0), logits.stride(1), k,
+                     out.data_ptr())
+    return out
+
+
 def _check_cpu(t: torch.Tensor, name: str) -> None:
     if t.device.type != "cpu":
         raise ValueError(f"`{name}` must be a CPU tensor for the C++ kernels, got device {t.device}")

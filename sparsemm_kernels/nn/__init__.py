@@ -6,6 +6,7 @@ from sparsemm_kernels.nn.moma import MoMaBlock, MoMaTransformer
 from sparsemm_kernels.nn.mot import DenseBlock, MoTAttention, MoTBlock, MoTFeedForward, MoTTransformer
 from sparsemm_kernels.nn.mot_linear import MoTLinear
 from sparsemm_kernels.nn.norms import MoTLayerNorm, MoTRMSNorm
+from sparsemm_kernels.nn.token_choice import TokenChoiceMoE
 
 __all__ = [
     "DenseBlock",
@@ -21,4 +22,5 @@ __all__ = [
     "MoTLinear",
     "MoTRMSNorm",
     "MoTTransformer",
+    "TokenChoiceMoE",
 ]

@@ -44,6 +44,11 @@ void expert_choice_cpu(std::uintptr_t scores, int dtype, int64_t n, int64_t num_
                        int64_t stride_e, std::uintptr_t mask, int mask_mode, int64_t mask_stride_n,
                        int64_t mask_stride_e, std::uintptr_t limit, int64_t capacity, std::uintptr_t out);
 
+// Token-choice routing: out[t, :] = the k experts with the highest logits[t * stride_n + e * stride_e],
+// descending, ties to the lower e (NaN ranks last). float32/float64; out contiguous int64 [n, k], 1 <= k <= E.
+void token_topk_cpu(std::uintptr_t logits, int dtype, int64_t n, int64_t num_experts, int64_t stride_n,
+                    int64_t stride_e, int64_t k, std::uintptr_t out);
+
 #if defined(SPARSEMM_WITH_CUDA)
 // Bytes of device scratch that group_plan_cuda needs for these sizes (a host-side query; launches nothing).
 int64_t group_plan_cuda_workspace_bytes(int64_t n, int64_t num_groups, int ids_dtype);
