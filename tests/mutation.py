@@ -210,6 +210,12 @@ MUTATIONS = [
         "token-choice MoE: each row scaled by another pair's gate (gates in pair order, rows in expert order)",
     ),
     Mutation(
+        "gemm-torch-aten-offsets-shifted", "sparsemm_kernels/ops/grouped_linear.py",
+        "offs=torch.tensor(bounds[1:], dtype=torch.int32)", "offs=torch.tensor(bounds[:-1], dtype=torch.int32)",
+        ["tests/ops/test_grouped_mm.py"],
+        "torch backend, many groups: torch._grouped_mm given group starts instead of ends",
+    ),
+    Mutation(
         "slots-combine-drops-last-expert", "sparsemm_kernels/ops/slots.py",
         "for k in range(inverse.shape[1]):", "for k in range(inverse.shape[1] - 1):",
         ["tests/nn/test_moe.py"],

@@ -66,6 +66,31 @@ def _valid_rows(rows: torch.Tensor | None, num_rows: int, mode: str):
     return torch.where(valid, rows, 0), valid
 
 
+_HAS_ATEN_GROUPED_MM = hasattr(torch, "_grouped_mm")
+#: From this many groups on, the CPU float32 torch backend hands the per-group loop to ``torch._grouped_mm``
+#: (one ATen call): with few groups the loop costs the same, with many (fine-grained MoE) its Python overhead
+#: dominates.
+ATEN_GROUPED_MM_MIN_GROUPS = 8
+
+
+def _aten_grouped_mm(a: torch.Tensor, b: torch.Tensor, bounds: list[int]) -> torch.Tensor | None:
+    """Every group's ``a[s:e] @ b[g]`` (``b (G, K, N)``, out ``(T, N)``), or with ``a`` of shape ``(K, T)`` every
+    ``a[:, s:e] @ b[s:e]`` (out ``(G, K, N)``, zeros for an empty group), by ``torch._grouped_mm`` in one call; None
+    where it does not run (not the CPU float32 case with many groups, or strides it refuses): the caller loops."""
+    if (not _HAS_ATEN_GROUPED_MM or a.device.type != "cpu" or a.dtype != torch.float32 or b.dtype != a.dtype
+            or len(bounds) - 1 < ATEN_GROUPED_MM_MIN_GROUPS or min(a.shape) == 0 or min(b.shape) == 0):
+        return None
+    for t in (a, b):  # its layout rules: one unit stride in the last two dims, the other 16-byte aligned
+        if not (t.stride(-1) == 1 or t.stride(-2) == 1) or any(st % 4 for st in t.stride()[-2:] if st != 1):
+            return None
+        if t.data_ptr() % 16:
+            return None
+    try:
+        return torch._grouped_mm(a, b, offs=torch.tensor(bounds[1:], dtype=torch.int32))
+    except RuntimeError:  # a layout its checks refuse that ours let through: the loop computes the same
+        return None
+
+
 def _gemm_torch(x, weight, bias, offsets, rows, gather_a, scatter_c, transpose_w, mode):
     """ATen per group: ``addmm`` straight into the group's slice of a sorted output (no concatenation, no
     zero-fill), gathering with ``index_select`` and scattering as a gather through the inverse permutation."""
@@ -74,14 +99,16 @@ def _gemm_torch(x, weight, bias, offsets, rows, gather_a, scatter_c, transpose_w
     bounds = _host_offsets(offsets, T, mode).tolist()  # sync-ok: the torch backend loops on the host
     idx, valid = _valid_rows(rows, T, mode)
     a = x.index_select(0, idx) if gather_a else x
-    out = torch.empty(T, w.shape[1], dtype=x.dtype, device=x.device)
-    for g in range(w.shape[0]):
-        s, e = bounds[g], bounds[g + 1]
-        if e > s:
-            if bias is not None:
-                torch.addmm(bias[g], a[s:e], w[g].t(), out=out[s:e])
-            else:
-                torch.mm(a[s:e], w[g].t(), out=out[s:e])
+    out = _aten_grouped_mm(a, w.transpose(1, 2), bounds) if bias is None else None
+    if out is None:
+        out = torch.empty(T, w.shape[1], dtype=x.dtype, device=x.device)
+        for g in range(w.shape[0]):
+            s, e = bounds[g], bounds[g + 1]
+            if e > s:
+                if bias is not None:
+                    torch.addmm(bias[g], a[s:e], w[g].t(), out=out[s:e])
+                else:
+                    torch.mm(a[s:e], w[g].t(), out=out[s:e])
     if valid is not None:  # unchecked plan: a position whose row does not exist writes nothing
         out = out * valid[:, None]
     if not scatter_c:
@@ -161,18 +188,24 @@ def _dw_torch(dy, x, offsets, rows, gather_dy, gather_x, compute_dbias, mode):
     xs = x.index_select(0, idx) if gather_x else x
     if valid is not None:  # unchecked plan: a position whose row does not exist adds nothing
         d = d * valid[:, None]
-    dw = torch.empty(G, N, K, dtype=dy.dtype, device=dy.device)
-    db = torch.empty(G, N, dtype=dy.dtype, device=dy.device) if compute_dbias else dy.new_empty(0)
+    dw = _aten_grouped_mm(d.t(), xs, bounds)
+    if dw is None:
+        dw = torch.empty(G, N, K, dtype=dy.dtype, device=dy.device)
+        for g in range(G):
+            s, e = bounds[g], bounds[g + 1]
+            if e > s:
+                torch.mm(d[s:e].t(), xs[s:e], out=dw[g])
+            else:
+                dw[g].zero_()
+    if not compute_dbias:
+        return dw, dy.new_empty(0)
+    db = torch.empty(G, N, dtype=dy.dtype, device=dy.device)
     for g in range(G):
         s, e = bounds[g], bounds[g + 1]
         if e > s:
-            torch.mm(d[s:e].t(), xs[s:e], out=dw[g])
-            if compute_dbias:
-                torch.sum(d[s:e], 0, out=db[g])
+            torch.sum(d[s:e], 0, out=db[g])
         else:
-            dw[g].zero_()
-            if compute_dbias:
-                db[g].zero_()
+            db[g].zero_()
     return dw, db
 
 

@@ -381,3 +381,31 @@ def test_cpu_backend_past_every_cxx_tile(routed, device):
         run = lambda x, w, b: smk.grouped_mm(x, w, offsets, b, backend="cpu")  # noqa: E731
         truth = lambda x, w, b: _truth_mm(x, w, offsets, b)  # noqa: E731
     check_multilinear(run, truth, [x, w, b], torch.float32, _tol("cpu", torch.float32))
+
+
+@pytest.mark.parametrize("K,N", [(32, 24), (5, 7)], ids=["aligned", "unaligned"])
+@pytest.mark.parametrize("G", [8, 64])
+def test_torch_backend_many_groups_one_aten_call_or_the_loop(G, K, N):
+    # From ATEN_GROUPED_MM_MIN_GROUPS groups on, CPU float32 with 16-byte strides goes through torch._grouped_mm;
+    # odd widths fall back to the per-group loop. Both must equal the float64 loop, with empty groups' dW exactly 0.
+    from sparsemm_kernels.ops import grouped_linear as gl
+
+    torch.manual_seed(G + K)
+    ids = torch.randint(0, G, (150,))
+    ids[ids == 1] = 0  # group 1 empty
+    plan = smk.group_plan(ids, G)
+    x = smk.sort_rows(torch.randn(150, K), plan).detach().requires_grad_(True)
+    w = torch.randn(G, N, K, requires_grad=True)
+    bounds = plan.offsets.tolist()
+    used = gl._aten_grouped_mm(x.detach(), w.detach().transpose(1, 2), bounds) is not None
+    assert used == (K == 32 and hasattr(torch, "_grouped_mm"))
+    y = smk.grouped_mm(x, w, plan.offsets, backend="torch")
+    xd, wd = x.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
+    want = torch.cat([xd[bounds[g]:bounds[g + 1]] @ wd[g].t() for g in range(G)])
+    torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    want.backward(dy.double())
+    torch.testing.assert_close(x.grad.double(), xd.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w.grad.double(), wd.grad, rtol=1e-5, atol=1e-5)
+    assert bool((w.grad[1] == 0).all())
