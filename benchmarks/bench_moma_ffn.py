@@ -21,17 +21,13 @@ and ``.json``, every number from this run.
 from __future__ import annotations
 
 import copy
-import datetime as _dt
-import json
 import math
 import sys
-import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks import harness
+from benchmarks import harness, layer_bench
 from sparsemm_kernels.nn import ExpertChoiceMoE, MoMaFeedForward
 
 OP = "moma_ffn"
@@ -105,126 +101,44 @@ def _validate(m, x: torch.Tensor, ids: torch.Tensor) -> float:
         return harness.rel_err(call(x32), loop_forward(m32, x32, ids))
 
 
-def _step(fn, x, ids, dy, mode):
-    if mode == "forward":
-        def run():
-            with torch.no_grad():
-                fn(x, ids)
-    else:
-        def run():
-            fn(x, ids).backward(dy)
-    return run
+def _build(name: str, device: torch.device, dtype: torch.dtype, args) -> layer_bench.Case:
+    dim, hidden, batch, seq, span = CONFIGS[name]
+    if args.quick and device.type == "cpu":
+        batch = 1
+    factory = {"device": device, "dtype": dtype}
+    x = torch.randn(batch, seq, dim, **factory).requires_grad_(True)
+    ids = _ids(batch, seq, span, device)
+    dense, dense_params = _dense_ffn(dim, hidden, factory)
+    providers, leaves = {"dense": lambda t: dense(t, ids)}, {"dense": [x, *dense_params]}
+    checked = {}
+    for layer, experts in LAYERS.items():
+        m, call = _layer(experts, dim, hidden, factory)
+        providers[layer] = lambda t, call=call: call(t, ids)
+        providers[f"{layer}_loop"] = lambda t, m=m: loop_forward(m, t, ids)
+        leaves[layer] = leaves[f"{layer}_loop"] = [x, *m.parameters()]
+        checked[layer] = checked[f"{layer}_loop"] = _validate(m, x, ids)
+    return layer_bench.Case(x, torch.randn(batch, seq, dim, **factory), providers, leaves, checked,
+                            {"dim": dim, "hidden": hidden, "batch": batch, "seq": seq})
+
+
+def _ratios(p: str, medians: dict) -> dict:
+    layer = p.removesuffix("_loop")
+    if layer not in LAYERS or layer not in medians or f"{layer}_loop" not in medians:
+        return {}
+    return {"loop_over_layer": medians[f"{layer}_loop"] / medians[layer]}
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = harness.cli_parser("python -m benchmarks.bench_moma_ffn", __doc__.split("\n")[0],
-                            "the 435M config only on cuda; fewer tokens on cpu",
-                            "CPU threads for torch (default 1; 0: leave defaults)")
-    ap.add_argument("--configs", default=None, help=f"comma list of {list(CONFIGS)} (default: 435M,1.4B on cuda, "
-                    "cpu on the CPU)")
-    args = harness.parse_cli(ap, argv)
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-                          else "cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
-        return 2
-    names = [c.strip() for c in args.configs.split(",")] if args.configs else (
-        (["435M"] if args.quick else ["435M", "1.4B"]) if device.type == "cuda" else ["cpu"])
-    unknown = sorted(set(names) - set(CONFIGS))
-    if unknown:
-        print(f"error: unknown configs {unknown}; known: {list(CONFIGS)}", file=sys.stderr)
-        return 2
-    wanted = [p for p in ("dense", *LAYERS, *(f"{n}_loop" for n in LAYERS))
-              if not args.providers or p in args.providers.split(",")]
-    if device.type == "cpu" and args.threads > 0:
-        harness.set_cpu_threads(args.threads)
-    dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    dtype = harness.DTYPES[dtype_name]
-    env = harness.collect_env(device)
-    time_fn, method = harness.timer(device)
-    if device.type == "cpu":
-        method = (f"time.perf_counter, every provider of a config in alternating rounds (at least 7 rounds, "
-                  f"{args.cpu_budget:g} s), grads set to None before every run")
-    start, rows, failed = time.monotonic(), [], 0
-    for name in names:
-        dim, hidden, batch, seq, span = CONFIGS[name]
-        if args.quick and device.type == "cpu":
-            batch = 1
-        if args.time_budget is not None and time.monotonic() - start > args.time_budget:
-            print(f"time budget spent: stopping before {name}", flush=True)
-            break
-        torch.manual_seed(args.seed)
-        factory = {"device": device, "dtype": dtype}
-        x = torch.randn(batch, seq, dim, **factory).requires_grad_(True)
-        dy = torch.randn(batch, seq, dim, **factory)
-        ids = _ids(batch, seq, span, device)
-        dense, dense_params = _dense_ffn(dim, hidden, factory)
-        fns = {"dense": (dense, dense_params, None)}
-        for layer, experts in LAYERS.items():
-            m, call = _layer(experts, dim, hidden, factory)
-            fns[layer] = (call, list(m.parameters()), m)
-            fns[f"{layer}_loop"] = ((lambda t, i, m=m: loop_forward(m, t, i)), list(m.parameters()), None)
-        checked = {}
-        for p in wanted:
-            _, _, module = fns[p]
-            if module is not None:
-                err = _validate(module, x, ids)
-                checked[p] = err
-                checked[f"{p}_loop"] = err
-        for mode in args.modes:
-            run = {p: _step(fns[p][0], x, ids, dy, mode) for p in wanted}
-            grads = {p: [x, *fns[p][1]] for p in wanted}
-            ok = [p for p in wanted if checked.get(p, 0.0) <= 1e-4]
-            if device.type == "cpu":
-                qs = harness.time_cpu_alternating([run[p] for p in ok], [grads[p] for p in ok],
-                                                  budget_s=args.cpu_budget)
-                timed = dict(zip(ok, qs))
-            else:
-                timed = {p: time_fn(run[p], grad_to_none=grads[p]) for p in ok}
-            base = timed.get("dense", [None, None, None])[1]
-            for p in wanted:
-                row = harness.make_row(env, op=OP, config=name, dim=dim, hidden=hidden, batch=batch, seq=seq,
-                                       provider=p, mode=mode, dtype=dtype_name, validation_rel_err=checked.get(p))
-                if p in timed:
-                    q = timed[p]
-                    row.update(status="ok", ms_p20=q[0], ms_p50=q[1], ms_p80=q[2],
-                               x_dense=q[1] / base if base else None, tokens_per_s=batch * seq / (q[1] * 1e-3))
-                    layer = p.removesuffix("_loop")
-                    if p in LAYERS and f"{p}_loop" in timed:
-                        row["loop_over_layer"] = timed[f"{p}_loop"][1] / q[1]
-                    elif layer in LAYERS and layer in timed:
-                        row["loop_over_layer"] = q[1] / timed[layer][1]
-                else:
-                    row.update(status="FAILED", note=f"validation error {checked.get(p)} > 1e-4: not timed")
-                    failed += 1
-                rows.append(row)
-                shown = (f"{row['ms_p50']:.4g} ms  x dense {row['x_dense']:.3f}" if row["status"] == "ok"
-                         else row["note"])
-                print(f"{name:5s} {mode:16s} {p:14s} {row['status']:6s} {shown}", flush=True)
-        del x, dy, fns
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    stem = Path(args.out) / f"{OP}-{harness.slug(env['device'])}-{dtype_name}-{stamp}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    lines = [f"# {OP} benchmark: {env['device']}, {dtype_name}", "",
-             f"Measured in this run ({harness.now_utc()}), one process; torch {env['torch']}, triton "
-             f"{env['triton']}, git {env['git_commit']}. Timing: {method}. Layers at capacity factor 1 (FLOP-"
-             "matched with dense); x dense = median / dense median; loop / layer = the loop's median over the "
-             "layer's. Validation: float32 layer vs its loop (relative Frobenius error).", "",
-             "| config | mode | provider | median ms | p20-p80 ms | x dense | loop / layer | validation | status |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        ok = r["status"] == "ok"
-        lines.append(
-            f"| {r['config']} | {r['mode']} | {r['provider']} | {r['ms_p50']:.4g} | "
-            f"{r['ms_p20']:.4g}-{r['ms_p80']:.4g} | {r['x_dense']:.3f} | {r.get('loop_over_layer') or 0:.2f} | "
-            f"{r['validation_rel_err'] if r['validation_rel_err'] is not None else '-'} | ok |" if ok else
-            f"| {r['config']} | {r['mode']} | {r['provider']} | | | | | {r['validation_rel_err']} | FAILED |")
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    stem.with_suffix(".json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1, default=str))
-    print(f"{len(rows)} rows ({failed} FAILED) -> {stem}.md, .json", flush=True)
-    return 1 if failed else 0
+    return layer_bench.run(
+        OP, __doc__, argv, CONFIGS,
+        lambda device, quick: (["435M"] if quick else ["435M", "1.4B"]) if device == "cuda" else ["cpu"],
+        ["dense", *LAYERS, *(f"{n}_loop" for n in LAYERS)], _build, "dense", _ratios,
+        "Layers at capacity factor 1 (FLOP-matched with dense); x dense = median / dense median; loop / layer = the "
+        "loop's median over the layer's. Validation: float32 layer vs its loop (relative Frobenius error).",
+        [("median ms", layer_bench.median_cells), ("p20-p80 ms", layer_bench.spread_cells),
+         ("x dense", layer_bench.field_cells("x_base")),
+         ("loop / layer", layer_bench.field_cells("loop_over_layer", ".2f"))],
+    )
 
 
 if __name__ == "__main__":

@@ -55,6 +55,20 @@ def _no_tokens(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x.new_zeros(x.shape) + 0 * sum(p.sum() for p in module.parameters())
 
 
+def _add_experts(module: nn.Module, num_experts: int, hidden_dim: int, dim: int, factory: dict) -> None:
+    """The SwiGLU experts' parameters every expert layer holds: ``w1, w3 [E, hidden, dim]``, ``w2 [E, dim, hidden]``
+    (uninitialised: :func:`_init_experts`)."""
+    module.w1 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim, **factory))
+    module.w3 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim, **factory))
+    module.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim, **factory))
+
+
+def _init_experts(module: nn.Module) -> None:
+    """Each expert's W1, W3, W2 initialised like ``nn.Linear``."""
+    for w in (module.w1, module.w3, module.w2):
+        init_per_modality_(w)
+
+
 def _experts_swiglu(module: nn.Module, x2d, slots, inverse, gates, offsets) -> torch.Tensor:
     """The tokens copied into their expert slots (``slots``: the token of each buffer row, -1 empty), one grouped
     SwiGLU over all experts (expert ``e`` = rows ``offsets[e]:offsets[e+1]``), each row scaled by its gate and
@@ -112,16 +126,13 @@ class ExpertChoiceMoE(nn.Module):
         self.capacity_factor, self.gate, self.router_noise = capacity_factor, gate, router_noise
         self.backend = check_backend_name(backend)
         self.router = nn.Linear(dim, num_experts, bias=False, **factory)
-        self.w1 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim, **factory))
-        self.w3 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim, **factory))
-        self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim, **factory))
+        _add_experts(self, num_experts, hidden_dim, dim, factory)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """The router and each expert's W1, W3, W2 initialised like ``nn.Linear``."""
         self.router.reset_parameters()
-        for w in (self.w1, self.w3, self.w2):
-            init_per_modality_(w)
+        _init_experts(self)
 
     def scores(self, x2d: torch.Tensor) -> torch.Tensor:
         """Router scores ``[N, E]`` of tokens ``x2d [N, dim]`` (with Gumbel noise in training, if configured)."""
@@ -251,10 +262,7 @@ class MoMaFeedForward(nn.Module):
         self.aux_routers = nn.ModuleList(AuxRouter(dim, e, **factory) for e in experts) if aux_router else None
         self.causal_routing = False
         self.aux_loss: torch.Tensor | None = None
-        E = self.num_experts
-        self.w1 = nn.Parameter(torch.empty(E, hidden_dim, dim, **factory))
-        self.w3 = nn.Parameter(torch.empty(E, hidden_dim, dim, **factory))
-        self.w2 = nn.Parameter(torch.empty(E, dim, hidden_dim, **factory))
+        _add_experts(self, self.num_experts, hidden_dim, dim, factory)
         # each expert's group, as a buffer so that it follows .to(device)
         group_of = [g for g, count in enumerate(experts) for _ in range(count)]
         self.register_buffer("expert_group", torch.tensor(group_of, device=device), persistent=False)
@@ -268,8 +276,7 @@ class MoMaFeedForward(nn.Module):
             r.reset_parameters()
         for a in self.aux_routers or ():
             a.reset_parameters()
-        for w in (self.w1, self.w3, self.w2):
-            init_per_modality_(w)
+        _init_experts(self)
 
     @classmethod
     def from_modality_ffn(cls, ffn, experts_per_modality, **kwargs) -> MoMaFeedForward:

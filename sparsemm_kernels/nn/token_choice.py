@@ -13,8 +13,7 @@ import torch
 from torch import nn
 
 from sparsemm_kernels.backend import check_backend_name, prefer
-from sparsemm_kernels.nn.moe import _experts_swiglu, _flat_tokens, _no_tokens
-from sparsemm_kernels.nn.mot_linear import init_per_modality_
+from sparsemm_kernels.nn.moe import _add_experts, _experts_swiglu, _flat_tokens, _init_experts, _no_tokens
 from sparsemm_kernels.ops.token_routing import check_top_k, token_choice_route
 from sparsemm_kernels.plan import build_plan
 from sparsemm_kernels.utils.checks import check_positive_int
@@ -59,17 +58,14 @@ class TokenChoiceMoE(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.dim, self.hidden_dim, self.num_experts = dim, hidden_dim, num_experts
         self.lb_coef, self.backend = float(lb_coef), check_backend_name(backend)
-        self.w1 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim, **factory))
-        self.w3 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim, **factory))
-        self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim, **factory))
+        _add_experts(self, num_experts, hidden_dim, dim, factory)
         self.router = nn.Linear(dim, num_experts, bias=False, **factory)
         self.aux_loss: torch.Tensor | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Each expert's W1, W2, W3 like ``nn.Linear``; the router as ``nn.Linear``."""
-        for w in (self.w1, self.w3, self.w2):
-            init_per_modality_(w)
+        _init_experts(self)
         self.router.reset_parameters()
 
     def forward(self, x: torch.Tensor, modality_ids=None, plan=None, *, sorted_rows: bool = False) -> torch.Tensor:
