@@ -19,6 +19,7 @@ Backends (``backend=`` or ``SPARSEMM_BACKEND``): see :mod:`sparsemm_kernels.back
 from sparsemm_kernels import nn
 from sparsemm_kernels.backend import BACKENDS, BackendUnavailableError, available_backends, select_backend
 from sparsemm_kernels.nn.btx import btx_merge
+from sparsemm_kernels.ops.avgk import avgk_ffn, avgk_select
 from sparsemm_kernels.ops.grouped_linear import grouped_linear, grouped_mm
 from sparsemm_kernels.ops.mod_routing import mod_route
 from sparsemm_kernels.ops.modality_linear import modality_linear
@@ -37,6 +38,8 @@ __all__ = [
     "GroupPlan",
     "__version__",
     "available_backends",
+    "avgk_ffn",
+    "avgk_select",
     "btx_merge",
     "expert_choice_route",
     "group_plan",

@@ -216,6 +216,18 @@ MUTATIONS = [
         "torch backend, many groups: torch._grouped_mm given group starts instead of ends",
     ),
     Mutation(
+        "avgk-select-descending", "sparsemm_kernels/ops/avgk.py",
+        "    return best.sort(dim=1).values", "    return best",
+        ["tests/ops/test_avgk.py"],
+        "Avg-K: each token's blocks in score order instead of ascending block order",
+    ),
+    Mutation(
+        "avgk-values-misread", "sparsemm_kernels/ops/avgk.py",
+        "w_out.view(d, n_blocks, g).permute(1, 0, 2)", "w_out.view(n_blocks, d, g)",
+        ["tests/ops/test_avgk.py"],
+        "Avg-K: block b's values read as a contiguous slab of w_out instead of its g columns",
+    ),
+    Mutation(
         "slots-combine-drops-last-expert", "sparsemm_kernels/ops/slots.py",
         "for k in range(inverse.shape[1]):", "for k in range(inverse.shape[1] - 1):",
         ["tests/nn/test_moe.py"],

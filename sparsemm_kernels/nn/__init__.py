@@ -1,5 +1,6 @@
 """Drop-in ``torch.nn`` modules whose forward reads like the papers' equations."""
 
+from sparsemm_kernels.nn.avgk import AvgKFeedForward
 from sparsemm_kernels.nn.mod import MixtureOfDepths
 from sparsemm_kernels.nn.moe import ExpertChoiceMoE, MoMaFeedForward
 from sparsemm_kernels.nn.moma import MoMaBlock, MoMaTransformer
@@ -9,6 +10,7 @@ from sparsemm_kernels.nn.norms import MoTLayerNorm, MoTRMSNorm
 from sparsemm_kernels.nn.token_choice import TokenChoiceMoE
 
 __all__ = [
+    "AvgKFeedForward",
     "DenseBlock",
     "ExpertChoiceMoE",
     "MixtureOfDepths",

@@ -1,0 +1,153 @@
+"""Avg-K sparse FFN: each token computes only the FFN blocks whose mean key matches it best.
+
+The FFN is a key-value memory: keys = rows of ``w_in [d_ff, d]``, values = columns of ``w_out [d, d_ff]``, cells in
+``n_blocks = d_ff / g`` contiguous blocks of ``g``. ``avgk_select``: the mean key of every block from the current
+weights, scores ``x . mean_key_b``, each token's ``top_k`` blocks (ties to the lower block), ascending.
+``avgk_ffn``: ``y_t = sum_{b in T(x_t)} sum_{i in b} act(x_t . w_in[i] + b_in[i]) w_out[:, i] (+ b_out)``.
+
+Strategy "grouped" (the one built so far): the (token, block) pairs grouped by block through a plan, so block ``b``
+is group ``b`` of a grouped GEMM whose weights are views of ``w_in`` / ``w_up`` / ``w_out`` (no copy), the tokens
+copied into the pair rows (``pick_rows``) and the pairs summed back per token (``sum_rows``): autograd for every
+input through those ops, weight gradients per block without atomics. No host sync.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sparsemm_kernels.backend import check_backend_name
+from sparsemm_kernels.ops.grouped_linear import grouped_mm
+from sparsemm_kernels.ops.slots import pick_rows_op, sum_rows_op
+from sparsemm_kernels.ops.token_routing import token_topk_op
+from sparsemm_kernels.plan import build_plan
+from sparsemm_kernels.utils.checks import (
+    check_dim,
+    check_float_tensor,
+    check_positive_int,
+    check_same_device,
+    check_same_dtype,
+)
+
+ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+STRATEGIES = ("auto", "grouped")
+
+
+def _blocks(w_in: torch.Tensor, block_size, top_k) -> tuple[int, int, int]:
+    """``(g, n_blocks, k)`` checked against ``w_in [d_ff, d]``."""
+    g = check_positive_int(block_size, "block_size")
+    d_ff = w_in.shape[0]
+    if d_ff % g:
+        raise ValueError(f"`block_size` {g} must divide d_ff = {d_ff} (the rows of `w_in`)")
+    n_blocks = d_ff // g
+    if isinstance(top_k, bool) or not isinstance(top_k, int):
+        raise TypeError(f"`top_k` must be an int, got {type(top_k).__name__}")
+    if not 1 <= top_k <= n_blocks:
+        raise ValueError(f"`top_k` must be in [1, {n_blocks}] (the number of blocks), got {top_k}")
+    return g, n_blocks, top_k
+
+
+def _check_x_w(x: torch.Tensor, w_in: torch.Tensor) -> None:
+    check_float_tensor(x, "x")
+    check_float_tensor(w_in, "w_in")
+    check_dim(w_in, 2, "w_in", "[d_ff, d] (rows are the keys)")
+    if x.dim() < 1 or x.shape[-1] != w_in.shape[1]:
+        raise ValueError(f"`x` must be [..., d] with d = {w_in.shape[1]} (the columns of `w_in`), got shape "
+                         f"{tuple(x.shape)}")
+    check_same_device("x", x, "w_in", w_in)
+    check_same_dtype("x", x, "w_in", w_in)
+
+
+def _select(x2d: torch.Tensor, w_in: torch.Tensor, g: int, n_blocks: int, k: int, backend) -> torch.Tensor:
+    with torch.no_grad():  # no gradient through the choice
+        mean_keys = w_in.detach().view(n_blocks, g, w_in.shape[1]).mean(1)  # the current weights, every call
+        scores = x2d.detach() @ mean_keys.t()  # [N, n_blocks]
+        best = token_topk_op(scores, k, backend)  # descending, ties to the lower block
+    return best.sort(dim=1).values
+
+
+def avgk_select(x: torch.Tensor, w_in: torch.Tensor, block_size: int, top_k: int, *,
+                backend: str | None = None) -> torch.Tensor:
+    """Each token's ``top_k`` blocks by ``x . mean_key_b``: ``[N, top_k]`` int64, ascending block order, ties to the
+    lower block. ``x [N, d]`` (or ``[..., d]``: then ``[..., top_k]``), ``w_in [d_ff, d]`` with ``block_size``
+    dividing ``d_ff``; the mean keys come from ``w_in`` as it is now. No gradient."""
+    _check_x_w(x, w_in)
+    g, n_blocks, k = _blocks(w_in, block_size, top_k)
+    x2 = x.reshape(-1, x.shape[-1])
+    return _select(x2, w_in, g, n_blocks, k, check_backend_name(backend)).view(*x.shape[:-1], k)
+
+
+def _check_param(t, name: str, shape: tuple, x: torch.Tensor) -> None:
+    if t is None:
+        return
+    check_float_tensor(t, name)
+    if tuple(t.shape) != shape:
+        raise ValueError(f"`{name}` must have shape {shape}, got {tuple(t.shape)}")
+    check_same_device("x", x, name, t)
+    check_same_dtype("x", x, name, t)
+
+
+def avgk_ffn(
+    x: torch.Tensor,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    block_size: int,
+    top_k: int,
+    activation: str = "gelu",
+    b_in: torch.Tensor | None = None,
+    b_out: torch.Tensor | None = None,
+    w_up: torch.Tensor | None = None,
+    *,
+    strategy: str = "auto",
+    backend: str | None = None,
+) -> torch.Tensor:
+    """The Avg-K sparse FFN (see the module docstring).
+
+    Args:
+        x: ``[..., d]``.
+        w_in: ``[d_ff, d]`` keys; ``w_out``: ``[d, d_ff]`` values; ``b_in [d_ff]``, ``b_out [d]`` optional;
+            ``w_up [d_ff, d]`` optional: the GLU variant ``act(x w_in[i] + b_in[i]) * (x w_up[i])`` (selection still
+            by the mean of the ``w_in`` keys).
+        block_size: ``g``, dividing ``d_ff``; top_k: blocks per token, ``1 <= top_k <= d_ff / g``.
+        activation: ``"gelu"`` (exact), ``"relu"`` or ``"silu"``.
+        strategy: ``"grouped"`` ((token, block) pairs grouped by block, one grouped GEMM per projection) or
+            ``"auto"`` (the same, for now: the per-token gathered-block kernel is still to come).
+
+    Returns:
+        ``[..., d]``, differentiable in ``x``, ``w_in``, ``w_out``, ``b_in``, ``b_out``, ``w_up`` (not through the
+        choice). With ``top_k = d_ff / g`` it is the dense FFN.
+    """
+    _check_x_w(x, w_in)
+    g, n_blocks, k = _blocks(w_in, block_size, top_k)
+    d_ff, d = w_in.shape
+    check_float_tensor(w_out, "w_out")
+    if tuple(w_out.shape) != (d, d_ff):
+        raise ValueError(f"`w_out` must have shape [d, d_ff] = {(d, d_ff)}, got {tuple(w_out.shape)}")
+    check_same_device("x", x, "w_out", w_out)
+    check_same_dtype("x", x, "w_out", w_out)
+    _check_param(b_in, "b_in", (d_ff,), x)
+    _check_param(b_out, "b_out", (d,), x)
+    _check_param(w_up, "w_up", (d_ff, d), x)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"`activation` must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"`strategy` must be one of {STRATEGIES}, got {strategy!r}")
+    backend = check_backend_name(backend)
+    x2 = x.reshape(-1, d)
+    N = x2.shape[0]
+    blocks = _select(x2, w_in, g, n_blocks, k, backend)  # [N, k]
+    pairs = build_plan(blocks.reshape(-1), n_blocks, backend=backend, validate=False, name="block_idx")
+    slots = torch.div(pairs.sorted_to_orig, k, rounding_mode="floor")  # the token of every pair row
+    inverse = pairs.orig_to_sorted.view(N, k)  # the k pair rows of every token
+    xe = pick_rows_op(x2, slots, inverse)
+    # Block b = group b: its g keys (and up-projections) are rows b*g..b*g+g-1, its values columns of w_out.
+    h = grouped_mm(xe, w_in.view(n_blocks, g, d), pairs.offsets,
+                   b_in.view(n_blocks, g) if b_in is not None else None, backend=backend)
+    h = ACTIVATIONS[activation](h)
+    if w_up is not None:
+        h = h * grouped_mm(xe, w_up.view(n_blocks, g, d), pairs.offsets, backend=backend)
+    ye = grouped_mm(h, w_out.view(d, n_blocks, g).permute(1, 0, 2), pairs.offsets, backend=backend)
+    y = sum_rows_op(ye, inverse, slots)
+    if b_out is not None:
+        y = y + b_out
+    return y.view(x.shape)
