@@ -169,3 +169,19 @@ def token_choice_params(cfg: ModelConfig) -> ParamCount:
     routers = cfg.n_layers * cfg.dim * experts
     return ParamCount(total=dense.total + cfg.n_layers * (experts - 1) * ffn + routers,
                       active=dense.active + cfg.n_layers * (k - 1) * ffn + routers, embedding=dense.embedding)
+
+
+def avgk_flops(cfg: ModelConfig) -> FlopCount:
+    """Avg-K: the dense counts with ``cfg.hidden`` = the active cells (``top_k * block_size``, SwiGLU cells), plus the
+    selection ``2 * d * n_blocks`` per token and layer (the mean keys' own cost, ``d * cells`` per layer and step, is
+    not counted)."""
+    base = transformer_flops(cfg).components
+    n_blocks = cfg.options["cells"] // cfg.options["block_size"]
+    return FlopCount({**base, "avgk_select": cfg.n_layers * 2 * cfg.dim * n_blocks})
+
+
+def avgk_params(cfg: ModelConfig) -> ParamCount:
+    """The dense model's with every FFN ``3 * d * cells`` instead of ``3 * d * hidden``; active: ``hidden`` cells."""
+    dense = transformer_params(cfg.override(num_modalities=1))
+    extra = cfg.n_layers * 3 * cfg.dim * (cfg.options["cells"] - cfg.hidden)
+    return ParamCount(total=dense.total + extra, active=dense.active, embedding=dense.embedding)

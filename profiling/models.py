@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsemm_kernels.nn import (
+    AvgKFeedForward,
     MixtureOfDepths,
     MoMaBlock,
     MoMaFeedForward,
@@ -192,6 +193,7 @@ ROLE_OF_TYPE: list[tuple[type, str]] = [
     (MoTFeedForward, "ffn"),
     (MoMaFeedForward, "ffn"),
     (TokenChoiceMoE, "ffn"),
+    (AvgKFeedForward, "ffn"),
     (MoTRMSNorm, "norm"),
     (MoTLayerNorm, "norm"),
     (ReferenceNorm, "norm"),
@@ -270,4 +272,16 @@ def build_token_choice(cfg: ModelConfig, device: torch.device, dtype: torch.dtyp
     for layer in model.layers:
         layer.ffn = TokenChoiceMoE(cfg.dim, cfg.hidden, cfg.options["experts"], top_k=cfg.options["top_k"],
                                    device=device, dtype=dtype)
+    return _workload(model, cfg, device)
+
+
+def build_avgk(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> Workload:
+    """The ``avgk`` family: a dense :class:`MoTTransformer` whose every FFN is an :class:`AvgKFeedForward` (SwiGLU
+    cells: ``glu=True``, ``silu``) of ``options["cells"]`` cells in blocks of ``options["block_size"]``,
+    ``options["top_k"]`` blocks per token (``cfg.hidden`` = the active cells, FLOP-matched with the dense model)."""
+    model = MoTTransformer(cfg.vocab, cfg.dim, cfg.n_layers, cfg.n_heads, cfg.hidden, 1, device=device, dtype=dtype)
+    o = cfg.options
+    for layer in model.layers:
+        layer.ffn = AvgKFeedForward(cfg.dim, o["cells"], o["block_size"], o["top_k"], "silu", glu=True, device=device,
+                                    dtype=dtype)
     return _workload(model, cfg, device)

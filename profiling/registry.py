@@ -454,6 +454,32 @@ def _token_choice_family(size: str, baseline: str, group: str, hidden: int, **co
     return names
 
 
+register_family(Family(
+    "avgk", _models.build_avgk, _flops.avgk_flops, _flops.avgk_params,
+    "dense MoTTransformer with every FFN an Avg-K sparse FFN (AvgKFeedForward, SwiGLU cells): each token computes "
+    "the top_k blocks whose mean key matches it, 1/8 of the cells",
+))
+
+
+def _avgk(size: str, baseline: str, group: str, hidden: int, block_size: int, **common: Any) -> str:
+    """avgk-SIZE: 8x the dense model's FFN cells, 1/8 active (``hidden`` cells per token: FLOP-matched)."""
+    name = f"avgk-{size}"
+    register(ModelConfig(
+        name, "avgk", num_modalities=1, baseline=baseline, group=group, hidden=hidden,
+        options={"cells": 8 * hidden, "block_size": block_size, "top_k": hidden // block_size},
+        description=f"{size} Avg-K: {8 * hidden} SwiGLU cells in blocks of {block_size}, {hidden // block_size} "
+                    "blocks (1/8) per token", **common,
+    ))
+    return name
+
+
+_AVGK_443M = _avgk("443m", "dense-443m", "443m", swiglu_hidden(1024), 64, dim=1024, n_layers=24, n_heads=16,
+                   seq=4096)
+_AVGK_CPU = _avgk("cpu", "dense-cpu", "cpu", swiglu_hidden(512), 64, dim=512, n_layers=4, n_heads=8, seq=1024,
+                  batch=2, vocab=CPU_VOCAB, image_span=256)
+_AVGK_TINY = _avgk("tiny", "dense-tiny", "tiny", 192, 16, dim=64, n_layers=2, n_heads=4, seq=128, batch=2,
+                   vocab=256, image_span=32)
+
 _TC_443M = _token_choice_family("443m", "dense-443m", "443m", swiglu_hidden(1024), dim=1024, n_layers=24,
                                 n_heads=16, seq=4096)
 _TC_CPU = _token_choice_family("cpu", "dense-cpu", "cpu", swiglu_hidden(512), dim=512, n_layers=4, n_heads=8,
@@ -462,8 +488,9 @@ _TC_TINY = _token_choice_family("tiny", "dense-tiny", "tiny", 192, dim=64, n_lay
                                 vocab=256, image_span=32)
 
 register_preset("tiny", ["dense-tiny", "mot2-tiny", "mot3-tiny", "mot2-tiny-ref", *_MOMA_TINY, *_MOD_MOMA_TINY,
-                         *_TC_TINY])
-register_preset("cpu", ["dense-cpu", "mot2-cpu", "mot3-cpu", "mot2-cpu-ref", *_MOMA_CPU, *_MOD_MOMA_CPU, *_TC_CPU])
+                         *_TC_TINY, _AVGK_TINY])
+register_preset("cpu", ["dense-cpu", "mot2-cpu", "mot3-cpu", "mot2-cpu-ref", *_MOMA_CPU, *_MOD_MOMA_CPU, *_TC_CPU,
+                        _AVGK_CPU])
 register_preset("gpu-quick", ["dense-443m", "mot2-443m", "mot3-443m", "mot2-443m-ref"])
 register_preset("gpu", [*PRESETS["gpu-quick"], "dense-1.5b", "mot2-1.5b", "dense-435m-moma", *_MOMA_435M,
-                        *_MOD_MOMA_435M, *_TC_443M])
+                        *_MOD_MOMA_435M, *_TC_443M, _AVGK_443M])

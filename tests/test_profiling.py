@@ -197,6 +197,8 @@ def test_flops_match_hand_formula(name):
     if cfg.family == "token_choice":  # each token through k experts of width f (dropless), + the router d x E
         k, E = cfg.options["top_k"], cfg.options["experts"]
         n_matmul = L * (4 * d * d + k * 3 * d * f + d * E) + d * V
+    if cfg.family == "avgk":  # f = the active cells (SwiGLU), + scoring every block's mean key: d x n_blocks
+        n_matmul += L * d * (cfg.options["cells"] // cfg.options["block_size"])
     per_token = 6 * n_matmul + 6 * L * d * (S + 1)  # + exact causal attention, forward + backward
     fl = flop_count(cfg)
     if cfg.options.get("mod_capacity") is not None:
@@ -301,13 +303,13 @@ def test_no_gpu_selects_the_cpu_preset(monkeypatch):
     names = PRESETS[default_preset(device.type, False)]
     assert names == ["dense-cpu", "mot2-cpu", "mot3-cpu", "mot2-cpu-ref", "moe-8x-cpu", "moma-1t1i-cpu",
                      "moma-4t4i-cpu", "mod-moma-1t1i-cpu", "mod-moma-4t4i-cpu", "tc-8x-top2-cpu",
-                     "tc-64x-top8-cpu"]
+                     "tc-64x-top8-cpu", "avgk-cpu"]
     assert all(get_config(n).dim >= 512 and get_config(n).seq >= 1024 for n in names)
     assert "no GPU found" in preset_reason(device.type, False)
     quick = PRESETS[default_preset(device.type, True)]
     assert quick == ["dense-tiny", "mot2-tiny", "mot3-tiny", "mot2-tiny-ref", "moe-8x-tiny", "moma-1t1i-tiny",
                      "moma-4t4i-tiny", "mod-moma-1t1i-tiny", "mod-moma-4t4i-tiny", "tc-8x-top2-tiny",
-                     "tc-64x-top8-tiny"]
+                     "tc-64x-top8-tiny", "avgk-tiny"]
     assert all(get_config(n).dim <= 64 for n in quick)
     assert default_preset("cuda", False) == "gpu" and default_preset("cuda", True) == "gpu-quick"
     # the cpu preset carries the same kinds of rows as the GPU presets: a dense baseline, MoT 2 and 3 and the

@@ -64,9 +64,15 @@ class AvgKFeedForward(nn.Module):
                 bound = 1 / math.sqrt(fan_in)
                 nn.init.uniform_(b, -bound, bound)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, modality_ids=None, plan=None, *, sorted_rows: bool = False) -> torch.Tensor:
+        """x: ``[..., dim]`` -> ``[..., dim]``. ``modality_ids``, ``plan`` and ``sorted_rows`` are accepted and ignored
+        (so the module stands where a :class:`~sparsemm_kernels.nn.MoTFeedForward` stands, e.g. in a ``MoTBlock``)."""
         return avgk_ffn(x, self.w_in, self.w_out, self.block_size, self.top_k, self.activation, self.b_in, self.b_out,
                         self.w_up, backend=prefer(self.backend))
+
+    def forward_sorted(self, x: torch.Tensor, plan=None) -> torch.Tensor:
+        """A block's FFN slot in the sorted stream: ``x (T, dim)`` in any order -> the same order (a module call)."""
+        return self(x, None, plan, sorted_rows=True)
 
     @classmethod
     def from_dense(cls, w_in: torch.Tensor, w_out: torch.Tensor, block_size: int, top_k: int,
