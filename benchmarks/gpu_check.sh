@@ -17,6 +17,7 @@ BENCHMARKS=(
   "benchmarks.bench_moma_ffn --device cuda --dtype bf16 --configs 435M"
   "benchmarks.bench_mod --device cuda --dtype bf16 --configs 443M"
   "benchmarks.bench_token_choice --device cuda --dtype bf16"
+  "benchmarks.bench_avgk --device cuda --dtype bf16"
   "profiling --configs gpu-quick --device cuda"
 )
 

@@ -342,3 +342,35 @@ def test_token_choice_baselines_match_the_layer_in_float64():
     if hasattr(torch, "_grouped_mm"):  # float64 is not a _grouped_mm dtype: check it in float32
         m32, x32 = m.float(), x.float()
         torch.testing.assert_close(grouped_mm_forward(m32, x32), m32(x32), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bench_avgk
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("_restore_threads")
+def test_avgk_script_validates_and_times_every_provider(tmp_path):
+    from benchmarks import bench_avgk
+
+    args = ["--device", "cpu", "--quick", "--modes", "full", "--cpu-budget", "0.2", "--out", str(tmp_path)]
+    assert bench_avgk.main(args) == 0
+    (js,) = tmp_path.glob("avgk-*-fp32-*.json")
+    rows = json.loads(js.read_text())["rows"]
+    assert {r["provider"] for r in rows} == {"dense", "avgk_g16", "gather_g16"}
+    for r in rows:
+        assert r["status"] == "ok" and r["ms_p50"] > 0, r
+        if r["provider"] != "dense":
+            assert r["validation_rel_err"] <= 1e-4
+    assert bench_avgk.main(["--device", "cpu", "--configs", "9B", "--out", str(tmp_path)]) == 2
+
+
+def test_avgk_gather_matches_the_op_in_float64():
+    from benchmarks.bench_avgk import gather_ffn
+    from sparsemm_kernels.ops.avgk import avgk_ffn
+
+    torch.manual_seed(0)
+    x, w_in, w_out = (torch.randn(9, 8, dtype=torch.float64), torch.randn(32, 8, dtype=torch.float64),
+                      torch.randn(8, 32, dtype=torch.float64))
+    torch.testing.assert_close(gather_ffn(x, w_in, w_out, 4, 3), avgk_ffn(x, w_in, w_out, 4, 3), rtol=1e-12,
+                               atol=1e-12)

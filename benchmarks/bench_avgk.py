@@ -1,0 +1,99 @@
+"""Avg-K sparse FFN at several block sizes vs the FLOP-matched dense FFN and vs a PyTorch gather implementation.
+
+    python -m benchmarks.bench_avgk [--device auto|cuda|cpu] [--dtype bf16|fp16|fp32] [--configs 2048|cpu]
+        [--modes forward,full] [--providers ...] [--out DIR] [--time-budget S] [--threads N] [--cpu-budget S]
+
+Per config (dim, cells, active cells, tokens, block sizes): ``top_k * block_size`` = the active cells for every
+block size. Providers:
+
+* ``dense``       - ``w_out gelu(w_in x)`` with ``hidden`` = the active cells (``F.linear``): the FLOP-matched baseline;
+* ``avgk_g{g}``   - :func:`sparsemm_kernels.avgk_ffn` at block size ``g`` (the (token, block) pairs grouped by block);
+* ``gather_g{g}`` - the same weights the plain way: the mean keys, ``topk``, each token's blocks gathered with
+  ``index_select`` into ``[N, k*g, d]`` key and value tensors, ``bmm``.
+
+Validation first (float32 copies): every ``avgk_g*`` against its ``gather_g*`` (relative Frobenius error <= 1e-4).
+Goals on H100/H200 (bf16): avgk <= 1.3x dense at g >= 64, <= 2x at g = 16, >= 3x faster than gather. Results:
+``benchmarks/results/avgk-<device>-<dtype>-<time>.md`` and ``.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks import harness, layer_bench
+from sparsemm_kernels.ops.avgk import avgk_ffn
+
+OP = "avgk"
+#: name -> (dim, cells, active cells, tokens, block sizes)
+CONFIGS = {
+    "2048": (2048, 16384, 2048, 512, (16, 32, 64, 128, 256)),
+    "cpu": (256, 2048, 256, 256, (16, 64)),
+}
+
+
+def gather_ffn(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, g: int, k: int) -> torch.Tensor:
+    """Avg-K the plain way: ``topk`` of the mean-key scores, the chosen blocks gathered per token, ``bmm``."""
+    n_blocks, d = w_in.shape[0] // g, w_in.shape[1]
+    with torch.no_grad():
+        scores = x @ w_in.view(n_blocks, g, d).mean(1).t()
+        blocks = torch.topk(scores, k, dim=1).indices  # the order within a token does not change the sum
+    keys = w_in.view(n_blocks, g, d).index_select(0, blocks.reshape(-1)).view(-1, k * g, d)  # [N, k g, d]
+    values = w_out.view(d, n_blocks, g).permute(1, 2, 0).index_select(0, blocks.reshape(-1)).view(-1, k * g, d)
+    h = F.gelu(torch.bmm(keys, x[:, :, None]))  # [N, k g, 1]
+    return torch.bmm(values.transpose(1, 2), h)[:, :, 0]
+
+
+def _build(name: str, device: torch.device, dtype: torch.dtype, args) -> layer_bench.Case:
+    dim, cells, active, tokens, sizes = CONFIGS[name]
+    if args.quick and device.type == "cpu":
+        tokens, sizes = 64, sizes[:1]
+    factory = {"device": device, "dtype": dtype}
+    x = torch.randn(tokens, dim, **factory).requires_grad_(True)
+    w_in = (torch.randn(cells, dim, **factory) / math.sqrt(dim)).requires_grad_(True)
+    w_out = (torch.randn(dim, cells, **factory) / math.sqrt(active)).requires_grad_(True)
+    d_in = (torch.randn(active, dim, **factory) / math.sqrt(dim)).requires_grad_(True)
+    d_out = (torch.randn(dim, active, **factory) / math.sqrt(active)).requires_grad_(True)
+    providers = {"dense": lambda t: F.linear(F.gelu(F.linear(t, d_in)), d_out)}
+    leaves = {"dense": [x, d_in, d_out]}
+    checked = {}
+    for g in sizes:
+        k = active // g
+        providers[f"avgk_g{g}"] = lambda t, g=g, k=k: avgk_ffn(t, w_in, w_out, g, k, "gelu")
+        providers[f"gather_g{g}"] = lambda t, g=g, k=k: gather_ffn(t, w_in, w_out, g, k)
+        leaves[f"avgk_g{g}"] = leaves[f"gather_g{g}"] = [x, w_in, w_out]
+        w32 = [copy.deepcopy(t.detach()).float() for t in (x, w_in, w_out)]
+        with torch.no_grad():
+            err = harness.rel_err(avgk_ffn(*w32, g, k, "gelu"), gather_ffn(*w32, g, k))
+        checked[f"avgk_g{g}"] = checked[f"gather_g{g}"] = err
+    return layer_bench.Case(x, torch.randn(tokens, dim, **factory), providers, leaves, checked,
+                            {"dim": dim, "cells": cells, "active": active, "tokens": tokens})
+
+
+def _providers() -> list[str]:
+    sizes = sorted({g for *_, gs in CONFIGS.values() for g in gs})
+    return ["dense", *(f"avgk_g{g}" for g in sizes), *(f"gather_g{g}" for g in sizes)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    def ratios(p: str, medians: dict) -> dict:
+        twin = p.replace("avgk", "gather") if p.startswith("avgk") else None
+        return {"gather_over_avgk": medians[twin] / medians[p]} if twin in medians else {}
+
+    return layer_bench.run(
+        OP, __doc__, argv, CONFIGS, lambda device, quick: ["2048"] if device == "cuda" else ["cpu"],
+        _providers(), _build, "dense", ratios,
+        "x dense = median / the FLOP-matched dense FFN's; gather / avgk = the gather implementation's median over "
+        "avgk's at the same block size. Validation: float32 avgk vs gather (relative Frobenius error).",
+        [("median ms", layer_bench.median_cells), ("p20-p80 ms", layer_bench.spread_cells),
+         ("x dense", layer_bench.field_cells("x_base")),
+         ("gather / avgk", layer_bench.field_cells("gather_over_avgk", ".2f"))],
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
