@@ -247,23 +247,6 @@ def test_trust_note_flags_spread_and_load():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.usefixtures("_restore_threads")
-def test_moma_ffn_script_validates_and_times_every_layer(tmp_path):
-    from benchmarks import bench_moma_ffn
-
-    args = ["--device", "cpu", "--quick", "--modes", "full", "--cpu-budget", "0.2", "--out", str(tmp_path)]
-    assert bench_moma_ffn.main(args) == 0
-    (js,) = tmp_path.glob("moma_ffn-*-fp32-*.json")
-    rows = json.loads(js.read_text())["rows"]
-    want = {"dense", *bench_moma_ffn.LAYERS, *(f"{n}_loop" for n in bench_moma_ffn.LAYERS)}
-    assert {r["provider"] for r in rows} == want
-    for r in rows:
-        assert r["status"] == "ok" and r["ms_p50"] > 0, r
-        if r["provider"] != "dense":  # each layer agrees with its loop (float32) before it is timed
-            assert r["validation_rel_err"] <= 1e-4 and r["loop_over_layer"] > 0
-    assert bench_moma_ffn.main(["--device", "cpu", "--configs", "9B", "--out", str(tmp_path)]) == 2
-
-
 def test_moma_ffn_loop_matches_the_layers_in_float64():
     from benchmarks.bench_moma_ffn import _ids, loop_forward
     from sparsemm_kernels.nn import ExpertChoiceMoE, MoMaFeedForward
@@ -281,23 +264,6 @@ def test_moma_ffn_loop_matches_the_layers_in_float64():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.usefixtures("_restore_threads")
-def test_mod_script_validates_and_times_every_provider(tmp_path):
-    from benchmarks import bench_mod
-
-    args = ["--device", "cpu", "--quick", "--modes", "full", "--cpu-budget", "0.2", "--out", str(tmp_path)]
-    assert bench_mod.main(args) == 0
-    (js,) = tmp_path.glob("mod-*-fp32-*.json")
-    rows = json.loads(js.read_text())["rows"]
-    want = {"full", *bench_mod.CAPACITIES, *(f"{n}_plain" for n in bench_mod.CAPACITIES)}
-    assert {r["provider"] for r in rows} == want
-    for r in rows:
-        assert r["status"] == "ok" and r["ms_p50"] > 0, r
-        if r["provider"] != "full":  # each MoD agrees with its plain twin (float32) before it is timed
-            assert r["validation_rel_err"] <= 1e-4
-    assert bench_mod.main(["--device", "cpu", "--configs", "9B", "--out", str(tmp_path)]) == 2
-
-
 def test_plain_mod_matches_the_layer_in_float64():
     from benchmarks.bench_mod import plain_mod
     from sparsemm_kernels.nn import MixtureOfDepths, MoTBlock
@@ -312,23 +278,6 @@ def test_plain_mod_matches_the_layer_in_float64():
 # ---------------------------------------------------------------------------------------------------------------
 # bench_token_choice
 # ---------------------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.usefixtures("_restore_threads")
-def test_token_choice_script_validates_and_times_every_provider(tmp_path):
-    from benchmarks import bench_token_choice
-
-    args = ["--device", "cpu", "--quick", "--modes", "full", "--cpu-budget", "0.2", "--out", str(tmp_path)]
-    assert bench_token_choice.main(args) == 0
-    (js,) = tmp_path.glob("token_choice-*-fp32-*.json")
-    rows = json.loads(js.read_text())["rows"]
-    assert {r["provider"] for r in rows} == {"ours", "routing", "grouped_mm", "loop"}
-    assert {r["config"] for r in rows} == set(bench_token_choice.CPU_CONFIGS)
-    for r in rows:
-        assert r["status"] == "ok" and r["ms_p50"] > 0, r
-        if r["provider"] in ("ours", "grouped_mm"):  # validated against the loop (float32) before timing
-            assert r["validation_rel_err"] <= 1e-4
-    assert bench_token_choice.main(["--device", "cpu", "--configs", "9B", "--out", str(tmp_path)]) == 2
 
 
 def test_token_choice_baselines_match_the_layer_in_float64():
@@ -349,22 +298,6 @@ def test_token_choice_baselines_match_the_layer_in_float64():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.usefixtures("_restore_threads")
-def test_avgk_script_validates_and_times_every_provider(tmp_path):
-    from benchmarks import bench_avgk
-
-    args = ["--device", "cpu", "--quick", "--modes", "full", "--cpu-budget", "0.2", "--out", str(tmp_path)]
-    assert bench_avgk.main(args) == 0
-    (js,) = tmp_path.glob("avgk-*-fp32-*.json")
-    rows = json.loads(js.read_text())["rows"]
-    assert {r["provider"] for r in rows} == {"dense", "avgk_g16", "gather_g16"}
-    for r in rows:
-        assert r["status"] == "ok" and r["ms_p50"] > 0, r
-        if r["provider"] != "dense":
-            assert r["validation_rel_err"] <= 1e-4
-    assert bench_avgk.main(["--device", "cpu", "--configs", "9B", "--out", str(tmp_path)]) == 2
-
-
 def test_avgk_gather_matches_the_op_in_float64():
     from benchmarks.bench_avgk import gather_ffn
     from sparsemm_kernels.ops.avgk import avgk_ffn
@@ -374,3 +307,39 @@ def test_avgk_gather_matches_the_op_in_float64():
                       torch.randn(8, 32, dtype=torch.float64))
     torch.testing.assert_close(gather_ffn(x, w_in, w_out, 4, 3), avgk_ffn(x, w_in, w_out, 4, 3), rtol=1e-12,
                                atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The layer benchmarks (benchmarks/layer_bench.py): each script validates, times and writes every provider
+# ---------------------------------------------------------------------------------------------------------------
+
+LAYER_SCRIPTS = {  # script -> (providers of its CPU --quick run, the baseline: the one provider not validated)
+    "bench_moma_ffn": ({"dense", "moe8x", "moma1t1i", "moma4t4i", "moe8x_loop", "moma1t1i_loop", "moma4t4i_loop"},
+                       "dense"),
+    "bench_mod": ({"full", "mod12", "mod25", "mod12_plain", "mod25_plain"}, "full"),
+    "bench_token_choice": ({"ours", "routing", "grouped_mm", "loop"}, None),
+    "bench_avgk": ({"dense", "avgk_g16", "gather_g16"}, "dense"),
+}
+
+
+@pytest.mark.usefixtures("_restore_threads")
+@pytest.mark.parametrize("script", list(LAYER_SCRIPTS))
+def test_layer_script_validates_and_times_every_provider(script, tmp_path):
+    import importlib
+
+    module = importlib.import_module(f"benchmarks.{script}")
+    providers, baseline = LAYER_SCRIPTS[script]
+    if script == "bench_token_choice" and not hasattr(torch, "_grouped_mm"):
+        providers = providers - {"grouped_mm"}
+    args = ["--device", "cpu", "--quick", "--modes", "full", "--cpu-budget", "0.2", "--out", str(tmp_path)]
+    assert module.main(args) == 0
+    (js,) = tmp_path.glob(f"{module.OP}-*-fp32-*.json")
+    rows = json.loads(js.read_text())["rows"]
+    assert {r["provider"] for r in rows} == providers
+    (md,) = tmp_path.glob(f"{module.OP}-*-fp32-*.md")
+    assert md.read_text().count("| ok |") == len(rows)
+    for r in rows:
+        assert r["status"] == "ok" and r["ms_p50"] > 0 and r["x_base"] > 0, r
+        if r["provider"] not in (baseline, "routing", "loop"):  # validated (float32) before it is timed
+            assert r["validation_rel_err"] <= 1e-4, r
+    assert module.main(["--device", "cpu", "--configs", "9B", "--out", str(tmp_path)]) == 2
