@@ -1,0 +1,117 @@
+"""Every module under torch.distributed on CPU: two gloo ranks with DDP, and with FSDP2 (``fully_shard`` on each block
+and on the model), each rank a different half of the batch, against one process that runs the two halves apart and
+averages their losses (routing is per rank, as the papers trained: per-device batches). Loss and every gradient, in
+float64."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+if not (dist.is_available() and dist.is_gloo_available()):
+    pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
+
+D = 16
+
+
+def _case(name: str):
+    """``(model, batch(rank) -> inputs, blocks to fully_shard first)``, the same on every rank (seeded)."""
+    from sparsemm_kernels.nn import (
+        AvgKFeedForward,
+        ExpertChoiceMoE,
+        MixtureOfDepths,
+        MoMaFeedForward,
+        MoTBlock,
+        MoTTransformer,
+        TokenChoiceMoE,
+    )
+
+    torch.manual_seed(0)
+
+    def tokens(rank):
+        g = torch.Generator().manual_seed(10 + rank)
+        return (torch.randint(0, 50, (2, 8), generator=g), torch.randint(0, 2, (2, 8), generator=g))
+
+    def rows(rank, shape=(2, 8)):
+        g = torch.Generator().manual_seed(20 + rank)
+        return (torch.randn(*shape, D, generator=g, dtype=torch.float64), torch.randint(0, 2, shape, generator=g))
+
+    if name == "mot":
+        m = MoTTransformer(50, D, 2, 2, 24, 2, dtype=torch.float64)
+        return m, tokens, list(m.layers)
+    if name == "expert_choice":
+        return ExpertChoiceMoE(D, 24, 4, dtype=torch.float64), lambda r: rows(r)[:1], []
+    if name == "moma_ffn":
+        return MoMaFeedForward(D, 24, (2, 2), dtype=torch.float64), rows, []
+    if name == "token_choice":
+        return TokenChoiceMoE(D, 24, 4, top_k=2, dtype=torch.float64), lambda r: rows(r)[:1], []
+    if name in ("mod", "mod_batch"):
+        m = MixtureOfDepths(MoTBlock(D, 2, 24, 2), D, capacity=0.5, batch_level=name == "mod_batch").double()
+        return m, rows, [m.block]
+    if name == "avgk":
+        return AvgKFeedForward(D, 32, 4, 2, glu=True, bias=True, dtype=torch.float64), lambda r: rows(r)[:1], []
+    raise ValueError(name)
+
+
+CASES = ["mot", "expert_choice", "moma_ffn", "token_choice", "mod", "mod_batch", "avgk"]
+
+
+def _loss(model, inputs):
+    return model(*inputs).square().mean()
+
+
+def _worker(rank: int, mode: str, rendezvous: str, out: str) -> None:
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    results = {}
+    try:
+        for name in CASES:
+            model, batch, blocks = _case(name)
+            if mode == "ddp":
+                from torch.nn.parallel import DistributedDataParallel
+
+                wrapped = DistributedDataParallel(model)
+            else:
+                from torch.distributed.device_mesh import init_device_mesh
+                from torch.distributed.fsdp import fully_shard
+
+                mesh = init_device_mesh("cpu", (2,))
+                for block in blocks:
+                    fully_shard(block, mesh=mesh)
+                wrapped = fully_shard(model, mesh=mesh)
+            loss = _loss(wrapped, batch(rank))
+            loss.backward()
+            grads = {}
+            for n, p in model.named_parameters():
+                g = p.grad
+                grads[n] = None if g is None else (g.full_tensor() if hasattr(g, "full_tensor") else g).detach()
+            losses = [torch.zeros(()) for _ in range(2)]
+            dist.all_gather(losses, loss.detach().float().reshape(()))
+            results[name] = {"grads": grads, "losses": [float(t) for t in losses]}
+    finally:
+        if rank == 0:
+            torch.save(results, out)
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_two_gloo_ranks_equal_one_process(mode, tmp_path):
+    out = str(tmp_path / "results.pt")
+    mp.spawn(_worker, args=(mode, str(tmp_path / "rendezvous"), out), nprocs=2, join=True)
+    results = torch.load(out)
+    assert set(results) == set(CASES)
+    for name in CASES:
+        model, batch, _ = _case(name)
+        halves = [_loss(model, batch(r)) for r in range(2)]
+        ((halves[0] + halves[1]) / 2).backward()
+        got = results[name]
+        for r in range(2):
+            assert got["losses"][r] == pytest.approx(float(halves[r]), rel=1e-6), (name, r)
+        for n, p in model.named_parameters():
+            want = p.grad
+            if want is None:
+                assert got["grads"][n] is None, (name, n)
+                continue
+            torch.testing.assert_close(got["grads"][n], want, rtol=1e-10, atol=1e-12, msg=f"{mode} {name} {n}")
