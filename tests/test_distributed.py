@@ -96,6 +96,53 @@ def _worker(rank: int, mode: str, rendezvous: str, out: str) -> None:
         dist.destroy_process_group()
 
 
+def _global_worker(rank: int, rendezvous: str, out: str) -> None:
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    try:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model, batch = _global_case()
+        model.selection_group = dist.group.WORLD
+        x, mask = batch(rank)
+        wrapped = DistributedDataParallel(model)  # kept alive until backward: its reducer averages the grads
+        loss = wrapped(x, mask).square().mean()
+        loss.backward()
+        if rank == 0:
+            torch.save({n: p.grad for n, p in model.named_parameters()}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _global_case():
+    from sparsemm_kernels.nn import ExpertChoiceMoE
+
+    torch.manual_seed(1)
+    model = ExpertChoiceMoE(D, 24, 4, capacity_factor=1.5, dtype=torch.float64)
+
+    def batch(rank):
+        g = torch.Generator().manual_seed(30 + rank)
+        return torch.randn(12, D, generator=g, dtype=torch.float64), torch.rand(12, generator=g) > 0.2
+
+    return model, batch
+
+
+def test_global_expert_choice_over_two_ranks_equals_one_process_with_the_whole_batch(tmp_path):
+    out = str(tmp_path / "results.pt")
+    mp.spawn(_global_worker, args=(str(tmp_path / "rendezvous"), out), nprocs=2, join=True)
+    got = torch.load(out)
+    model, batch = _global_case()
+    (x0, m0), (x1, m1) = batch(0), batch(1)
+    model(torch.cat([x0, x1]), torch.cat([m0, m1])).square().mean().backward()  # every token competes at once
+    per_rank, _ = _global_case()
+    (per_rank(x0, m0).square().mean() + per_rank(x1, m1).square().mean()).backward()
+    differs = False
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-10, atol=1e-12, msg=n)
+        differs |= not torch.allclose(p.grad, dict(per_rank.named_parameters())[n].grad / 2)
+    assert differs  # the global choice is not the per-rank one on this batch
+
+
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_two_gloo_ranks_equal_one_process(mode, tmp_path):
     out = str(tmp_path / "results.pt")

@@ -94,6 +94,10 @@ class ExpertChoiceMoE(nn.Module):
         router_noise: None, or ``"gumbel"``: ``g' - g''`` (iid Gumbel(0, 1)) added to the router logits in
             training mode only.
         device, dtype: parameter factory kwargs; backend: the backend this module's ops prefer.
+        selection_group: None (default: the tokens of this call compete, per rank under torch.distributed, as
+            the papers trained) or a process group: the experts choose among the tokens of every rank of the group
+            (``C`` from their total; the scores all-gathered, which needs the same ``N`` on every rank; each rank
+            computes its own tokens' share). An attribute, settable after construction.
 
     Parameters:
         ``router`` (``nn.Linear(dim, E, bias=False)``), ``w1, w3 [E, hidden, dim]``, ``w2 [E, dim, hidden]``
@@ -112,6 +116,7 @@ class ExpertChoiceMoE(nn.Module):
         dtype=None,
         *,
         backend: str | None = None,
+        selection_group=None,
     ) -> None:
         super().__init__()
         for v, name in ((dim, "dim"), (hidden_dim, "hidden_dim"), (num_experts, "num_experts")):
@@ -125,6 +130,7 @@ class ExpertChoiceMoE(nn.Module):
         self.dim, self.hidden_dim, self.num_experts = dim, hidden_dim, num_experts
         self.capacity_factor, self.gate, self.router_noise = capacity_factor, gate, router_noise
         self.backend = check_backend_name(backend)
+        self.selection_group = selection_group
         self.router = nn.Linear(dim, num_experts, bias=False, **factory)
         _add_experts(self, num_experts, hidden_dim, dim, factory)
         self.reset_parameters()
@@ -149,13 +155,41 @@ class ExpertChoiceMoE(nn.Module):
         x2 = _flat_tokens(x, self.dim)
         N, E = x2.shape[0], self.num_experts
         token_mask = _flat_mask(token_mask, x)
-        C = expert_capacity(self.capacity_factor, N, E)
+        group = self.selection_group
+        if group is not None and torch.distributed.is_initialized() and torch.distributed.get_world_size(group) > 1:
+            token_idx, gates, C = self._route_over_group(self.scores(x2), token_mask, group)
+        else:
+            C = expert_capacity(self.capacity_factor, N, E)
+            token_idx, gates = expert_choice_route(self.scores(x2), C, token_mask) if C else (None, None)
         if C == 0:
             return _no_tokens(self, x)
-        token_idx, gates = expert_choice_route(self.scores(x2), C, token_mask)
         slots = token_idx.reshape(-1)
         offsets = torch.arange(0, (E + 1) * C, C, device=x2.device)
         return _experts_swiglu(self, x2, slots, slot_inverse(token_idx, N), gates, offsets).view(x.shape)
+
+    def _route_over_group(self, s: torch.Tensor, token_mask, group):
+        """Expert choice over the tokens of every rank of ``group`` (the scores all-gathered; each rank the same
+        ``N``): ``(token_idx [E, C] of this rank's tokens, -1 for the slots other ranks' tokens won, gates, C)``.
+        Only the choice crosses ranks; the gates are this rank's own scores, so gradients stay local."""
+        dist = torch.distributed
+        W, rank = dist.get_world_size(group), dist.get_rank(group)
+        N, E = s.shape
+        parts = [torch.empty_like(s) for _ in range(W)]
+        dist.all_gather(parts, s.detach().contiguous(), group=group)
+        mask = None
+        if token_mask is not None:
+            flags = token_mask.to(torch.uint8).contiguous()  # bool is not a dtype every backend gathers
+            masks = [torch.empty_like(flags) for _ in range(W)]
+            dist.all_gather(masks, flags, group=group)
+            mask = torch.cat(masks).bool()
+        C = expert_capacity(self.capacity_factor, W * N, E)
+        if C == 0:
+            return None, None, 0
+        chosen, _ = expert_choice_route(torch.cat(parts), C, mask)  # global token ids, ascending
+        local = chosen - rank * N
+        token_idx = torch.where((chosen >= 0) & (local >= 0) & (local < N), local, -1)
+        padded = torch.cat([s.t(), s.new_zeros(E, 1)], dim=1)  # a -1 slot reads the zero column: gate 0
+        return token_idx, padded.gather(1, torch.where(token_idx >= 0, token_idx, N)), C
 
     def extra_repr(self) -> str:
         return (f"{self.dim}, hidden_dim={self.hidden_dim}, num_experts={self.num_experts}, "
