@@ -143,6 +143,62 @@ def test_global_expert_choice_over_two_ranks_equals_one_process_with_the_whole_b
     assert differs  # the global choice is not the per-rank one on this batch
 
 
+def _ep_worker(rank: int, rendezvous: str, out: str) -> None:
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    try:
+        from sparsemm_kernels.nn import TokenChoiceMoE
+
+        with pytest.raises(ValueError, match="`num_experts`"):  # 3 experts do not shard over 2 ranks
+            TokenChoiceMoE(D, 24, 3, expert_parallel_group=dist.group.WORLD)
+        full, batch = _ep_case()
+        layer = TokenChoiceMoE(D, 24, 4, top_k=2, dtype=torch.float64, expert_parallel_group=dist.group.WORLD)
+        with torch.no_grad():  # the same weights as the one-process layer: this rank's half of the experts
+            layer.router.weight.copy_(full.router.weight)
+            for name in ("w1", "w3", "w2"):
+                getattr(layer, name).copy_(getattr(full, name)[2 * rank:2 * rank + 2])
+        y = layer(batch(rank))
+        y.square().sum().backward()
+        dist.all_reduce(layer.router.weight.grad)  # the replicated router: summed over the data-parallel ranks
+        gathered = {}
+        for name in ("w1", "w3", "w2"):
+            parts = [torch.empty_like(getattr(layer, name).grad) for _ in range(2)]
+            dist.all_gather(parts, getattr(layer, name).grad)
+            gathered[name] = torch.cat(parts)
+        outs = [torch.empty_like(y) for _ in range(2)]
+        dist.all_gather(outs, y.detach())
+        if rank == 0:
+            torch.save({"y": torch.cat(outs), "router": layer.router.weight.grad, **gathered}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _ep_case():
+    from sparsemm_kernels.nn import TokenChoiceMoE
+
+    torch.manual_seed(2)
+    full = TokenChoiceMoE(D, 24, 4, top_k=2, dtype=torch.float64)
+
+    def batch(rank):
+        return torch.randn(11, D, generator=torch.Generator().manual_seed(40 + rank), dtype=torch.float64)
+
+    return full, batch
+
+
+def test_expert_parallel_token_choice_equals_one_process_with_every_expert(tmp_path):
+    out = str(tmp_path / "results.pt")
+    mp.spawn(_ep_worker, args=(str(tmp_path / "rendezvous"), out), nprocs=2, join=True)
+    got = torch.load(out)
+    full, batch = _ep_case()
+    x = torch.cat([batch(0), batch(1)])
+    y = full(x)
+    y.square().sum().backward()
+    torch.testing.assert_close(got["y"], y.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got["router"], full.router.weight.grad, rtol=1e-10, atol=1e-12)
+    for name in ("w1", "w3", "w2"):
+        torch.testing.assert_close(got[name], getattr(full, name).grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_two_gloo_ranks_equal_one_process(mode, tmp_path):
     out = str(tmp_path / "results.pt")

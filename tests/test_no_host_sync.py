@@ -62,6 +62,10 @@ ALLOWED = {
     # to sync); CUDA's default "async" branch uses torch._assert_async and returns before them.
     ("nn/moe.py", "_check_capacity_factor", "float(capacity_factor)"): "a Python number at construction",
     ("nn/token_choice.py", "TokenChoiceMoE.__init__", "float(lb_coef)"): "a Python number at construction",
+    ("nn/token_choice.py", "TokenChoiceMoE._expert_parallel", "send_counts.tolist()"):
+        "expert parallelism only: all_to_all split sizes are host ints (documented: one read per forward)",
+    ("nn/token_choice.py", "TokenChoiceMoE._expert_parallel", "recv_counts.tolist()"):
+        "expert parallelism only: all_to_all split sizes are host ints (documented: one read per forward)",
     ("ops/routing.py", "check_finite_scores", "bool(finite.all())"): "eager mode only (CPU, or validate=True)",
     ("ops/routing.py", "check_finite_scores", "int((~finite).flatten().to(torch.uint8).argmax())"):
         "eager mode only, error message",

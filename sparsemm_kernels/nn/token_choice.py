@@ -14,6 +14,10 @@ from torch import nn
 
 from sparsemm_kernels.backend import check_backend_name, prefer
 from sparsemm_kernels.nn.moe import _add_experts, _experts_swiglu, _flat_tokens, _init_experts, _no_tokens
+from sparsemm_kernels.ops.grouped_linear import grouped_mm
+from sparsemm_kernels.ops.permute import sort_rows, unsort_rows
+from sparsemm_kernels.ops.slots import pick_rows_op, sum_rows_op
+from sparsemm_kernels.ops.swiglu import silu_mul
 from sparsemm_kernels.ops.token_routing import check_top_k, token_choice_route
 from sparsemm_kernels.plan import build_plan
 from sparsemm_kernels.utils.checks import check_positive_int
@@ -29,6 +33,11 @@ class TokenChoiceMoE(nn.Module):
         top_k: experts per token, ``1 <= top_k <= E``.
         lb_coef: the load-balancing loss coefficient.
         backend: a preference for the routing, plan and grouped GEMM kernels.
+        expert_parallel_group: None, or a process group over which the experts are sharded: rank ``r`` holds experts
+            ``r * E/W ... (r+1) * E/W - 1`` (``w1, w3, w2`` hold only those), the routed rows are exchanged with
+            ``all_to_all`` (one host read of the per-rank row counts per forward, for the split sizes). The router is
+            replicated: average its gradient over the data-parallel ranks as usual (and keep the expert shards out of
+            DDP's averaging).
 
     Parameters: ``w1, w3 [E, hidden, dim]``, ``w2 [E, dim, hidden]``, ``router`` (``nn.Linear(dim, E, bias=False)``).
 
@@ -48,17 +57,27 @@ class TokenChoiceMoE(nn.Module):
         dtype=None,
         *,
         backend: str | None = None,
+        expert_parallel_group=None,
     ) -> None:
         super().__init__()
         for v, name in ((dim, "dim"), (hidden_dim, "hidden_dim"), (num_experts, "num_experts")):
             check_positive_int(v, name)
         self.top_k = check_top_k(top_k, num_experts)
+        self.expert_parallel_group, self.first_expert, local = expert_parallel_group, 0, num_experts
+        if expert_parallel_group is not None:
+            world = torch.distributed.get_world_size(expert_parallel_group)
+            if num_experts % world:
+                raise ValueError(f"`num_experts` {num_experts} must be divisible by the size {world} of "
+                                 "`expert_parallel_group` (every rank holds the same number of experts)")
+            local = num_experts // world
+            self.first_expert = torch.distributed.get_rank(expert_parallel_group) * local
+        self.num_local_experts = local
         if isinstance(lb_coef, bool) or not isinstance(lb_coef, (int, float)) or not lb_coef >= 0:
             raise ValueError(f"`lb_coef` must be a number >= 0, got {lb_coef!r}")
         factory = {"device": device, "dtype": dtype}
         self.dim, self.hidden_dim, self.num_experts = dim, hidden_dim, num_experts
         self.lb_coef, self.backend = float(lb_coef), check_backend_name(backend)
-        _add_experts(self, num_experts, hidden_dim, dim, factory)
+        _add_experts(self, self.num_local_experts, hidden_dim, dim, factory)
         self.router = nn.Linear(dim, num_experts, bias=False, **factory)
         self.aux_loss: torch.Tensor | None = None
         self.reset_parameters()
@@ -79,6 +98,11 @@ class TokenChoiceMoE(nn.Module):
             return _no_tokens(self, x)
         logits = self.router(x2)
         expert_idx, gates = token_choice_route(logits, k, backend=prefer(self.backend))
+        if self.expert_parallel_group is not None:
+            out = self._expert_parallel(x2, expert_idx, gates)
+            if self.training:
+                self.aux_loss = self._load_balancing_loss(logits, expert_idx, gates)
+            return out.view(x.shape)
         # The (token, expert) pairs sorted by expert: pair p = t * k + j; sorted row r holds pair sorted_to_orig[r].
         pairs = build_plan(expert_idx.reshape(-1), E, backend=prefer(self.backend), validate=False,
                            name="expert_idx")
@@ -89,6 +113,40 @@ class TokenChoiceMoE(nn.Module):
         if self.training:
             self.aux_loss = self._load_balancing_loss(logits, expert_idx, gates)
         return out.view(x.shape)
+
+    def _expert_parallel(self, x2d, expert_idx, gates) -> torch.Tensor:
+        """The experts sharded over ``expert_parallel_group``: the (token, expert) rows sorted by expert go to the
+        rank holding their expert (``all_to_all``), run there through one grouped SwiGLU over its local experts, and
+        come back the same way (autograd-aware collectives: the backward runs the exchange in reverse).
+
+        The split sizes of an ``all_to_all`` are host integers: the per-rank row counts (``W`` ints, exchanged on
+        the device) are read on the host once per forward - the one host sync of this path."""
+        from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
+
+        dist, group = torch.distributed, self.expert_parallel_group
+        N, E, k, El = x2d.shape[0], self.num_experts, self.top_k, self.num_local_experts
+        backend = prefer(self.backend)
+        pairs = build_plan(expert_idx.reshape(-1), E, backend=backend, validate=False, name="expert_idx")
+        slots = torch.div(pairs.sorted_to_orig, k, rounding_mode="floor")
+        inverse = pairs.orig_to_sorted.view(N, k)
+        xe = pick_rows_op(x2d, slots, inverse)  # rows in global expert order: one contiguous run per rank
+        send_counts = pairs.counts.view(-1, El).sum(1)
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=group)
+        send = send_counts.tolist()  # sync-ok: all_to_all split sizes are host ints (see the docstring)
+        recv = recv_counts.tolist()  # sync-ok: likewise
+        local_ids = expert_idx.reshape(-1).index_select(0, pairs.sorted_to_orig) % El
+        recv_ids = torch.empty(sum(recv), dtype=local_ids.dtype, device=local_ids.device)
+        dist.all_to_all_single(recv_ids, local_ids, recv, send, group=group)
+        xr = wait_tensor(all_to_all_single_autograd(xe, recv, send, group))
+        mine = build_plan(recv_ids, El, backend=backend, validate=False, name="expert_idx")
+        xs = sort_rows(xr, mine)
+        h = silu_mul(grouped_mm(xs, self.w1, mine.offsets, backend=backend),
+                     grouped_mm(xs, self.w3, mine.offsets, backend=backend), backend=backend)
+        yr = unsort_rows(grouped_mm(h, self.w2, mine.offsets, backend=backend), mine)
+        ye = wait_tensor(all_to_all_single_autograd(yr, send, recv, group))  # back, in the order sent
+        slot_gates = gates.reshape(-1).index_select(0, pairs.sorted_to_orig)
+        return sum_rows_op(ye * slot_gates.reshape(-1, 1).to(ye.dtype), inverse, slots)
 
     def forward_sorted(self, x: torch.Tensor, plan=None) -> torch.Tensor:
         """The sorted-rows entry point of the MoT layers (a block's FFN slot): ``x (T, dim)`` in any order ->
