@@ -96,13 +96,13 @@ def _worker(rank: int, mode: str, rendezvous: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _global_worker(rank: int, rendezvous: str, out: str) -> None:
+def _global_worker(rank: int, rendezvous: str, out: str, kind: str) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
     try:
         from torch.nn.parallel import DistributedDataParallel
 
-        model, batch = _global_case()
+        model, batch = _global_case(kind)
         model.selection_group = dist.group.WORLD
         x, mask = batch(rank)
         wrapped = DistributedDataParallel(model)  # kept alive until backward: its reducer averages the grads
@@ -114,27 +114,37 @@ def _global_worker(rank: int, rendezvous: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _global_case():
-    from sparsemm_kernels.nn import ExpertChoiceMoE
+def _global_case(kind: str = "expert_choice"):
+    """A layer whose choice looks at the whole batch, and each rank's half of it (the same size on both)."""
+    from sparsemm_kernels.nn import ExpertChoiceMoE, MixtureOfDepths, MoTBlock
 
     torch.manual_seed(1)
-    model = ExpertChoiceMoE(D, 24, 4, capacity_factor=1.5, dtype=torch.float64)
+    if kind == "expert_choice":
+        model = ExpertChoiceMoE(D, 24, 4, capacity_factor=1.5, dtype=torch.float64)
+
+        def batch(rank):
+            g = torch.Generator().manual_seed(30 + rank)
+            return torch.randn(12, D, generator=g, dtype=torch.float64), torch.rand(12, generator=g) > 0.2
+
+        return model, batch
+    model = MixtureOfDepths(MoTBlock(D, 2, 24, 2), D, capacity=0.25, batch_level=True).double()
 
     def batch(rank):
-        g = torch.Generator().manual_seed(30 + rank)
-        return torch.randn(12, D, generator=g, dtype=torch.float64), torch.rand(12, generator=g) > 0.2
+        g = torch.Generator().manual_seed(50 + rank)
+        return torch.randn(2, 8, D, generator=g, dtype=torch.float64), torch.randint(0, 2, (2, 8), generator=g)
 
     return model, batch
 
 
-def test_global_expert_choice_over_two_ranks_equals_one_process_with_the_whole_batch(tmp_path):
+@pytest.mark.parametrize("kind", ["expert_choice", "mod_batch"])
+def test_global_selection_over_two_ranks_equals_one_process_with_the_whole_batch(kind, tmp_path):
     out = str(tmp_path / "results.pt")
-    mp.spawn(_global_worker, args=(str(tmp_path / "rendezvous"), out), nprocs=2, join=True)
+    mp.spawn(_global_worker, args=(str(tmp_path / "rendezvous"), out, kind), nprocs=2, join=True)
     got = torch.load(out)
-    model, batch = _global_case()
+    model, batch = _global_case(kind)
     (x0, m0), (x1, m1) = batch(0), batch(1)
     model(torch.cat([x0, x1]), torch.cat([m0, m1])).square().mean().backward()  # every token competes at once
-    per_rank, _ = _global_case()
+    per_rank, _ = _global_case(kind)
     (per_rank(x0, m0).square().mean() + per_rank(x1, m1).square().mean()).backward()
     differs = False
     for n, p in model.named_parameters():

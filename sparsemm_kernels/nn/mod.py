@@ -50,6 +50,10 @@ class MixtureOfDepths(nn.Module):
             binary cross-entropy against the top-k membership) or ``"predictor"`` (a small MLP on detached inputs,
             ``sigma(silu(x A1^T) A2^T)``, trained the same way; the main router is untouched by it).
         backend: a preference for the routing and combine kernels (see :mod:`sparsemm_kernels.backend`).
+        selection_group: with ``batch_level``, None (default: the batch of this call, per rank under
+            torch.distributed, as MoMa trained) or a process group: the top tokens of every rank's batch together
+            (the logits all-gathered, which needs the same ``[B, S]`` on every rank); each rank runs its own share,
+            padded to a static bound. An attribute, settable after construction.
 
     Parameters: ``router`` (``nn.Linear(dim, 1, bias=False)``), with ``aux="predictor"`` ``predictor``
     (``nn.Sequential(Linear(dim, dim // 2), SiLU, Linear(dim // 2, 1))``, no biases).
@@ -71,6 +75,7 @@ class MixtureOfDepths(nn.Module):
         dtype=None,
         *,
         backend: str | None = None,
+        selection_group=None,
     ) -> None:
         super().__init__()
         if not isinstance(block, nn.Module):
@@ -92,6 +97,7 @@ class MixtureOfDepths(nn.Module):
             self.predictor = nn.Sequential(nn.Linear(dim, hidden, bias=False, **factory), nn.SiLU(),
                                            nn.Linear(hidden, 1, bias=False, **factory))
         self.backend = check_backend_name(backend)
+        self.selection_group = selection_group
         self.causal_routing = False
         self.aux_loss: torch.Tensor | None = None
         try:
@@ -125,6 +131,8 @@ class MixtureOfDepths(nn.Module):
         valid = None
         if self.causal_routing:
             flat, valid = self._slots_from_mask(self._predict(x, logits) > 0.5)
+        elif self.batch_level and self._group_size() > 1:
+            flat, valid = self._route_over_group(logits)
         elif self.batch_level:
             flat = mod_route(logits, self.capacity, batch_level=True, backend=prefer(self.backend))[None, :]
         else:  # [B, C] positions -> flat indices
@@ -152,6 +160,31 @@ class MixtureOfDepths(nn.Module):
         if self.predictor is None:
             return torch.sigmoid(logits)
         return torch.sigmoid(self.predictor(x.detach()).squeeze(-1))
+
+    def _group_size(self) -> int:
+        group = self.selection_group
+        if group is None or not torch.distributed.is_initialized():
+            return 1
+        return torch.distributed.get_world_size(group)
+
+    def _route_over_group(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch-level routing over the tokens of every rank of ``selection_group`` (the logits all-gathered; each
+        rank the same ``[B, S]``): this rank's chosen tokens as one row of flat indices, ascending, padded to the
+        static bound ``min(C, B * S)`` with ``B * S``, and the row's validity."""
+        dist, group = torch.distributed, self.selection_group
+        W, rank = dist.get_world_size(group), dist.get_rank(group)
+        B, S = logits.shape
+        parts = [torch.empty_like(logits) for _ in range(W)]
+        dist.all_gather(parts, logits.detach().contiguous(), group=group)
+        chosen = mod_route(torch.cat(parts), self.capacity, batch_level=True, backend=prefer(self.backend))
+        # Ascending over the ranks' token ranges: this rank's tokens are one contiguous run of `chosen`.
+        lo = torch.searchsorted(chosen, torch.tensor([rank * B * S, (rank + 1) * B * S], device=chosen.device))
+        L = min(chosen.shape[0], B * S)
+        j = torch.arange(L, device=chosen.device)
+        valid = j < (lo[1] - lo[0])
+        src = (lo[0] + j).clamp(max=chosen.shape[0] - 1)
+        flat = torch.where(valid, chosen.index_select(0, src) - rank * B * S, B * S)
+        return flat[None, :], valid[None, :]
 
     @staticmethod
     def _slots_from_mask(chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
