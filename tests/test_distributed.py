@@ -116,7 +116,7 @@ def _global_worker(rank: int, rendezvous: str, out: str, kind: str) -> None:
 
 def _global_case(kind: str = "expert_choice"):
     """A layer whose choice looks at the whole batch, and each rank's half of it (the same size on both)."""
-    from sparsemm_kernels.nn import ExpertChoiceMoE, MixtureOfDepths, MoTBlock
+    from sparsemm_kernels.nn import ExpertChoiceMoE, MixtureOfDepths, MoMaFeedForward, MoTBlock
 
     torch.manual_seed(1)
     if kind == "expert_choice":
@@ -125,6 +125,14 @@ def _global_case(kind: str = "expert_choice"):
         def batch(rank):
             g = torch.Generator().manual_seed(30 + rank)
             return torch.randn(12, D, generator=g, dtype=torch.float64), torch.rand(12, generator=g) > 0.2
+
+        return model, batch
+    if kind == "moma_ffn":
+        model = MoMaFeedForward(D, 24, (2, 2), capacity_factor=1.0, dtype=torch.float64)
+
+        def batch(rank):
+            g = torch.Generator().manual_seed(60 + rank)
+            return torch.randn(12, D, generator=g, dtype=torch.float64), torch.randint(0, 2, (12,), generator=g)
 
         return model, batch
     model = MixtureOfDepths(MoTBlock(D, 2, 24, 2), D, capacity=0.25, batch_level=True).double()
@@ -136,7 +144,7 @@ def _global_case(kind: str = "expert_choice"):
     return model, batch
 
 
-@pytest.mark.parametrize("kind", ["expert_choice", "mod_batch"])
+@pytest.mark.parametrize("kind", ["expert_choice", "moma_ffn", "mod_batch"])
 def test_global_selection_over_two_ranks_equals_one_process_with_the_whole_batch(kind, tmp_path):
     out = str(tmp_path / "results.pt")
     mp.spawn(_global_worker, args=(str(tmp_path / "rendezvous"), out, kind), nprocs=2, join=True)

@@ -81,6 +81,13 @@ def _experts_swiglu(module: nn.Module, x2d, slots, inverse, gates, offsets) -> t
     return sum_rows_op(ye * gates.reshape(-1, 1).to(ye.dtype), inverse, slots)
 
 
+def _group_size(group) -> int:
+    """The size of a ``selection_group`` (1 when there is none, or no process group is initialised)."""
+    if group is None or not torch.distributed.is_initialized():
+        return 1
+    return torch.distributed.get_world_size(group)
+
+
 class ExpertChoiceMoE(nn.Module):
     """A SwiGLU mixture of experts with expert-choice routing (Zhou et al. 2022; MoMa's routing).
 
@@ -155,9 +162,8 @@ class ExpertChoiceMoE(nn.Module):
         x2 = _flat_tokens(x, self.dim)
         N, E = x2.shape[0], self.num_experts
         token_mask = _flat_mask(token_mask, x)
-        group = self.selection_group
-        if group is not None and torch.distributed.is_initialized() and torch.distributed.get_world_size(group) > 1:
-            token_idx, gates, C = self._route_over_group(self.scores(x2), token_mask, group)
+        if _group_size(self.selection_group) > 1:
+            token_idx, gates, C = self._route_over_group(self.scores(x2), token_mask, self.selection_group)
         else:
             C = expert_capacity(self.capacity_factor, N, E)
             token_idx, gates = expert_choice_route(self.scores(x2), C, token_mask) if C else (None, None)
@@ -260,6 +266,10 @@ class MoMaFeedForward(nn.Module):
             token ``t`` goes to expert ``j`` of its group iff ``a_j(x_t) > 0.5``, weighted by ``s[t, j]``: a
             token's output depends on that token alone (one decoding token works).
         device, dtype, backend: as the other modules.
+        selection_group: None (default: per call, per rank under torch.distributed) or a process group: every
+            group of experts chooses among the tokens of its modality on every rank of the process group (``b_m``
+            summed over the ranks; scores and eligibility all-gathered, which needs the same ``N`` on every rank);
+            each rank computes its own tokens' share. An attribute, settable after construction.
 
     Parameters:
         ``w1, w3 [E_total, hidden, dim]``, ``w2 [E_total, dim, hidden]`` (modality 0's experts first, then
@@ -278,11 +288,13 @@ class MoMaFeedForward(nn.Module):
         dtype=None,
         *,
         backend: str | None = None,
+        selection_group=None,
     ) -> None:
         super().__init__()
         for v, name in ((dim, "dim"), (hidden_dim, "hidden_dim")):
             check_positive_int(v, name)
         experts = _check_experts_per_modality(experts_per_modality)
+        self.selection_group = selection_group
         self.capacity_factor = _check_capacity_factor(capacity_factor)
         if gate not in _GATES:
             raise ValueError(f"`gate` must be one of {_GATES}, got {gate!r}")
@@ -395,6 +407,8 @@ class MoMaFeedForward(nn.Module):
             aux = self._aux_logits(x2)
             bound, rows = N, E * N
             idx, gates = _route(s, N, eligible & (aux > 0), None, None, None)
+        elif _group_size(self.selection_group) > 1:
+            idx, gates, bound, rows = self._route_over_group(s, b, eligible, N)
         else:
             idx, gates = _route(s, bound, eligible, cap[grp], None, None)  # [E, bound], -1 past C_m
             # Pack each expert's rows after the previous expert's: offsets on the device, the buffer sized by the
@@ -414,6 +428,36 @@ class MoMaFeedForward(nn.Module):
         if self.aux_routers is not None and self.training and not causal:
             self.aux_loss = self._aux_loss(x2, inverse >= 0, eligible)
         return _experts_swiglu(self, x2, slots, inverse, slot_gates, offsets).view(x.shape)
+
+    def _route_over_group(self, s, counts, eligible, N: int):
+        """Expert choice over every rank's tokens of each modality (see ``selection_group``): ``(idx [E, L] this
+        rank's tokens per expert, ascending, -1 after; gates; L; rows of the packed buffer)``."""
+        dist, group = torch.distributed, self.selection_group
+        W, rank = dist.get_world_size(group), dist.get_rank(group)
+        E, grp = self.num_experts, self.expert_group
+        b = counts.clone()
+        dist.all_reduce(b, group=group)  # b_m over the ranks
+        cap = torch.ceil(self.capacity_factor * b.to(torch.float64) / self.group_sizes).to(torch.int64)
+        cap = torch.minimum(cap.clamp(min=1), b)
+        bound = max(expert_capacity(self.capacity_factor, W * N, e) for e in self.experts_per_modality)
+        parts = [torch.empty_like(s) for _ in range(W)]
+        dist.all_gather(parts, s.detach().contiguous(), group=group)
+        flags = eligible.to(torch.uint8).contiguous()
+        masks = [torch.empty_like(flags) for _ in range(W)]
+        dist.all_gather(masks, flags, group=group)
+        chosen, _ = _route(torch.cat(parts), bound, torch.cat(masks).bool(), cap[grp], None, None)
+        # Every expert's row is ascending with -1 after: this rank's tokens are one contiguous run of it.
+        keys = torch.where(chosen >= 0, chosen, W * N)
+        edges = torch.tensor([rank * N, (rank + 1) * N], device=s.device).expand(E, 2).contiguous()
+        lo = torch.searchsorted(keys, edges)
+        L = min(bound, N)
+        j = torch.arange(L, device=s.device)[None, :]
+        valid = j < (lo[:, 1:] - lo[:, :1])
+        src = (lo[:, :1] + j).clamp(max=bound - 1)
+        idx = torch.where(valid, keys.gather(1, src) - rank * N, -1)
+        padded = torch.cat([s.t(), s.new_zeros(E, 1)], dim=1)  # a -1 slot reads the zero column: gate 0
+        gates = padded.gather(1, torch.where(idx >= 0, idx, N))
+        return idx, gates, L, min(math.ceil(self.capacity_factor * W * N) + E, E * L)
 
     def extra_repr(self) -> str:
         return (f"{self.dim}, hidden_dim={self.hidden_dim}, experts_per_modality={self.experts_per_modality}, "
