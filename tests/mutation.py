@@ -165,7 +165,8 @@ MUTATIONS = [
     ),
     Mutation(
         "mod-update-not-scaled", "sparsemm_kernels/nn/mod.py",
-        "new = x_sel + r_sel * (y_sel - x_sel)", "new = y_sel",
+        "r.reshape(-1)[tok].reshape(R * L), index, B * S",
+        "torch.ones_like(r.reshape(-1)[tok].reshape(R * L)), index, B * S",
         ["tests/nn/test_mod.py"],
         "Mixture-of-Depths: the block's output replaces the token unscaled (the router never learns)",
     ),
@@ -204,8 +205,8 @@ MUTATIONS = [
     ),
     Mutation(
         "tc-moe-gate-not-applied", "sparsemm_kernels/nn/token_choice.py",
-        "slot_gates = gates.reshape(-1).index_select(0, pairs.sorted_to_orig)",
-        "slot_gates = gates.reshape(-1)",
+        "slot_gates = gates.reshape(-1).index_select(0, pairs.sorted_to_orig)\n        out = _experts_swiglu(",
+        "slot_gates = gates.reshape(-1)\n        out = _experts_swiglu(",
         ["tests/nn/test_token_choice.py"],
         "token-choice MoE: each row scaled by another pair's gate (gates in pair order, rows in expert order)",
     ),
