@@ -28,9 +28,8 @@ import torch.nn.functional as F
 from benchmarks import harness, layer_bench
 from sparsemm_kernels.nn import TokenChoiceMoE
 from sparsemm_kernels.nn.moe import _flat_tokens
-from sparsemm_kernels.ops.slots import pick_rows_op, sum_rows_op
+from sparsemm_kernels.ops.slots import pair_rows, pick_rows_op, sum_rows_op
 from sparsemm_kernels.ops.token_routing import token_choice_route
-from sparsemm_kernels.plan import build_plan
 
 OP = "token_choice"
 #: name -> (dim, expert hidden, experts, top_k, tokens)
@@ -80,11 +79,9 @@ def loop_forward(m: TokenChoiceMoE, x: torch.Tensor) -> torch.Tensor:
 def routing_only(m: TokenChoiceMoE, x: torch.Tensor) -> torch.Tensor:
     """The layer without its expert GEMMs: router, routing, plan, the rows copied out and gathered back."""
     x2 = _flat_tokens(x, m.dim)
-    N, E, k = x2.shape[0], m.num_experts, m.top_k
+    E, k = m.num_experts, m.top_k
     idx, gates = token_choice_route(m.router(x2), k)
-    pairs = build_plan(idx.reshape(-1), E, backend=None, validate=False, name="expert_idx")
-    slots = torch.div(pairs.sorted_to_orig, k, rounding_mode="floor")
-    inverse = pairs.orig_to_sorted.view(N, k)
+    pairs, slots, inverse = pair_rows(idx, E, backend=None, name="expert_idx")
     xe = pick_rows_op(x2, slots, inverse)
     g = gates.reshape(-1).index_select(0, pairs.sorted_to_orig)
     return sum_rows_op(xe * g[:, None], inverse, slots).view(x.shape)

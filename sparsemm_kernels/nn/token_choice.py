@@ -16,7 +16,7 @@ from sparsemm_kernels.backend import check_backend_name, prefer
 from sparsemm_kernels.nn.moe import _add_experts, _experts_swiglu, _flat_tokens, _init_experts, _no_tokens
 from sparsemm_kernels.ops.grouped_linear import grouped_mm
 from sparsemm_kernels.ops.permute import sort_rows, unsort_rows
-from sparsemm_kernels.ops.slots import pick_rows_op, sum_rows_op
+from sparsemm_kernels.ops.slots import pair_rows, pick_rows_op, sum_rows_op
 from sparsemm_kernels.ops.swiglu import silu_mul
 from sparsemm_kernels.ops.token_routing import check_top_k, token_choice_route
 from sparsemm_kernels.plan import build_plan
@@ -104,10 +104,7 @@ class TokenChoiceMoE(nn.Module):
                 self.aux_loss = self._load_balancing_loss(logits, expert_idx, gates)
             return out.view(x.shape)
         # The (token, expert) pairs sorted by expert: pair p = t * k + j; sorted row r holds pair sorted_to_orig[r].
-        pairs = build_plan(expert_idx.reshape(-1), E, backend=prefer(self.backend), validate=False,
-                           name="expert_idx")
-        slots = torch.div(pairs.sorted_to_orig, k, rounding_mode="floor")
-        inverse = pairs.orig_to_sorted.view(N, k)  # the k rows of every token
+        pairs, slots, inverse = pair_rows(expert_idx, E, backend=prefer(self.backend), name="expert_idx")
         slot_gates = gates.reshape(-1).index_select(0, pairs.sorted_to_orig)
         out = _experts_swiglu(self, x2, slots, inverse, slot_gates, pairs.offsets)
         if self.training:
@@ -124,11 +121,9 @@ class TokenChoiceMoE(nn.Module):
         from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
 
         dist, group = torch.distributed, self.expert_parallel_group
-        N, E, k, El = x2d.shape[0], self.num_experts, self.top_k, self.num_local_experts
+        E, El = self.num_experts, self.num_local_experts
         backend = prefer(self.backend)
-        pairs = build_plan(expert_idx.reshape(-1), E, backend=backend, validate=False, name="expert_idx")
-        slots = torch.div(pairs.sorted_to_orig, k, rounding_mode="floor")
-        inverse = pairs.orig_to_sorted.view(N, k)
+        pairs, slots, inverse = pair_rows(expert_idx, E, backend=backend, name="expert_idx")
         xe = pick_rows_op(x2d, slots, inverse)  # rows in global expert order: one contiguous run per rank
         send_counts = pairs.counts.view(-1, El).sum(1)
         recv_counts = torch.empty_like(send_counts)

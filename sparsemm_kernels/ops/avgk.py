@@ -18,9 +18,8 @@ import torch.nn.functional as F
 
 from sparsemm_kernels.backend import check_backend_name
 from sparsemm_kernels.ops.grouped_linear import grouped_mm
-from sparsemm_kernels.ops.slots import pick_rows_op, sum_rows_op
+from sparsemm_kernels.ops.slots import pair_rows, pick_rows_op, sum_rows_op
 from sparsemm_kernels.ops.token_routing import token_topk_op
-from sparsemm_kernels.plan import build_plan
 from sparsemm_kernels.utils.checks import (
     check_dim,
     check_float_tensor,
@@ -134,11 +133,8 @@ def avgk_ffn(
         raise ValueError(f"`strategy` must be one of {STRATEGIES}, got {strategy!r}")
     backend = check_backend_name(backend)
     x2 = x.reshape(-1, d)
-    N = x2.shape[0]
     blocks = _select(x2, w_in, g, n_blocks, k, backend)  # [N, k]
-    pairs = build_plan(blocks.reshape(-1), n_blocks, backend=backend, validate=False, name="block_idx")
-    slots = torch.div(pairs.sorted_to_orig, k, rounding_mode="floor")  # the token of every pair row
-    inverse = pairs.orig_to_sorted.view(N, k)  # the k pair rows of every token
+    pairs, slots, inverse = pair_rows(blocks, n_blocks, backend=backend, name="block_idx")
     xe = pick_rows_op(x2, slots, inverse)
     # Block b = group b: its g keys (and up-projections) are rows b*g..b*g+g-1, its values columns of w_out.
     h = grouped_mm(xe, w_in.view(n_blocks, g, d), pairs.offsets,

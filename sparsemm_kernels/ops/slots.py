@@ -78,3 +78,16 @@ def slot_inverse(index: torch.Tensor, num_rows: int, positions: torch.Tensor | N
     cols = torch.arange(E, device=device).view(E, 1).expand(E, C)
     inverse.index_put_((_bounded(index, num_rows).reshape(-1), cols.reshape(-1)), positions.reshape(-1))
     return inverse[:num_rows]
+
+
+def pair_rows(choice: torch.Tensor, num_groups: int, *, backend: str | None, name: str):
+    """The ``N * k`` (row, choice) pairs of ``choice [N, k]`` (each a group in ``[0, num_groups)``, e.g. a token's
+    experts or blocks) sorted by group: ``(plan, slots, inverse)`` with ``plan`` the :class:`GroupPlan` of the pairs
+    (pair ``p = t * k + j``), ``slots [N * k]`` the row of every sorted pair and ``inverse [N, k]`` the sorted
+    position of every pair - what :func:`pick_rows_op` / :func:`sum_rows_op` take. No host sync."""
+    from sparsemm_kernels.plan import build_plan
+
+    N, k = choice.shape
+    plan = build_plan(choice.reshape(-1), num_groups, backend=backend, validate=False, name=name)
+    slots = torch.div(plan.sorted_to_orig, k, rounding_mode="floor")
+    return plan, slots, plan.orig_to_sorted.view(N, k)
