@@ -4,6 +4,7 @@ averages their losses (routing is per rank, as the papers trained: per-device ba
 float64."""
 
 import os
+import sys
 
 import pytest
 import torch
@@ -62,56 +63,66 @@ def _loss(model, inputs):
     return model(*inputs).square().mean()
 
 
-def _worker(rank: int, mode: str, rendezvous: str, out: str) -> None:
+def _two_ranks(rank: int, rendezvous: str, body, args) -> None:
+    """One rank of a two-rank gloo run of ``body(rank, *args)``."""
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
+    try:
+        body(rank, *args)
+        dist.barrier()  # nobody tears gloo down while the other rank still talks to it
+    finally:
+        dist.destroy_process_group()
+    # The work is done and written: leave without the interpreter's teardown, where gloo's background threads
+    # sometimes abort the process ("terminate called without an active exception") after a correct run.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _spawn(tmp_path, body, *args) -> None:
+    mp.spawn(_two_ranks, args=(str(tmp_path / "rendezvous"), body, args), nprocs=2, join=True)
+
+
+def _wrapped_runs(rank: int, mode: str, out: str) -> None:
     results = {}
-    try:
-        for name in CASES:
-            model, batch, blocks = _case(name)
-            if mode == "ddp":
-                from torch.nn.parallel import DistributedDataParallel
+    for name in CASES:
+        model, batch, blocks = _case(name)
+        if mode == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
 
-                wrapped = DistributedDataParallel(model)
-            else:
-                from torch.distributed.device_mesh import init_device_mesh
-                from torch.distributed.fsdp import fully_shard
+            wrapped = DistributedDataParallel(model)
+        else:
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
 
-                mesh = init_device_mesh("cpu", (2,))
-                for block in blocks:
-                    fully_shard(block, mesh=mesh)
-                wrapped = fully_shard(model, mesh=mesh)
-            loss = _loss(wrapped, batch(rank))
-            loss.backward()
-            grads = {}
-            for n, p in model.named_parameters():
-                g = p.grad
-                grads[n] = None if g is None else (g.full_tensor() if hasattr(g, "full_tensor") else g).detach()
-            losses = [torch.zeros(()) for _ in range(2)]
-            dist.all_gather(losses, loss.detach().float().reshape(()))
-            results[name] = {"grads": grads, "losses": [float(t) for t in losses]}
-    finally:
-        if rank == 0:
-            torch.save(results, out)
-        dist.destroy_process_group()
-
-
-def _global_worker(rank: int, rendezvous: str, out: str, kind: str) -> None:
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
-    try:
-        from torch.nn.parallel import DistributedDataParallel
-
-        model, batch = _global_case(kind)
-        model.selection_group = dist.group.WORLD
-        x, mask = batch(rank)
-        wrapped = DistributedDataParallel(model)  # kept alive until backward: its reducer averages the grads
-        loss = wrapped(x, mask).square().mean()
+            mesh = init_device_mesh("cpu", (2,))
+            for block in blocks:
+                fully_shard(block, mesh=mesh)
+            wrapped = fully_shard(model, mesh=mesh)
+        loss = _loss(wrapped, batch(rank))
         loss.backward()
-        if rank == 0:
-            torch.save({n: p.grad for n, p in model.named_parameters()}, out)
-    finally:
-        dist.destroy_process_group()
+        grads = {}
+        for n, p in model.named_parameters():
+            g = p.grad
+            grads[n] = None if g is None else (g.full_tensor() if hasattr(g, "full_tensor") else g).detach()
+        losses = [torch.zeros(()) for _ in range(2)]
+        dist.all_gather(losses, loss.detach().float().reshape(()))
+        results[name] = {"grads": grads, "losses": [float(t) for t in losses]}
+    if rank == 0:
+        torch.save(results, out)
+
+
+def _global_run(rank: int, out: str, kind: str) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    model, batch = _global_case(kind)
+    model.selection_group = dist.group.WORLD
+    x, mask = batch(rank)
+    wrapped = DistributedDataParallel(model)  # kept alive until backward: its reducer averages the grads
+    loss = wrapped(x, mask).square().mean()
+    loss.backward()
+    if rank == 0:
+        torch.save({n: p.grad for n, p in model.named_parameters()}, out)
 
 
 def _global_case(kind: str = "expert_choice"):
@@ -147,7 +158,7 @@ def _global_case(kind: str = "expert_choice"):
 @pytest.mark.parametrize("kind", ["expert_choice", "moma_ffn", "mod_batch"])
 def test_global_selection_over_two_ranks_equals_one_process_with_the_whole_batch(kind, tmp_path):
     out = str(tmp_path / "results.pt")
-    mp.spawn(_global_worker, args=(str(tmp_path / "rendezvous"), out, kind), nprocs=2, join=True)
+    _spawn(tmp_path, _global_run, out, kind)
     got = torch.load(out)
     model, batch = _global_case(kind)
     (x0, m0), (x1, m1) = batch(0), batch(1)
@@ -161,34 +172,29 @@ def test_global_selection_over_two_ranks_equals_one_process_with_the_whole_batch
     assert differs  # the global choice is not the per-rank one on this batch
 
 
-def _ep_worker(rank: int, rendezvous: str, out: str) -> None:
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
-    try:
-        from sparsemm_kernels.nn import TokenChoiceMoE
+def _ep_run(rank: int, out: str) -> None:
+    from sparsemm_kernels.nn import TokenChoiceMoE
 
-        with pytest.raises(ValueError, match="`num_experts`"):  # 3 experts do not shard over 2 ranks
-            TokenChoiceMoE(D, 24, 3, expert_parallel_group=dist.group.WORLD)
-        full, batch = _ep_case()
-        layer = TokenChoiceMoE(D, 24, 4, top_k=2, dtype=torch.float64, expert_parallel_group=dist.group.WORLD)
-        with torch.no_grad():  # the same weights as the one-process layer: this rank's half of the experts
-            layer.router.weight.copy_(full.router.weight)
-            for name in ("w1", "w3", "w2"):
-                getattr(layer, name).copy_(getattr(full, name)[2 * rank:2 * rank + 2])
-        y = layer(batch(rank))
-        y.square().sum().backward()
-        dist.all_reduce(layer.router.weight.grad)  # the replicated router: summed over the data-parallel ranks
-        gathered = {}
+    with pytest.raises(ValueError, match="`num_experts`"):  # 3 experts do not shard over 2 ranks
+        TokenChoiceMoE(D, 24, 3, expert_parallel_group=dist.group.WORLD)
+    full, batch = _ep_case()
+    layer = TokenChoiceMoE(D, 24, 4, top_k=2, dtype=torch.float64, expert_parallel_group=dist.group.WORLD)
+    with torch.no_grad():  # the same weights as the one-process layer: this rank's half of the experts
+        layer.router.weight.copy_(full.router.weight)
         for name in ("w1", "w3", "w2"):
-            parts = [torch.empty_like(getattr(layer, name).grad) for _ in range(2)]
-            dist.all_gather(parts, getattr(layer, name).grad)
-            gathered[name] = torch.cat(parts)
-        outs = [torch.empty_like(y) for _ in range(2)]
-        dist.all_gather(outs, y.detach())
-        if rank == 0:
-            torch.save({"y": torch.cat(outs), "router": layer.router.weight.grad, **gathered}, out)
-    finally:
-        dist.destroy_process_group()
+            getattr(layer, name).copy_(getattr(full, name)[2 * rank:2 * rank + 2])
+    y = layer(batch(rank))
+    y.square().sum().backward()
+    dist.all_reduce(layer.router.weight.grad)  # the replicated router: summed over the data-parallel ranks
+    gathered = {}
+    for name in ("w1", "w3", "w2"):
+        parts = [torch.empty_like(getattr(layer, name).grad) for _ in range(2)]
+        dist.all_gather(parts, getattr(layer, name).grad)
+        gathered[name] = torch.cat(parts)
+    outs = [torch.empty_like(y) for _ in range(2)]
+    dist.all_gather(outs, y.detach())
+    if rank == 0:
+        torch.save({"y": torch.cat(outs), "router": layer.router.weight.grad, **gathered}, out)
 
 
 def _ep_case():
@@ -205,7 +211,7 @@ def _ep_case():
 
 def test_expert_parallel_token_choice_equals_one_process_with_every_expert(tmp_path):
     out = str(tmp_path / "results.pt")
-    mp.spawn(_ep_worker, args=(str(tmp_path / "rendezvous"), out), nprocs=2, join=True)
+    _spawn(tmp_path, _ep_run, out)
     got = torch.load(out)
     full, batch = _ep_case()
     x = torch.cat([batch(0), batch(1)])
@@ -220,7 +226,7 @@ def test_expert_parallel_token_choice_equals_one_process_with_every_expert(tmp_p
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_two_gloo_ranks_equal_one_process(mode, tmp_path):
     out = str(tmp_path / "results.pt")
-    mp.spawn(_worker, args=(mode, str(tmp_path / "rendezvous"), out), nprocs=2, join=True)
+    _spawn(tmp_path, _wrapped_runs, mode, out)
     results = torch.load(out)
     assert set(results) == set(CASES)
     for name in CASES:
@@ -229,7 +235,7 @@ def test_two_gloo_ranks_equal_one_process(mode, tmp_path):
         ((halves[0] + halves[1]) / 2).backward()
         got = results[name]
         for r in range(2):
-            assert got["losses"][r] == pytest.approx(float(halves[r]), rel=1e-6), (name, r)
+            assert got["losses"][r] == pytest.approx(float(halves[r].detach()), rel=1e-6), (name, r)
         for n, p in model.named_parameters():
             want = p.grad
             if want is None:
