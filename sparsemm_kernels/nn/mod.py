@@ -30,6 +30,7 @@ from sparsemm_kernels.backend import check_backend_name, prefer
 from sparsemm_kernels.ops.mod_combine import mod_combine
 from sparsemm_kernels.ops.mod_routing import mod_capacity, mod_route
 from sparsemm_kernels.utils.checks import check_float_tensor, check_int_tensor
+from sparsemm_kernels.utils.distributed import all_gather_rows, group_size, rank_share
 
 _ACTIVATIONS = ("sigmoid", None)
 _AUX = ("bce", "predictor")
@@ -131,7 +132,7 @@ class MixtureOfDepths(nn.Module):
         valid = None
         if self.causal_routing:
             flat, valid = self._slots_from_mask(self._predict(x, logits) > 0.5)
-        elif self.batch_level and self._group_size() > 1:
+        elif self.batch_level and group_size(self.selection_group) > 1:
             flat, valid = self._route_over_group(logits)
         elif self.batch_level:
             flat = mod_route(logits, self.capacity, batch_level=True, backend=prefer(self.backend))[None, :]
@@ -161,30 +162,18 @@ class MixtureOfDepths(nn.Module):
             return torch.sigmoid(logits)
         return torch.sigmoid(self.predictor(x.detach()).squeeze(-1))
 
-    def _group_size(self) -> int:
-        group = self.selection_group
-        if group is None or not torch.distributed.is_initialized():
-            return 1
-        return torch.distributed.get_world_size(group)
-
     def _route_over_group(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch-level routing over the tokens of every rank of ``selection_group`` (the logits all-gathered; each
         rank the same ``[B, S]``): this rank's chosen tokens as one row of flat indices, ascending, padded to the
         static bound ``min(C, B * S)`` with ``B * S``, and the row's validity."""
-        dist, group = torch.distributed, self.selection_group
-        W, rank = dist.get_world_size(group), dist.get_rank(group)
+        group = self.selection_group
+        rank = torch.distributed.get_rank(group)
         B, S = logits.shape
-        parts = [torch.empty_like(logits) for _ in range(W)]
-        dist.all_gather(parts, logits.detach().contiguous(), group=group)
-        chosen = mod_route(torch.cat(parts), self.capacity, batch_level=True, backend=prefer(self.backend))
+        all_logits = all_gather_rows(logits, group)
+        chosen = mod_route(all_logits, self.capacity, batch_level=True, backend=prefer(self.backend))
         # Ascending over the ranks' token ranges: this rank's tokens are one contiguous run of `chosen`.
-        lo = torch.searchsorted(chosen, torch.tensor([rank * B * S, (rank + 1) * B * S], device=chosen.device))
-        L = min(chosen.shape[0], B * S)
-        j = torch.arange(L, device=chosen.device)
-        valid = j < (lo[1] - lo[0])
-        src = (lo[0] + j).clamp(max=chosen.shape[0] - 1)
-        flat = torch.where(valid, chosen.index_select(0, src) - rank * B * S, B * S)
-        return flat[None, :], valid[None, :]
+        local, valid = rank_share(chosen[None, :], rank * B * S, (rank + 1) * B * S, min(chosen.shape[0], B * S))
+        return torch.where(valid, local, B * S), valid
 
     @staticmethod
     def _slots_from_mask(chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

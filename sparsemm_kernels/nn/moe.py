@@ -18,10 +18,11 @@ from torch import nn
 from sparsemm_kernels.backend import check_backend_name, prefer
 from sparsemm_kernels.nn.mot_linear import init_per_modality_
 from sparsemm_kernels.ops.grouped_linear import grouped_mm
-from sparsemm_kernels.ops.routing import _route, expert_choice_route
+from sparsemm_kernels.ops.routing import _route, expert_choice_route, gather_gates
 from sparsemm_kernels.ops.slots import pick_rows_op, slot_inverse, sum_rows_op
 from sparsemm_kernels.ops.swiglu import silu_mul
 from sparsemm_kernels.utils.checks import check_float_tensor, check_positive_int
+from sparsemm_kernels.utils.distributed import all_gather_rows, group_size, rank_share
 
 _GATES = ("sigmoid", "softmax")
 _NOISE = (None, "gumbel")
@@ -79,13 +80,6 @@ def _experts_swiglu(module: nn.Module, x2d, slots, inverse, gates, offsets) -> t
                  grouped_mm(xe, module.w3, offsets, backend=backend), backend=backend)
     ye = grouped_mm(h, module.w2, offsets, backend=backend)  # the autocast dtype under autocast
     return sum_rows_op(ye * gates.reshape(-1, 1).to(ye.dtype), inverse, slots)
-
-
-def _group_size(group) -> int:
-    """The size of a ``selection_group`` (1 when there is none, or no process group is initialised)."""
-    if group is None or not torch.distributed.is_initialized():
-        return 1
-    return torch.distributed.get_world_size(group)
 
 
 class ExpertChoiceMoE(nn.Module):
@@ -162,7 +156,7 @@ class ExpertChoiceMoE(nn.Module):
         x2 = _flat_tokens(x, self.dim)
         N, E = x2.shape[0], self.num_experts
         token_mask = _flat_mask(token_mask, x)
-        if _group_size(self.selection_group) > 1:
+        if group_size(self.selection_group) > 1:
             token_idx, gates, C = self._route_over_group(self.scores(x2), token_mask, self.selection_group)
         else:
             C = expert_capacity(self.capacity_factor, N, E)
@@ -177,25 +171,16 @@ class ExpertChoiceMoE(nn.Module):
         """Expert choice over the tokens of every rank of ``group`` (the scores all-gathered; each rank the same
         ``N``): ``(token_idx [E, C] of this rank's tokens, -1 for the slots other ranks' tokens won, gates, C)``.
         Only the choice crosses ranks; the gates are this rank's own scores, so gradients stay local."""
-        dist = torch.distributed
-        W, rank = dist.get_world_size(group), dist.get_rank(group)
+        W, rank = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
         N, E = s.shape
-        parts = [torch.empty_like(s) for _ in range(W)]
-        dist.all_gather(parts, s.detach().contiguous(), group=group)
-        mask = None
-        if token_mask is not None:
-            flags = token_mask.to(torch.uint8).contiguous()  # bool is not a dtype every backend gathers
-            masks = [torch.empty_like(flags) for _ in range(W)]
-            dist.all_gather(masks, flags, group=group)
-            mask = torch.cat(masks).bool()
+        mask = all_gather_rows(token_mask, group) if token_mask is not None else None
         C = expert_capacity(self.capacity_factor, W * N, E)
         if C == 0:
             return None, None, 0
-        chosen, _ = expert_choice_route(torch.cat(parts), C, mask)  # global token ids, ascending
+        chosen, _ = expert_choice_route(all_gather_rows(s, group), C, mask)  # global token ids, ascending
         local = chosen - rank * N
         token_idx = torch.where((chosen >= 0) & (local >= 0) & (local < N), local, -1)
-        padded = torch.cat([s.t(), s.new_zeros(E, 1)], dim=1)  # a -1 slot reads the zero column: gate 0
-        return token_idx, padded.gather(1, torch.where(token_idx >= 0, token_idx, N)), C
+        return token_idx, gather_gates(s, token_idx), C
 
     def extra_repr(self) -> str:
         return (f"{self.dim}, hidden_dim={self.hidden_dim}, num_experts={self.num_experts}, "
@@ -395,8 +380,7 @@ class MoMaFeedForward(nn.Module):
         grp = self.expert_group
         # C_m on the device from b_m; the static bound of each expert's slots from N.
         b = counts.to(torch.int64)
-        cap = torch.ceil(self.capacity_factor * b.to(torch.float64) / self.group_sizes).to(torch.int64)
-        cap = torch.minimum(cap.clamp(min=1), b)  # 0 when b_m = 0
+        cap = self._capacities(b)
         bound = max(expert_capacity(self.capacity_factor, N, e) for e in self.experts_per_modality)
         eligible = ids[:, None] == grp[None, :]  # [N, E]: an expert sees its group's tokens only
         if token_mask is not None:
@@ -407,7 +391,7 @@ class MoMaFeedForward(nn.Module):
             aux = self._aux_logits(x2)
             bound, rows = N, E * N
             idx, gates = _route(s, N, eligible & (aux > 0), None, None, None)
-        elif _group_size(self.selection_group) > 1:
+        elif group_size(self.selection_group) > 1:
             idx, gates, bound, rows = self._route_over_group(s, b, eligible, N)
         else:
             idx, gates = _route(s, bound, eligible, cap[grp], None, None)  # [E, bound], -1 past C_m
@@ -429,6 +413,11 @@ class MoMaFeedForward(nn.Module):
             self.aux_loss = self._aux_loss(x2, inverse >= 0, eligible)
         return _experts_swiglu(self, x2, slots, inverse, slot_gates, offsets).view(x.shape)
 
+    def _capacities(self, b: torch.Tensor) -> torch.Tensor:
+        """``C_m = min(max(ceil(c * b_m / E_m), 1), b_m)`` per group on the device (0 when ``b_m = 0``)."""
+        cap = torch.ceil(self.capacity_factor * b.to(torch.float64) / self.group_sizes).to(torch.int64)
+        return torch.minimum(cap.clamp(min=1), b)
+
     def _route_over_group(self, s, counts, eligible, N: int):
         """Expert choice over every rank's tokens of each modality (see ``selection_group``): ``(idx [E, L] this
         rank's tokens per expert, ascending, -1 after; gates; L; rows of the packed buffer)``."""
@@ -437,27 +426,14 @@ class MoMaFeedForward(nn.Module):
         E, grp = self.num_experts, self.expert_group
         b = counts.clone()
         dist.all_reduce(b, group=group)  # b_m over the ranks
-        cap = torch.ceil(self.capacity_factor * b.to(torch.float64) / self.group_sizes).to(torch.int64)
-        cap = torch.minimum(cap.clamp(min=1), b)
+        cap = self._capacities(b)
         bound = max(expert_capacity(self.capacity_factor, W * N, e) for e in self.experts_per_modality)
-        parts = [torch.empty_like(s) for _ in range(W)]
-        dist.all_gather(parts, s.detach().contiguous(), group=group)
-        flags = eligible.to(torch.uint8).contiguous()
-        masks = [torch.empty_like(flags) for _ in range(W)]
-        dist.all_gather(masks, flags, group=group)
-        chosen, _ = _route(torch.cat(parts), bound, torch.cat(masks).bool(), cap[grp], None, None)
+        chosen, _ = _route(all_gather_rows(s, group), bound, all_gather_rows(eligible, group), cap[grp], None, None)
         # Every expert's row is ascending with -1 after: this rank's tokens are one contiguous run of it.
-        keys = torch.where(chosen >= 0, chosen, W * N)
-        edges = torch.tensor([rank * N, (rank + 1) * N], device=s.device).expand(E, 2).contiguous()
-        lo = torch.searchsorted(keys, edges)
         L = min(bound, N)
-        j = torch.arange(L, device=s.device)[None, :]
-        valid = j < (lo[:, 1:] - lo[:, :1])
-        src = (lo[:, :1] + j).clamp(max=bound - 1)
-        idx = torch.where(valid, keys.gather(1, src) - rank * N, -1)
-        padded = torch.cat([s.t(), s.new_zeros(E, 1)], dim=1)  # a -1 slot reads the zero column: gate 0
-        gates = padded.gather(1, torch.where(idx >= 0, idx, N))
-        return idx, gates, L, min(math.ceil(self.capacity_factor * W * N) + E, E * L)
+        local, valid = rank_share(torch.where(chosen >= 0, chosen, W * N), rank * N, (rank + 1) * N, L)
+        idx = torch.where(valid, local, -1)
+        return idx, gather_gates(s, idx), L, min(math.ceil(self.capacity_factor * W * N) + E, E * L)
 
     def extra_repr(self) -> str:
         return (f"{self.dim}, hidden_dim={self.hidden_dim}, experts_per_modality={self.experts_per_modality}, "

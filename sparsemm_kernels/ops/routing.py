@@ -159,6 +159,12 @@ def _route(scores, capacity: int, token_mask, limit, backend, validate) -> tuple
     backend = check_backend_name(backend)
     mode = validation_mode(validate, scores.device)
     idx = expert_choice_indices_op(scores.detach(), token_mask, capacity, limit, mode, backend)
+    return idx, gather_gates(scores, idx)
+
+
+def gather_gates(scores: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``gates [E, C] = scores[idx[e, j], e]``, 0 where ``idx`` is -1; differentiable in ``scores [N, E]``."""
+    N, E = scores.shape
     # Empty slots read a zero column appended after the N tokens (also right when N = 0).
     padded = torch.cat([scores.t(), scores.new_zeros(E, 1)], dim=1)
-    return idx, padded.gather(1, torch.where(idx >= 0, idx, N))
+    return padded.gather(1, torch.where(idx >= 0, idx, N))
