@@ -236,10 +236,10 @@ MUTATIONS = [
     ),
     Mutation(
         "moma-capacity-from-all-tokens", "sparsemm_kernels/nn/moe.py",
-        "cap = torch.minimum(cap.clamp(min=1), b)  # 0 when b_m = 0",
-        "cap = torch.full_like(b, bound)",
+        "return torch.minimum(cap.clamp(min=1), b)",
+        "return torch.full_like(b, b.shape[0]) * 0 + b.sum()",
         ["tests/nn/test_moma.py"],
-        "MoMa: every expert takes the static bound of tokens instead of C_m from its group's b_m",
+        "MoMa: every expert's capacity from all the tokens instead of C_m from its group's b_m",
     ),
     # ---- the seven of issue 8 ----
     Mutation(
