@@ -70,6 +70,15 @@ m.def("token_topk_cpu", &sparsemm::token_topk_cpu,
         arg("logits_ptr"), arg("dtype"), arg("n"), arg("num_experts"), arg("stride_n"), arg("stride_e"), arg("k"),
         arg("out_ptr"), py::call_guard<py::gil_scoped_release>());
 
+  m.def("token_choice_plan_cpu", &sparsemm::token_choice_plan_cpu,
+        "token_topk_cpu fused with the softmax gates over each row's k chosen logits (logits' dtype, computed in "
+        "double) and the stable counting sort of the n * k pairs p = t * k + j by expert: writes int64 "
+        "expert_idx [n, k], gates [n, k], sorted_to_orig / slots / orig_to_sorted [n * k], counts [E], offsets "
+        "[E + 1], all contiguous.",
+        arg("logits_ptr"), arg("dtype"), arg("n"), arg("num_experts"), arg("stride_n"), arg("stride_e"), arg("k"),
+        arg("expert_idx_ptr"), arg("gates_ptr"), arg("sorted_to_orig_ptr"), arg("slots_ptr"), arg("counts_ptr"),
+        arg("offsets_ptr"), arg("orig_to_sorted_ptr"), py::call_guard<py::gil_scoped_release>());
+
 #if defined(SPARSEMM_WITH_CUDA)
   m.def("group_plan_cuda_workspace_bytes", &sparsemm::group_plan_cuda_workspace_bytes,
         "Bytes of device scratch group_plan_cuda needs for (n, num_groups, ids_dtype). Launches nothing; "

@@ -277,6 +277,37 @@ def token_topk_cpu(logits: torch.Tensor, k: int) -> torch.Tensor:
     return out
 
 
+def token_choice_plan_cpu(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+    """Token-choice routing fused with its plan (C++), for ``logits [N, E]`` (float CPU tensor, any strides;
+    float16/bfloat16 read as float32, exactly), ``1 <= k <= E``.
+
+    Returns ``expert_idx [N, k]`` int64 (as :func:`token_topk_cpu`), ``gates [N, k]`` (float64 for float64 logits,
+    else float32: the softmax over each row's ``k`` chosen logits) and the stable sort of the ``N * k`` pairs
+    ``p = t * k + j`` by expert: ``sorted_to_orig``, ``slots`` (the token of each sorted pair), ``counts [E]``,
+    ``offsets [E + 1]``, ``orig_to_sorted``, int64.
+    """
+    c = _ext.require()
+    check_tensor(logits, "logits")
+    _check_cpu(logits, "logits")
+    check_dim(logits, 2, "logits", "[N, E]")
+    N, E = logits.shape
+    check_positive_int(k, "top_k")
+    if k > E:
+        raise ValueError(f"`top_k` must be in [1, {E}], got {k}")
+    if logits.dtype not in _GEMM_DTYPES:
+        logits = logits.float()
+    idx = torch.empty(N, k, dtype=torch.int64)
+    gates = torch.empty(N, k, dtype=logits.dtype)
+    sorted_to_orig, slots, orig_to_sorted = (torch.empty(N * k, dtype=torch.int64) for _ in range(3))
+    counts, offsets = torch.empty(E, dtype=torch.int64), torch.empty(E + 1, dtype=torch.int64)
+    c.token_choice_plan_cpu(
+        logits.data_ptr(), _ext.dtype_code(logits.dtype), N, E, logits.stride(0), logits.stride(1), k,
+        idx.data_ptr(), gates.data_ptr(), sorted_to_orig.data_ptr(), slots.data_ptr(), counts.data_ptr(),
+        offsets.data_ptr(), orig_to_sorted.data_ptr(),
+    )  # fmt: skip
+    return idx, gates, sorted_to_orig, slots, counts, offsets, orig_to_sorted
+
+
 def _check_cpu(t: torch.Tensor, name: str) -> None:
     if t.device.type != "cpu":
         raise ValueError(f"`{name}` must be a CPU tensor for the C++ kernels, got device {t.device}")

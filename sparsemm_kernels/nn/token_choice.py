@@ -1,10 +1,11 @@
 """Token-choice mixture of experts: every token picks its ``top_k`` experts (dropless).
 
-``logits = x W_rᵀ`` -> :func:`~sparsemm_kernels.token_choice_route` (each token's ``k`` experts, renormalised
-softmax gates) -> ``group_plan`` of the ``N * k`` (token, expert) pairs (a token picked by ``k`` experts appears
-``k`` times) -> the tokens copied into the expert-sorted rows (``pick_rows``) -> one grouped SwiGLU over all experts
--> each row scaled by its gate and added back to its token (``sum_rows``: a fixed order, no atomics). Dropless:
-every pair is computed, whatever the load. No host sync: ``N``, ``E`` and ``k`` are Python ints of the call.
+``logits = x W_rᵀ`` -> ``token_choice_plan`` (one fused op: each token's ``k`` experts, renormalised softmax gates
+and the expert-sorted plan of the ``N * k`` (token, expert) pairs - a token picked by ``k`` experts appears ``k``
+times; the results of :func:`~sparsemm_kernels.token_choice_route` + ``group_plan``) -> the tokens copied into the
+expert-sorted rows (``pick_rows``) -> one grouped SwiGLU over all experts -> each row scaled by its gate and added
+back to its token (``sum_rows``: a fixed order, no atomics). Dropless: every pair is computed, whatever the load.
+No host sync: ``N``, ``E`` and ``k`` are Python ints of the call.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from sparsemm_kernels.backend import check_backend_name, prefer
 from sparsemm_kernels.nn.moe import _add_experts, _experts_swiglu, _flat_tokens, _init_experts, _no_tokens
 from sparsemm_kernels.ops.grouped_linear import grouped_mm
 from sparsemm_kernels.ops.permute import sort_rows, unsort_rows
-from sparsemm_kernels.ops.slots import pair_rows, pick_rows_op, sum_rows_op
+from sparsemm_kernels.ops.slots import pick_rows_op, sum_rows_op
 from sparsemm_kernels.ops.swiglu import silu_mul
-from sparsemm_kernels.ops.token_routing import check_top_k, token_choice_route
+from sparsemm_kernels.ops.token_routing import check_top_k, token_choice_plan
 from sparsemm_kernels.plan import build_plan
 from sparsemm_kernels.utils.checks import check_positive_int
 
@@ -92,26 +93,25 @@ class TokenChoiceMoE(nn.Module):
         stands where a :class:`~sparsemm_kernels.nn.MoTFeedForward` stands); ``sorted_rows`` likewise (the rows are
         routed by the router, whatever their order)."""
         x2 = _flat_tokens(x, self.dim)
-        N, E, k = x2.shape[0], self.num_experts, self.top_k
+        N, k = x2.shape[0], self.top_k
         self.aux_loss = None
         if N == 0:
             return _no_tokens(self, x)
         logits = self.router(x2)
-        expert_idx, gates = token_choice_route(logits, k, backend=prefer(self.backend))
+        # The (token, expert) pairs sorted by expert: pair p = t * k + j; sorted row r holds pair sorted_to_orig[r].
+        expert_idx, gates, pairs, slots, inverse = token_choice_plan(logits, k, backend=prefer(self.backend))
         if self.expert_parallel_group is not None:
-            out = self._expert_parallel(x2, expert_idx, gates)
+            out = self._expert_parallel(x2, expert_idx, gates, pairs, slots, inverse)
             if self.training:
                 self.aux_loss = self._load_balancing_loss(logits, expert_idx, gates)
             return out.view(x.shape)
-        # The (token, expert) pairs sorted by expert: pair p = t * k + j; sorted row r holds pair sorted_to_orig[r].
-        pairs, slots, inverse = pair_rows(expert_idx, E, backend=prefer(self.backend), name="expert_idx")
         slot_gates = gates.reshape(-1).index_select(0, pairs.sorted_to_orig)
         out = _experts_swiglu(self, x2, slots, inverse, slot_gates, pairs.offsets)
         if self.training:
             self.aux_loss = self._load_balancing_loss(logits, expert_idx, gates)
         return out.view(x.shape)
 
-    def _expert_parallel(self, x2d, expert_idx, gates) -> torch.Tensor:
+    def _expert_parallel(self, x2d, expert_idx, gates, pairs, slots, inverse) -> torch.Tensor:
         """The experts sharded over ``expert_parallel_group``: the (token, expert) rows sorted by expert go to the
         rank holding their expert (``all_to_all``), run there through one grouped SwiGLU over its local experts, and
         come back the same way (autograd-aware collectives: the backward runs the exchange in reverse).
@@ -121,9 +121,8 @@ class TokenChoiceMoE(nn.Module):
         from torch.distributed._functional_collectives import all_to_all_single_autograd, wait_tensor
 
         dist, group = torch.distributed, self.expert_parallel_group
-        E, El = self.num_experts, self.num_local_experts
+        El = self.num_local_experts
         backend = prefer(self.backend)
-        pairs, slots, inverse = pair_rows(expert_idx, E, backend=backend, name="expert_idx")
         xe = pick_rows_op(x2d, slots, inverse)  # rows in global expert order: one contiguous run per rank
         send_counts = pairs.counts.view(-1, El).sum(1)
         recv_counts = torch.empty_like(send_counts)

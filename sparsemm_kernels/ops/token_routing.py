@@ -6,6 +6,12 @@ renormalised top-k gates). The choice is ``sparsemm::token_topk`` (a custom op w
 none) on the ``triton`` (one program per block of tokens), ``cpu`` (C++ partial sort) or ``torch`` (a stable sort)
 backends; the gates are a differentiable gather of ``logits`` and a softmax. ``group_plan(expert_idx.flatten(), E)``
 then gives the expert-sorted plan of the ``N * k`` (token, expert) pairs for the grouped GEMM. No host sync.
+
+``token_choice_plan(logits, top_k)`` (what :class:`~sparsemm_kernels.nn.TokenChoiceMoE` runs) is the fused form of
+``token_choice_route`` + :func:`~sparsemm_kernels.ops.slots.pair_rows`: one op, ``sparsemm::token_choice_plan``,
+gives the experts, the gates and the plan of the pairs together (Triton: one kernel per token block for the top-k,
+the gates and a per-block expert histogram, then a placement kernel; C++: the same over blocks of tokens; torch:
+the sort, a softmax and the reference plan), with the gates' gradient registered as a formula.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import torch
 from sparsemm_kernels.backend import check_backend_name, select_backend
 from sparsemm_kernels.ops.dispatch import Op
 from sparsemm_kernels.ops.routing import check_finite_scores
+from sparsemm_kernels.plan import GroupPlan
 from sparsemm_kernels.utils.checks import ASYNC, EAGER, check_dim, check_float_tensor, validation_mode
 
 
@@ -89,3 +96,120 @@ def token_choice_route(
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     gates = torch.softmax(logits.gather(1, idx).to(acc), dim=-1).to(logits.dtype)
     return idx, gates
+
+
+# ---- the fused path: experts, gates and the plan of the (token, expert) pairs in one op ----
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The gates' compute dtype: float64 for float64 logits, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _token_choice_plan_torch(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+    from sparsemm_kernels.reference.plan import group_plan_ref
+
+    idx = _topk_torch(logits, k)
+    gates = torch.softmax(logits.gather(1, idx).to(_acc_dtype(logits.dtype)), dim=-1)
+    sorted_to_orig, counts, offsets = group_plan_ref(idx.reshape(-1), logits.shape[1])
+    orig_to_sorted = torch.empty_like(sorted_to_orig)
+    orig_to_sorted[sorted_to_orig] = torch.arange(sorted_to_orig.numel(), device=logits.device)
+    slots = torch.div(sorted_to_orig, k, rounding_mode="floor")
+    return idx, gates, sorted_to_orig, slots, counts, offsets, orig_to_sorted
+
+
+def _token_choice_plan_any(logits: torch.Tensor, k: int, backend: str | None) -> tuple[torch.Tensor, ...]:
+    """The launchers' order: ``(expert_idx, gates, sorted_to_orig, slots, counts, offsets, orig_to_sorted)``."""
+    name = select_backend("token_choice_route", logits.device, logits.dtype, backend)
+    if name == "triton":
+        from sparsemm_kernels.kernels.triton.token_topk import MAX_EXPERTS, token_choice_plan_triton
+
+        if logits.shape[1] <= MAX_EXPERTS:
+            return token_choice_plan_triton(logits, k)
+        if backend == "triton":
+            raise ValueError(f"the triton token-choice plan takes at most {MAX_EXPERTS} experts, got "
+                             f"{logits.shape[1]}")
+        name = "torch"  # wider rows: the sort, unless triton was demanded
+    if name == "cpu":
+        from sparsemm_kernels.kernels.cpu import token_choice_plan_cpu
+
+        return token_choice_plan_cpu(logits, k)
+    return _token_choice_plan_torch(logits, k)
+
+
+def _token_choice_plan(
+    logits: torch.Tensor, k: int, backend: str | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(gates [N, k], expert_idx [N, k], sorted_to_orig [N*k], slots [N*k], counts [E], offsets [E+1],
+    orig_to_sorted [N*k])`` of ``logits [N, E]``: int64 except ``gates`` (float64 for float64 logits, else
+    float32). The plan is the stable sort of the pairs ``p = t * k + j`` by expert."""
+    idx, gates, *plan = _token_choice_plan_any(logits, k, backend)
+    # The float output first: autograd checks (opcheck) sum the outputs in order, and an int first would not.
+    return (gates, idx, *plan)
+
+
+def _token_choice_plan_fake(logits, k, backend):
+    N, E = logits.shape
+    s2o, slots, o2s = (logits.new_empty(N * k, dtype=torch.int64) for _ in range(3))
+    return (logits.new_empty(N, k, dtype=_acc_dtype(logits.dtype)), logits.new_empty(N, k, dtype=torch.int64), s2o,
+            slots, logits.new_empty(E, dtype=torch.int64), logits.new_empty(E + 1, dtype=torch.int64), o2s)
+
+
+def _plan_setup(ctx, inputs, output):
+    logits = inputs[0]
+    ctx.save_for_backward(output[0], output[1])  # the gates (an output: double backward follows) and the experts
+    ctx.num_experts, ctx.logits_dtype = logits.shape[1], logits.dtype
+
+
+def _plan_backward(ctx, d_gates, *d_ints):
+    """The softmax's backward at the chosen columns: ``dlogits[t, idx[t, j]] = g_j (dg_j - sum_i g_i dg_i)``,
+    zero elsewhere (a row's ``k`` experts are distinct: the scatter has one writer per entry). Plain torch ops on
+    the saved gates, so second derivatives are exact."""
+    gates, idx = ctx.saved_tensors
+    if d_gates is None:
+        return None, None, None
+    dg = d_gates.to(gates.dtype)
+    d = gates * (dg - (gates * dg).sum(1, keepdim=True))
+    dlogits = d.new_zeros(idx.shape[0], ctx.num_experts).scatter(1, idx, d)
+    return dlogits.to(ctx.logits_dtype), None, None
+
+
+token_choice_plan_op = Op("sparsemm::token_choice_plan", _token_choice_plan, _token_choice_plan_fake, _plan_setup,
+                          _plan_backward)
+
+
+def token_choice_plan(
+    logits: torch.Tensor,
+    top_k: int,
+    *,
+    backend: str | None = None,
+    validate: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, GroupPlan, torch.Tensor, torch.Tensor]:
+    """:func:`token_choice_route` and the plan of its ``N * k`` (token, expert) pairs, fused (no host sync).
+
+    Args: as :func:`token_choice_route`.
+
+    Returns:
+        ``(expert_idx, gates, plan, slots, inverse)``: ``expert_idx [N, k]`` int64 equal to
+        :func:`token_choice_route`'s; ``gates [N, k]`` in ``logits``' dtype, equal to its gates up to rounding
+        (computed by the kernel in float32, float64 for float64), differentiable in ``logits``; ``plan`` the
+        :class:`~sparsemm_kernels.plan.GroupPlan` of the pairs ``p = t * k + j`` over ``E`` groups, equal bit for
+        bit to ``group_plan(expert_idx.reshape(-1), E)``; ``slots [N * k]`` the token of each sorted pair and
+        ``inverse [N, k]`` the sorted position of each pair - the outputs of
+        :func:`~sparsemm_kernels.ops.slots.pair_rows`.
+    """
+    check_float_tensor(logits, "logits")
+    check_dim(logits, 2, "logits", "[N, E] (tokens x experts)")
+    N, E = logits.shape
+    if E == 0:
+        raise ValueError("`logits` must have at least one expert column, got shape (N, 0)")
+    k = check_top_k(top_k, E)
+    mode = validation_mode(validate, logits.device)
+    if mode == EAGER and torch.compiler.is_compiling():
+        mode = ASYNC
+    check_finite_scores(logits.detach(), "logits", mode)
+    gates, idx, sorted_to_orig, slots, counts, offsets, orig_to_sorted = token_choice_plan_op(
+        logits, k, check_backend_name(backend))
+    flat = idx.reshape(-1)
+    plan = GroupPlan(sorted_to_orig, offsets, counts, E, N * k, orig_to_sorted, trusted=True, group_ids=flat)
+    return idx, gates.to(logits.dtype), plan, slots, orig_to_sorted.view(N, k)

@@ -51,6 +51,40 @@ def test_layer_matches_the_loop(top_k):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-10, msg=n)
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+def test_layer_on_every_backend_equals_the_separate_routing_path(backend):
+    """The layer routes through the fused token_choice_plan; on every backend it equals the same layer run on
+    token_choice_route + pair_rows (the path before the fused op) and the loop."""
+    from sparsemm_kernels.backend import unsupported_reasons
+    from sparsemm_kernels.nn import token_choice as tc_module
+    from sparsemm_kernels.ops.slots import pair_rows
+
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    reasons = unsupported_reasons("token_choice_route", backend, torch.device("cpu"), dtype)
+    if reasons:
+        pytest.skip("; ".join(reasons))
+    torch.manual_seed(3)
+    m = TokenChoiceMoE(8, 12, 6, top_k=2, backend=backend).to(dtype)
+    x = torch.randn(67, 8, dtype=dtype)  # past a Triton token block
+    ref = copy.deepcopy(m).double()
+
+    def separate(logits, k, backend=None):
+        idx, gates = smk.token_choice_route(logits, k, backend=backend)
+        plan, slots, inverse = pair_rows(idx, logits.shape[1], backend=backend, name="expert_idx")
+        return idx, gates, plan, slots, inverse
+
+    y = m(x)
+    fused = tc_module.token_choice_plan
+    try:
+        tc_module.token_choice_plan = separate
+        want = m(x)
+    finally:
+        tc_module.token_choice_plan = fused
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    torch.testing.assert_close(y, want, **tol)
+    torch.testing.assert_close(y.double(), loop_tc(ref, x.double())[0], **tol)
+
+
 def test_tied_logits_and_unused_experts():
     m = TokenChoiceMoE(8, 12, 4, top_k=2).double()
     with torch.no_grad():

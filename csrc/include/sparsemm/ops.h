@@ -49,6 +49,16 @@ void expert_choice_cpu(std::uintptr_t scores, int dtype, int64_t n, int64_t num_
 void token_topk_cpu(std::uintptr_t logits, int dtype, int64_t n, int64_t num_experts, int64_t stride_n,
                     int64_t stride_e, int64_t k, std::uintptr_t out);
 
+// token_topk_cpu fused with the rest of token-choice routing: expert_idx [n, k] as token_topk_cpu's out,
+// gates [n, k] (the logits' dtype) = softmax over each row's k chosen logits (computed in double), and the stable
+// counting sort of the n * k pairs p = t * k + j by expert, as group_plan_cpu of expert_idx would give it:
+// sorted_to_orig [n * k], slots [n * k] (= sorted_to_orig / k, the token of each sorted pair), counts [E],
+// offsets [E + 1], orig_to_sorted [n * k] (the inverse permutation). Every output int64 except gates, contiguous.
+void token_choice_plan_cpu(std::uintptr_t logits, int dtype, int64_t n, int64_t num_experts, int64_t stride_n,
+                           int64_t stride_e, int64_t k, std::uintptr_t expert_idx, std::uintptr_t gates,
+                           std::uintptr_t sorted_to_orig, std::uintptr_t slots, std::uintptr_t counts,
+                           std::uintptr_t offsets, std::uintptr_t orig_to_sorted);
+
 #if defined(SPARSEMM_WITH_CUDA)
 // Bytes of device scratch that group_plan_cuda needs for these sizes (a host-side query; launches nothing).
 int64_t group_plan_cuda_workspace_bytes(int64_t n, int64_t num_groups, int ids_dtype);
