@@ -1,19 +1,25 @@
 """Avg-K sparse FFN at several block sizes vs the FLOP-matched dense FFN and vs a PyTorch gather implementation.
 
-    python -m benchmarks.bench_avgk [--device auto|cuda|cpu] [--dtype bf16|fp16|fp32] [--configs 2048|cpu]
+    python -m benchmarks.bench_avgk [--device auto|cuda|cpu] [--dtype bf16|fp16|fp32] [--configs 2048,...]
         [--modes forward,full] [--providers ...] [--out DIR] [--time-budget S] [--threads N] [--cpu-budget S]
 
 Per config (dim, cells, active cells, tokens, block sizes): ``top_k * block_size`` = the active cells for every
-block size. Providers:
+block size, so the mean number of (token, block) pairs per block is ``tokens * active / cells``. Providers:
 
-* ``dense``       - ``w_out gelu(w_in x)`` with ``hidden`` = the active cells (``F.linear``): the FLOP-matched baseline;
-* ``avgk_g{g}``   - :func:`sparsemm_kernels.avgk_ffn` at block size ``g`` (the (token, block) pairs grouped by block);
-* ``gather_g{g}`` - the same weights the plain way: the mean keys, ``topk``, each token's blocks gathered with
+* ``dense``         - ``w_out gelu(w_in x)`` with ``hidden`` = the active cells (``F.linear``): the FLOP-matched
+  baseline;
+* ``grouped_g{g}``  - :func:`sparsemm_kernels.avgk_ffn` at block size ``g``, ``strategy="grouped"`` (the pairs
+  grouped by block, grouped GEMMs);
+* ``gathered_g{g}`` - the same, ``strategy="gathered"`` (every token reads its own blocks' rows);
+* ``gather_g{g}``   - the same weights the plain way: the mean keys, ``topk``, each token's blocks gathered with
   ``index_select`` into ``[N, k*g, d]`` key and value tensors, ``bmm``.
 
-Validation first (float32 copies): every ``avgk_g*`` against its ``gather_g*`` (relative Frobenius error <= 1e-4).
-Goals on H100/H200 (bf16): avgk <= 1.3x dense at g >= 64, <= 2x at g = 16, >= 3x faster than gather. Results:
-``benchmarks/results/avgk-<device>-<dtype>-<time>.md`` and ``.json``.
+Configs: ``2048`` (the issue's shape: dim 2048, 16384 cells, 2048 active, 512 tokens) and ``cpu``; the crossover
+sweeps ``xover-t{N}`` (dim 2048, GPU) and ``cpu-xover-t{N}`` (dim 256) at growing token counts, where the two
+strategies trade places (``"auto"`` switches at ``GATHERED_BELOW`` pairs per block, sparsemm_kernels/ops/avgk.py).
+Validation first (float32 copies): every ``grouped_g*`` / ``gathered_g*`` against its ``gather_g*`` (relative
+Frobenius error <= 1e-4). Goals on H100/H200 (bf16): avgk <= 1.3x dense at g >= 64, <= 2x at g = 16, >= 3x faster
+than gather. Results: ``benchmarks/results/avgk-<device>-<dtype>-<time>.md`` and ``.json``.
 """
 
 from __future__ import annotations
@@ -33,7 +39,10 @@ OP = "avgk"
 CONFIGS = {
     "2048": (2048, 16384, 2048, 512, (16, 32, 64, 128, 256)),
     "cpu": (256, 2048, 256, 256, (16, 64)),
+    **{f"xover-t{n}": (2048, 16384, 2048, n, (16, 64, 256)) for n in (8, 32, 128, 512, 2048)},
+    **{f"cpu-xover-t{n}": (256, 2048, 256, n, (16, 64)) for n in (1, 2, 4, 8, 16, 64)},
 }
+STRATEGIES = ("grouped", "gathered")
 
 
 def gather_ffn(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, g: int, k: int) -> torch.Tensor:
@@ -61,37 +70,58 @@ def _build(name: str, device: torch.device, dtype: torch.dtype, args) -> layer_b
     providers = {"dense": lambda t: F.linear(F.gelu(F.linear(t, d_in)), d_out)}
     leaves = {"dense": [x, d_in, d_out]}
     checked = {}
+    w32 = [copy.deepcopy(t.detach()).float() for t in (x, w_in, w_out)]
     for g in sizes:
         k = active // g
-        providers[f"avgk_g{g}"] = lambda t, g=g, k=k: avgk_ffn(t, w_in, w_out, g, k, "gelu")
         providers[f"gather_g{g}"] = lambda t, g=g, k=k: gather_ffn(t, w_in, w_out, g, k)
-        leaves[f"avgk_g{g}"] = leaves[f"gather_g{g}"] = [x, w_in, w_out]
-        w32 = [copy.deepcopy(t.detach()).float() for t in (x, w_in, w_out)]
+        leaves[f"gather_g{g}"] = [x, w_in, w_out]
         with torch.no_grad():
-            err = harness.rel_err(avgk_ffn(*w32, g, k, "gelu"), gather_ffn(*w32, g, k))
-        checked[f"avgk_g{g}"] = checked[f"gather_g{g}"] = err
+            want = gather_ffn(*w32, g, k)
+        for s in STRATEGIES:
+            providers[f"{s}_g{g}"] = lambda t, g=g, k=k, s=s: avgk_ffn(t, w_in, w_out, g, k, "gelu", strategy=s)
+            leaves[f"{s}_g{g}"] = [x, w_in, w_out]
+            with torch.no_grad():
+                checked[f"{s}_g{g}"] = harness.rel_err(avgk_ffn(*w32, g, k, "gelu", strategy=s), want)
+        checked[f"gather_g{g}"] = max(checked[f"{s}_g{g}"] for s in STRATEGIES)  # the pair's disagreement
     return layer_bench.Case(x, torch.randn(tokens, dim, **factory), providers, leaves, checked,
-                            {"dim": dim, "cells": cells, "active": active, "tokens": tokens})
+                            {"dim": dim, "cells": cells, "active": active, "tokens": tokens,
+                             "pairs_per_block": tokens * active / cells})
 
 
 def _providers() -> list[str]:
     sizes = sorted({g for *_, gs in CONFIGS.values() for g in gs})
-    return ["dense", *(f"avgk_g{g}" for g in sizes), *(f"gather_g{g}" for g in sizes)]
+    return ["dense", *(f"{s}_g{g}" for g in sizes for s in (*STRATEGIES, "gather"))]
+
+
+def _defaults(device: str, quick: bool) -> list[str]:
+    if device == "cuda":
+        return ["2048"] if quick else ["2048", *(c for c in CONFIGS if c.startswith("xover-"))]
+    return ["cpu"] if quick else ["cpu", *(c for c in CONFIGS if c.startswith("cpu-xover-"))]
 
 
 def main(argv: list[str] | None = None) -> int:
     def ratios(p: str, medians: dict) -> dict:
-        twin = p.replace("avgk", "gather") if p.startswith("avgk") else None
-        return {"gather_over_avgk": medians[twin] / medians[p]} if twin in medians else {}
+        strategy, _, g = p.partition("_g")
+        if strategy not in STRATEGIES:
+            return {}
+        out = {}
+        if f"gather_g{g}" in medians:
+            out["gather_over_this"] = medians[f"gather_g{g}"] / medians[p]
+        if strategy == "gathered" and f"grouped_g{g}" in medians:
+            out["gathered_over_grouped"] = medians[p] / medians[f"grouped_g{g}"]
+        return out
 
     return layer_bench.run(
-        OP, __doc__, argv, CONFIGS, lambda device, quick: ["2048"] if device == "cuda" else ["cpu"],
-        _providers(), _build, "dense", ratios,
-        "x dense = median / the FLOP-matched dense FFN's; gather / avgk = the gather implementation's median over "
-        "avgk's at the same block size. Validation: float32 avgk vs gather (relative Frobenius error).",
-        [("median ms", layer_bench.median_cells), ("p20-p80 ms", layer_bench.spread_cells),
+        OP, __doc__, argv, CONFIGS, _defaults, _providers(), _build, "dense", ratios,
+        "x dense = median / the FLOP-matched dense FFN's; gather / this = the gather implementation's median over "
+        "this provider's at the same block size; gathered / grouped = the gathered strategy's median over the "
+        "grouped one's (below 1: gathered is faster); pairs/block = tokens x active / cells. Validation: float32 "
+        "avgk vs gather (relative Frobenius error).",
+        [("pairs/block", layer_bench.field_cells("pairs_per_block", "g")),
+         ("median ms", layer_bench.median_cells), ("p20-p80 ms", layer_bench.spread_cells),
          ("x dense", layer_bench.field_cells("x_base")),
-         ("gather / avgk", layer_bench.field_cells("gather_over_avgk", ".2f"))],
+         ("gather / this", layer_bench.field_cells("gather_over_this", ".2f")),
+         ("gathered / grouped", layer_bench.field_cells("gathered_over_grouped", ".2f"))],
     )
 
 

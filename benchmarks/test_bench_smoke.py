@@ -318,7 +318,7 @@ LAYER_SCRIPTS = {  # script -> (providers of its CPU --quick run, the baseline: 
                        "dense"),
     "bench_mod": ({"full", "mod12", "mod25", "mod12_plain", "mod25_plain"}, "full"),
     "bench_token_choice": ({"ours", "routing", "grouped_mm", "loop"}, None),
-    "bench_avgk": ({"dense", "avgk_g16", "gather_g16"}, "dense"),
+    "bench_avgk": ({"dense", "grouped_g16", "gathered_g16", "gather_g16"}, "dense"),
 }
 
 

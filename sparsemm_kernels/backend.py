@@ -43,6 +43,7 @@ _PRIORITY: dict[str, dict[str, tuple[str, ...]]] = {
     "modality_norm": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
     "swiglu": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
     "mod_combine": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
+    "block_gather": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
     "token_choice_route": {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")},
     "expert_choice_route": {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")},
 }
@@ -52,6 +53,7 @@ _ALL_IMPLEMENTED: dict[str, tuple[str, ...]] = {
     "modality_norm": ("triton", "torch"),
     "swiglu": ("triton", "torch"),
     "mod_combine": ("triton", "torch"),
+    "block_gather": ("triton", "torch"),
     "token_choice_route": ("triton", "cpu", "torch"),
     "expert_choice_route": ("triton", "cpu", "torch"),
 }

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from sparsemm_kernels.backend import check_backend_name, prefer
-from sparsemm_kernels.ops.avgk import ACTIVATIONS, _blocks, avgk_ffn
+from sparsemm_kernels.ops.avgk import ACTIVATIONS, STRATEGIES, _blocks, avgk_ffn
 from sparsemm_kernels.utils.checks import check_positive_int
 
 
@@ -18,6 +18,7 @@ class AvgKFeedForward(nn.Module):
     Parameters: ``w_in [hidden, dim]`` (keys), ``w_out [dim, hidden]`` (values), ``w_up [hidden, dim]`` with ``glu``,
     ``b_in [hidden]`` and ``b_out [dim]`` with ``bias``. ``forward(x [..., dim]) -> [..., dim]``. With
     ``top_k = hidden / block_size`` it is the dense FFN ``w_out act(w_in x + b_in) (+ b_out)`` exactly.
+    ``strategy``: ``"auto"`` (by shape), ``"grouped"`` or ``"gathered"`` (see :func:`~sparsemm_kernels.avgk_ffn`).
     """
 
     def __init__(
@@ -33,6 +34,7 @@ class AvgKFeedForward(nn.Module):
         dtype=None,
         *,
         backend: str | None = None,
+        strategy: str = "auto",
     ) -> None:
         super().__init__()
         check_positive_int(dim, "dim")
@@ -50,7 +52,9 @@ class AvgKFeedForward(nn.Module):
         self.w_up = nn.Parameter(torch.empty(hidden_dim, dim, **factory)) if glu else None
         self.b_in = nn.Parameter(torch.empty(hidden_dim, **factory)) if bias else None
         self.b_out = nn.Parameter(torch.empty(dim, **factory)) if bias else None
-        self.backend = check_backend_name(backend)
+        if strategy not in STRATEGIES:
+            raise ValueError(f"`strategy` must be one of {STRATEGIES}, got {strategy!r}")
+        self.backend, self.strategy = check_backend_name(backend), strategy
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -68,7 +72,7 @@ class AvgKFeedForward(nn.Module):
         """x: ``[..., dim]`` -> ``[..., dim]``. ``modality_ids``, ``plan`` and ``sorted_rows`` are accepted and ignored
         (so the module stands where a :class:`~sparsemm_kernels.nn.MoTFeedForward` stands, e.g. in a ``MoTBlock``)."""
         return avgk_ffn(x, self.w_in, self.w_out, self.block_size, self.top_k, self.activation, self.b_in, self.b_out,
-                        self.w_up, backend=prefer(self.backend))
+                        self.w_up, strategy=self.strategy, backend=prefer(self.backend))
 
     def forward_sorted(self, x: torch.Tensor, plan=None) -> torch.Tensor:
         """A block's FFN slot in the sorted stream: ``x (T, dim)`` in any order -> the same order (a module call)."""
@@ -77,12 +81,13 @@ class AvgKFeedForward(nn.Module):
     @classmethod
     def from_dense(cls, w_in: torch.Tensor, w_out: torch.Tensor, block_size: int, top_k: int,
                    activation: str = "gelu", b_in=None, b_out=None, w_up=None, *,
-                   backend: str | None = None) -> AvgKFeedForward:
+                   backend: str | None = None, strategy: str = "auto") -> AvgKFeedForward:
         """An Avg-K FFN holding a dense FFN's weights (``w_in [hidden, dim]``, ``w_out [dim, hidden]``, optional
         ``b_in``, ``b_out``, ``w_up``: e.g. ``fc1.weight``, ``fc2.weight``, ``fc1.bias``, ``fc2.bias``), copied."""
         hidden, dim = w_in.shape
         m = cls(dim, hidden, block_size, top_k, activation, glu=w_up is not None,
-                bias=b_in is not None or b_out is not None, device=w_in.device, dtype=w_in.dtype, backend=backend)
+                bias=b_in is not None or b_out is not None, device=w_in.device, dtype=w_in.dtype, backend=backend,
+                strategy=strategy)
         with torch.no_grad():
             m.w_in.copy_(w_in)
             m.w_out.copy_(w_out)
@@ -95,4 +100,5 @@ class AvgKFeedForward(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{self.dim}, hidden_dim={self.hidden_dim}, block_size={self.block_size}, top_k={self.top_k}, "
-                f"activation={self.activation!r}, glu={self.w_up is not None}, bias={self.b_in is not None}")
+                f"activation={self.activation!r}, glu={self.w_up is not None}, bias={self.b_in is not None}, "
+                f"strategy={self.strategy!r}")

@@ -5,10 +5,19 @@ The FFN is a key-value memory: keys = rows of ``w_in [d_ff, d]``, values = colum
 weights, scores ``x . mean_key_b``, each token's ``top_k`` blocks (ties to the lower block), ascending.
 ``avgk_ffn``: ``y_t = sum_{b in T(x_t)} sum_{i in b} act(x_t . w_in[i] + b_in[i]) w_out[:, i] (+ b_out)``.
 
-Strategy "grouped" (the one built so far): the (token, block) pairs grouped by block through a plan, so block ``b``
-is group ``b`` of a grouped GEMM whose weights are views of ``w_in`` / ``w_up`` / ``w_out`` (no copy), the tokens
-copied into the pair rows (``pick_rows``) and the pairs summed back per token (``sum_rows``): autograd for every
-input through those ops, weight gradients per block without atomics. No host sync.
+Two strategies, chosen by shape (``strategy="auto"``) or forced:
+
+* ``"grouped"``: the (token, block) pairs grouped by block through a plan, so block ``b`` is group ``b`` of a grouped
+  GEMM whose weights are views of ``w_in`` / ``w_up`` / ``w_out`` (no copy), the tokens copied into the pair rows
+  (``pick_rows``) and the pairs summed back per token (``sum_rows``). A block's weights are read once for all the
+  tokens that chose it: the strategy for many tokens per block.
+* ``"gathered"``: every token reads its own blocks' rows (:mod:`sparsemm_kernels.ops.block_gather`): no plan, no
+  row copies in the forward; the weights are read once per (token, block). The strategy for few tokens per block
+  (decoding, small batches, very many blocks).
+
+``"auto"`` takes "gathered" when the mean number of pairs per block, ``N * top_k / n_blocks``, is below
+:data:`GATHERED_BELOW` for the device (the crossover swept by the ``*xover-t*`` configs of
+``benchmarks/bench_avgk.py``; measured on CPU, not yet on a GPU). Both strategies: autograd for every input, weight gradients per block without atomics, no host sync.
 """
 
 from __future__ import annotations
@@ -17,10 +26,13 @@ import torch
 import torch.nn.functional as F
 
 from sparsemm_kernels.backend import check_backend_name
+from sparsemm_kernels.ops.block_gather import block_gather_mm_op, block_scatter_mm_op
 from sparsemm_kernels.ops.grouped_linear import grouped_mm
 from sparsemm_kernels.ops.slots import pair_rows, pick_rows_op, sum_rows_op
 from sparsemm_kernels.ops.token_routing import token_topk_op
+from sparsemm_kernels.plan import build_plan
 from sparsemm_kernels.utils.checks import (
+    autocast_to,
     check_dim,
     check_float_tensor,
     check_positive_int,
@@ -29,7 +41,21 @@ from sparsemm_kernels.utils.checks import (
 )
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
-STRATEGIES = ("auto", "grouped")
+STRATEGIES = ("auto", "grouped", "gathered")
+
+# "auto" takes "gathered" below this many (token, block) pairs per block on average, per device type. CPU: measured
+# (benchmarks/bench_avgk.py cpu-xover-t*, Intel Xeon, fp32, dim 256, 2048 cells, 256 active: gathered faster at 0.125
+# and 0.25 pairs per block, grouped from 0.5-1 on; benchmarks/results/avgk-intel-xeon-*). CUDA: NOT measured yet (no
+# GPU has run it): 1.0 is the point where the gathered strategy starts to read more weight bytes than the grouped one
+# (which reads every chosen block once); the xover-t* configs of the same benchmark measure it (make gpu-check).
+GATHERED_BELOW = {"cpu": 0.5, "cuda": 1.0}
+
+
+def choose_strategy(num_tokens: int, top_k: int, n_blocks: int, device: torch.device) -> str:
+    """The strategy ``"auto"`` runs for this shape: ``"gathered"`` when ``num_tokens * top_k / n_blocks`` (pairs
+    per block) is below ``GATHERED_BELOW[device.type]``, else ``"grouped"``."""
+    below = GATHERED_BELOW.get(device.type, GATHERED_BELOW["cuda"])
+    return "gathered" if num_tokens * top_k < below * n_blocks else "grouped"
 
 
 def _blocks(w_in: torch.Tensor, block_size, top_k) -> tuple[int, int, int]:
@@ -109,8 +135,8 @@ def avgk_ffn(
             by the mean of the ``w_in`` keys).
         block_size: ``g``, dividing ``d_ff``; top_k: blocks per token, ``1 <= top_k <= d_ff / g``.
         activation: ``"gelu"`` (exact), ``"relu"`` or ``"silu"``.
-        strategy: ``"grouped"`` ((token, block) pairs grouped by block, one grouped GEMM per projection) or
-            ``"auto"`` (the same, for now: the per-token gathered-block kernel is still to come).
+        strategy: ``"grouped"`` ((token, block) pairs grouped by block, one grouped GEMM per projection),
+            ``"gathered"`` (every token reads its own blocks' rows) or ``"auto"`` (:func:`choose_strategy`).
 
     Returns:
         ``[..., d]``, differentiable in ``x``, ``w_in``, ``w_out``, ``b_in``, ``b_out``, ``w_up`` (not through the
@@ -134,16 +160,41 @@ def avgk_ffn(
     backend = check_backend_name(backend)
     x2 = x.reshape(-1, d)
     blocks = _select(x2, w_in, g, n_blocks, k, backend)  # [N, k]
+    if strategy == "auto":
+        strategy = choose_strategy(x2.shape[0], k, n_blocks, x.device)
+    act = ACTIVATIONS[activation]
+    if strategy == "gathered":
+        y = _gathered_ffn(x2, w_in, w_out, b_in, w_up, blocks, g, n_blocks, act, backend)
+    else:
+        y = _grouped_ffn(x2, w_in, w_out, b_in, w_up, blocks, g, n_blocks, act, backend)
+    if b_out is not None:
+        y = y + b_out
+    return y.view(x.shape)
+
+
+def _grouped_ffn(x2, w_in, w_out, b_in, w_up, blocks, g: int, n_blocks: int, act, backend) -> torch.Tensor:
+    d = x2.shape[1]
     pairs, slots, inverse = pair_rows(blocks, n_blocks, backend=backend, name="block_idx")
     xe = pick_rows_op(x2, slots, inverse)
     # Block b = group b: its g keys (and up-projections) are rows b*g..b*g+g-1, its values columns of w_out.
     h = grouped_mm(xe, w_in.view(n_blocks, g, d), pairs.offsets,
                    b_in.view(n_blocks, g) if b_in is not None else None, backend=backend)
-    h = ACTIVATIONS[activation](h)
+    h = act(h)
     if w_up is not None:
         h = h * grouped_mm(xe, w_up.view(n_blocks, g, d), pairs.offsets, backend=backend)
     ye = grouped_mm(h, w_out.view(d, n_blocks, g).permute(1, 0, 2), pairs.offsets, backend=backend)
-    y = sum_rows_op(ye, inverse, slots)
-    if b_out is not None:
-        y = y + b_out
-    return y.view(x.shape)
+    return sum_rows_op(ye, inverse, slots)
+
+
+def _gathered_ffn(x2, w_in, w_out, b_in, w_up, blocks, g: int, n_blocks: int, act, backend) -> torch.Tensor:
+    x2, w_in, w_out, b_in, w_up = autocast_to(x2, w_in, w_out, b_in, w_up)  # as grouped_mm does, like nn.Linear
+    order = offsets = None
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (w_in, w_out, b_in, w_up)):
+        # One plan of the pairs by block for every weight gradient (a forward without them needs none).
+        plan = build_plan(blocks.reshape(-1), n_blocks, backend=backend, validate=False, name="block_idx")
+        order, offsets = plan.sorted_to_orig, plan.offsets
+    h = act(block_gather_mm_op(x2, w_in, b_in, blocks, g, order, offsets, backend))  # [N, k, g]
+    if w_up is not None:
+        h = h * block_gather_mm_op(x2, w_up, None, blocks, g, order, offsets, backend)
+    # w_out's columns are the values: its transpose (a view) has them as rows.
+    return block_scatter_mm_op(h, w_out.t(), blocks, g, order, offsets, backend)

@@ -15,11 +15,12 @@ def _layers():
         "mod": (MixtureOfDepths(MoTBlock(D, 2, 48, 2), D, capacity=0.5), True),
         "mod_batch": (MixtureOfDepths(MoTBlock(D, 2, 48, 2), D, capacity=0.5, batch_level=True), True),
         "token_choice": (TokenChoiceMoE(D, 48, 4, top_k=2), False),
-        "avgk": (AvgKFeedForward(D, 64, 8, 3, glu=True, bias=True), False),
+        "avgk": (AvgKFeedForward(D, 64, 8, 3, glu=True, bias=True, strategy="grouped"), False),
+        "avgk_gathered": (AvgKFeedForward(D, 64, 8, 3, glu=True, bias=True, strategy="gathered"), False),
     }
 
 
-@pytest.mark.parametrize("name", ["mod", "mod_batch", "token_choice", "avgk"])
+@pytest.mark.parametrize("name", ["mod", "mod_batch", "token_choice", "avgk", "avgk_gathered"])
 def test_layer_under_autocast(name):
     layer, takes_ids = _layers()[name]
     x = torch.randn(2, 12, D)

@@ -1,13 +1,16 @@
 """Avg-K: avgk_select against a float64 loop (exactly: ties, block size 1, one block, odd sizes); avgk_ffn and
-AvgKFeedForward against a loop in float64, forward and backward for every tensor input; the dense identity at
-top_k = n_blocks; bad input."""
+AvgKFeedForward against a loop in float64, forward and backward for every tensor input, both strategies forced (torch
+in float64, triton in float32 under the interpreter, sizes off the tiles); the dense identity at top_k = n_blocks;
+the "auto" choice; fullgraph compile; bad input."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import sparsemm_kernels as smk
+from sparsemm_kernels.backend import unsupported_reasons
 from sparsemm_kernels.nn import AvgKFeedForward
+from sparsemm_kernels.ops.avgk import GATHERED_BELOW, choose_strategy
 
 ACT = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 
@@ -23,8 +26,9 @@ def loop_select(x, w_in, g, k):
     return torch.tensor(out, dtype=torch.int64).view(x.shape[0], k)
 
 
-def loop_ffn(x, w_in, w_out, g, k, act, b_in=None, b_out=None, w_up=None):
-    blocks = loop_select(x.detach(), w_in.detach(), g, k)
+def loop_ffn(x, w_in, w_out, g, k, act, b_in=None, b_out=None, w_up=None, blocks=None):
+    if blocks is None:
+        blocks = loop_select(x.detach(), w_in.detach(), g, k)
     rows = []
     for t in range(x.shape[0]):
         y = torch.zeros(w_out.shape[0], dtype=x.dtype)
@@ -67,10 +71,11 @@ def test_select_uses_the_current_weights():
     assert not torch.equal(first, smk.avgk_select(x, w, 2, 1))
 
 
+@pytest.mark.parametrize("strategy", ["grouped", "gathered"])
 @pytest.mark.parametrize("act", ["gelu", "relu", "silu"])
 @pytest.mark.parametrize("g,k,glu,bias", [(4, 2, False, False), (1, 5, False, True), (8, 1, True, True),
                                            (2, 6, True, False), (3, 4, False, True)])
-def test_ffn_matches_the_loop_forward_and_backward(g, k, glu, bias, act):
+def test_ffn_matches_the_loop_forward_and_backward(g, k, glu, bias, act, strategy):
     torch.manual_seed(g * 10 + k)
     N, d, d_ff = 9, 6, 24 if g != 3 else 12
     ins = {"x": torch.randn(N, d), "w_in": torch.randn(d_ff, d) / 2, "w_out": torch.randn(d, d_ff) / 2}
@@ -81,7 +86,7 @@ def test_ffn_matches_the_loop_forward_and_backward(g, k, glu, bias, act):
     a = {n: t.double().requires_grad_(True) for n, t in ins.items()}
     r = {n: t.double().requires_grad_(True) for n, t in ins.items()}
     kw = {n: a[n] for n in ("b_in", "b_out", "w_up") if n in a}
-    y = smk.avgk_ffn(a["x"], a["w_in"], a["w_out"], g, k, act, strategy="grouped", **kw)
+    y = smk.avgk_ffn(a["x"], a["w_in"], a["w_out"], g, k, act, strategy=strategy, **kw)
     want = loop_ffn(r["x"], r["w_in"], r["w_out"], g, k, act, r.get("b_in"), r.get("b_out"), r.get("w_up"))
     torch.testing.assert_close(y, want, rtol=1e-10, atol=1e-10)
     dy = torch.randn_like(y)
@@ -129,8 +134,91 @@ def test_bad_input_names_the_argument():
         AvgKFeedForward(6, 12, 4, 9)
 
 
-def test_compiles_fullgraph_with_eager_equal_results():
-    m = AvgKFeedForward(8, 32, 4, 3, glu=True, bias=True)
-    x = torch.randn(2, 5, 8)
+
+
+def _triton_or_skip(dtype=torch.float32):
+    reasons = unsupported_reasons("block_gather", "triton", torch.device("cpu"), dtype)
+    if reasons:
+        pytest.skip("; ".join(reasons))
+
+
+# Sizes off every tile: row tiles of 64 (g = 80: two), column tiles (d = 70), one token, one block per token.
+TRITON_CASES = [(7, 6, 24, 4, 2, True, True), (5, 70, 160, 80, 1, False, True), (1, 9, 12, 1, 12, True, False),
+                (6, 33, 64, 16, 3, False, False)]
+
+
+@pytest.mark.parametrize("strategy", ["grouped", "gathered"])
+@pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: "N{}-d{}-dff{}-g{}-k{}".format(*c[:5]))
+def test_triton_strategies_match_the_loop(case, strategy):
+    """Both strategies on the triton kernels (interpreter, float32) against the float64 loop, every gradient."""
+    _triton_or_skip()
+    N, d, d_ff, g, k, glu, bias = case
+    torch.manual_seed(N + d)
+    ins = {"x": torch.randn(N, d), "w_in": torch.randn(d_ff, d) / 2, "w_out": torch.randn(d, d_ff) / 2}
+    if bias:
+        ins.update(b_in=torch.randn(d_ff) / 4, b_out=torch.randn(d))
+    if glu:
+        ins["w_up"] = torch.randn(d_ff, d) / 2
+    a = {n: t.clone().requires_grad_(True) for n, t in ins.items()}
+    r = {n: t.double().requires_grad_(True) for n, t in ins.items()}
+    kw = {n: a[n] for n in ("b_in", "b_out", "w_up") if n in a}
+    y = smk.avgk_ffn(a["x"], a["w_in"], a["w_out"], g, k, "silu", strategy=strategy, backend="triton", **kw)
+    want = loop_ffn(r["x"], r["w_in"], r["w_out"], g, k, "silu", r.get("b_in"), r.get("b_out"), r.get("w_up"))
+    torch.testing.assert_close(y.double(), want, rtol=1e-4, atol=1e-4)
+    dy = torch.randn_like(want)
+    y.backward(dy.float())
+    want.backward(dy)
+    for n in a:
+        torch.testing.assert_close(a[n].grad.double(), r[n].grad, rtol=1e-4, atol=1e-4, msg=n)
+
+
+def test_triton_gathered_bfloat16_forward():
+    """bf16 through the gathered kernels (no tl.dot in the forward, so the interpreter computes it right)."""
+    _triton_or_skip(torch.bfloat16)
+    torch.manual_seed(3)
+    x, w_in, w_out = torch.randn(6, 40), torch.randn(96, 40) / 6, torch.randn(40, 96) / 6
+    x, w_in, w_out = x.bfloat16(), w_in.bfloat16(), w_out.bfloat16()
+    y = smk.avgk_ffn(x, w_in, w_out, 16, 2, strategy="gathered", backend="triton")
+    # The choice in bf16 (its own rounding of the scores) is avgk_select's; the products are the kernels'.
+    blocks = smk.avgk_select(x, w_in, 16, 2, backend="triton")
+    want = loop_ffn(x.double(), w_in.double(), w_out.double(), 16, 2, "gelu", blocks=blocks)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), want, rtol=2e-2, atol=2e-2)
+
+
+def test_auto_strategy_follows_pairs_per_block():
+    """"auto" is "gathered" below GATHERED_BELOW pairs per block and "grouped" at or above it, and the result is
+    the forced strategy's."""
+    cpu = torch.device("cpu")
+    below = GATHERED_BELOW["cpu"]
+    n_blocks, k = 64, 2
+    few = int(below * n_blocks / k) - 1
+    assert choose_strategy(few, k, n_blocks, cpu) == "gathered"
+    assert choose_strategy(few + 1, k, n_blocks, cpu) == "grouped"
+    assert choose_strategy(0, k, n_blocks, cpu) == "gathered"
+    x, w_in, w_out = torch.randn(3, 8, dtype=torch.float64), torch.randn(64, 8, dtype=torch.float64), \
+        torch.randn(8, 64, dtype=torch.float64)
+    for strategy in ("gathered", "grouped"):
+        torch.testing.assert_close(smk.avgk_ffn(x, w_in, w_out, 4, 2),
+                                   smk.avgk_ffn(x, w_in, w_out, 4, 2, strategy=strategy), rtol=1e-12, atol=1e-12)
+
+
+def test_module_strategy_is_forwarded():
+    m = AvgKFeedForward(8, 32, 4, 2, strategy="gathered", dtype=torch.float64)
+    x = torch.randn(2, 3, 8, dtype=torch.float64)
+    want = loop_ffn(x.reshape(-1, 8), m.w_in, m.w_out, 4, 2, "gelu").view(x.shape)
+    torch.testing.assert_close(m(x), want, rtol=1e-10, atol=1e-10)
+    assert "strategy='gathered'" in repr(m)
+    with pytest.raises(ValueError, match="`strategy`"):
+        AvgKFeedForward(8, 32, 4, 2, strategy="dense")
+
+
+@pytest.mark.parametrize("strategy", ["grouped", "gathered"])
+def test_compiles_fullgraph_both_strategies(strategy):
+    m = AvgKFeedForward(8, 32, 4, 3, glu=True, bias=True, strategy=strategy)
+    x = torch.randn(2, 5, 8, requires_grad=True)
     compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(x), m(x), rtol=1e-5, atol=1e-6)
+    y = compiled(x)
+    torch.testing.assert_close(y, m(x), rtol=1e-5, atol=1e-6)
+    y.sum().backward()
+    assert m.w_in.grad is not None and torch.isfinite(m.w_out.grad).all()
