@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from benchmarks import harness, layer_bench
 from sparsemm_kernels.nn import TokenChoiceMoE
 from sparsemm_kernels.nn.moe import _flat_tokens
-from sparsemm_kernels.ops.slots import pair_rows, pick_rows_op, sum_rows_op
-from sparsemm_kernels.ops.token_routing import token_choice_route
+from sparsemm_kernels.ops.slots import pick_rows_op, sum_rows_op
+from sparsemm_kernels.ops.token_routing import token_choice_plan
 
 OP = "token_choice"
 #: name -> (dim, expert hidden, experts, top_k, tokens)
@@ -77,11 +77,10 @@ def loop_forward(m: TokenChoiceMoE, x: torch.Tensor) -> torch.Tensor:
 
 
 def routing_only(m: TokenChoiceMoE, x: torch.Tensor) -> torch.Tensor:
-    """The layer without its expert GEMMs: router, routing, plan, the rows copied out and gathered back."""
+    """The layer without its expert GEMMs: router, routing and plan (the layer's fused ``token_choice_plan``), the
+    rows copied out and gathered back."""
     x2 = _flat_tokens(x, m.dim)
-    E, k = m.num_experts, m.top_k
-    idx, gates = token_choice_route(m.router(x2), k)
-    pairs, slots, inverse = pair_rows(idx, E, backend=None, name="expert_idx")
+    _, gates, pairs, slots, inverse = token_choice_plan(m.router(x2), m.top_k)
     xe = pick_rows_op(x2, slots, inverse)
     g = gates.reshape(-1).index_select(0, pairs.sorted_to_orig)
     return sum_rows_op(xe * g[:, None], inverse, slots).view(x.shape)
