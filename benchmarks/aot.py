@@ -73,11 +73,13 @@ KERNEL_MODULES = (
     "sparsemm_kernels.kernels.triton.routing",
     "sparsemm_kernels.kernels.triton.mod_combine",
     "sparsemm_kernels.kernels.triton.token_topk",
+    "sparsemm_kernels.kernels.triton.block_gather",
+    "sparsemm_kernels.kernels.triton.avgk_select",
 )
 
 # Constexprs that are tile configuration (shown in the "config" column); every other constexpr is a mode.
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_J", "BLOCK_N", "BLOCK_K", "GROUP_M", "M_BLOCK", "BLOCK_R", "BLOCK_D", "BLOCK_H",
-               "BLOCK")
+               "BLOCK", "BLOCK_P", "BLOCK_G", "BLOCK_C", "BLOCK_B")
 
 MAX_THREADS_PER_BLOCK = 1024
 REGISTERS_PER_SM = 65536
@@ -540,8 +542,55 @@ def _mod_scenarios(rec: Recorder, quick: bool, dtypes: list[str]) -> None:
             rec.call(f"T{T} D{D} M{M} bwd", bench, mod_combine_bwd, dout, x, y, r, slot_of)
 
 
+def _block_gather_scenarios(rec: Recorder, quick: bool, dtypes: list[str]) -> None:
+    import torch
+
+    from sparsemm_kernels.kernels.triton.block_gather import block_wgrad_triton, gather_mm_triton, scatter_mm_triton
+
+    # (tokens N, dim C, d_ff, block g): the Avg-K benchmark (dim 2048, 16384 cells, 2048 active) at g 16 / 64 / 256,
+    # a decoding batch; small odd shapes.
+    cases = [(16384, 2048, 16384, 64)]
+    if not quick:
+        cases += [(16384, 2048, 16384, 16), (16384, 2048, 16384, 256), (8, 2048, 16384, 16), (7, 70, 160, 80),
+                  (1, 9, 12, 1)]
+    for prec in dtypes:
+        dt, tf32 = PRECISIONS[prec]
+        dtype = _dtype(dt)
+        for N, C, d_ff, g in cases:
+            n_blocks, k = d_ff // g, max(1, min(d_ff // g, 2048 // g))
+            x, w, wt = _empty(N, C, dtype=dtype), _empty(d_ff, C, dtype=dtype), _empty(C, d_ff, dtype=dtype).t()
+            h, bias = _empty(N, k, g, dtype=dtype), _empty(d_ff, dtype=dtype)
+            blocks, order = torch.zeros(N, k, dtype=torch.int64), torch.zeros(N * k, dtype=torch.int64)
+            offsets = torch.zeros(n_blocks + 1, dtype=torch.int64)
+            bench, label = N > 1000, f"N{N} C{C} dff{d_ff} g{g}"
+            with _tf32(tf32):
+                if not tf32:  # the products take no tensor cores: TF32 changes nothing there
+                    rec.call(f"{label} gather", bench, gather_mm_triton, x, w, bias, blocks, g)
+                    rec.call(f"{label} scatter", bench, scatter_mm_triton, h, wt, blocks, g)
+                rec.call(f"{label} wgrad", bench, block_wgrad_triton, h, x, blocks, order, offsets, n_blocks, True)
+
+
+def _avgk_select_scenarios(rec: Recorder, quick: bool, dtypes: list[str]) -> None:
+    from sparsemm_kernels.kernels.triton.avgk_select import avgk_select_triton, max_blocks
+
+    # (tokens, dim, blocks, k): the Avg-K benchmark (dim 2048, 16384 cells, 2048 active) at g 32 (16-bit) / 64 / 256
+    # (past max_blocks the GEMM + top-k path runs); odd sizes.
+    cases = [(16384, 2048, 512, 64), (16384, 2048, 256, 32)]
+    if not quick:
+        cases += [(16384, 2048, 64, 8), (70, 33, 200, 7), (1, 8, 1, 1)]
+    for prec in dtypes:
+        dt, tf32 = PRECISIONS[prec]
+        dtype = _dtype(dt)
+        for N, D, NB, k in cases:
+            if NB > max_blocks(dtype):
+                continue
+            with _tf32(tf32):
+                rec.call(f"N{N} d{D} blocks{NB} k{k}", N > 1000, avgk_select_triton, _empty(N, D, dtype=dtype),
+                         _empty(NB, D, dtype=dtype), k)
+
+
 def _token_topk_scenarios(rec: Recorder, quick: bool, dtypes: list[str]) -> None:
-    from sparsemm_kernels.kernels.triton.token_topk import token_topk_triton
+    from sparsemm_kernels.kernels.triton.token_topk import token_choice_plan_triton, token_topk_triton
 
     # (tokens, experts, k): E8 top-2 and the fine-grained E128 top-8 at 32K tokens; small odd shapes.
     cases = [(32768, 8, 2), (32768, 128, 8)]
@@ -552,6 +601,10 @@ def _token_topk_scenarios(rec: Recorder, quick: bool, dtypes: list[str]) -> None
             continue
         for n, E, k in cases:
             rec.call(f"N{n} E{E} k{k}", not quick and n > 1000, token_topk_triton,
+                     _empty(n, E, dtype=_dtype(PRECISIONS[prec][0])), k)
+        # The fused routing + plan of the pairs (both of its kernels); also at the widest row it takes.
+        for n, E, k in cases + ([] if quick else [(100, 4096, 8)]):
+            rec.call(f"N{n} E{E} k{k} plan", not quick and n > 1000, token_choice_plan_triton,
                      _empty(n, E, dtype=_dtype(PRECISIONS[prec][0])), k)
 
 
@@ -596,6 +649,8 @@ def record(archs: list[Arch], quick: bool, include_pruned: bool) -> list[Launch]
             _routing_scenarios(rec, quick, dtypes)
             _mod_scenarios(rec, quick, dtypes)
             _token_topk_scenarios(rec, quick, dtypes)
+            _block_gather_scenarios(rec, quick, dtypes)
+            _avgk_select_scenarios(rec, quick, dtypes)
             if not quick:
                 with _fixed_gemm_configs(modules):
                     rec.fixed = True

@@ -44,6 +44,7 @@ _PRIORITY: dict[str, dict[str, tuple[str, ...]]] = {
     "swiglu": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
     "mod_combine": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
     "block_gather": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
+    "avgk_select": {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")},
     "token_choice_route": {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")},
     "expert_choice_route": {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")},
 }
@@ -54,6 +55,7 @@ _ALL_IMPLEMENTED: dict[str, tuple[str, ...]] = {
     "swiglu": ("triton", "torch"),
     "mod_combine": ("triton", "torch"),
     "block_gather": ("triton", "torch"),
+    "avgk_select": ("triton", "cpu", "torch"),
     "token_choice_route": ("triton", "cpu", "torch"),
     "expert_choice_route": ("triton", "cpu", "torch"),
 }

@@ -204,6 +204,20 @@ MUTATIONS = [
         "token choice (C++): the k smallest logits instead of the largest",
     ),
     Mutation(
+        "tc-plan-triton-inclusive-rank", "sparsemm_kernels/kernels/triton/token_topk.py",
+        "earlier = tl.cumsum(chosen, axis=0) - chosen",
+        "earlier = tl.cumsum(chosen, axis=0)",
+        ["tests/ops/test_token_choice_route.py"],
+        "fused token-choice plan (Triton): a pair's rank counts itself, so pairs land one slot late",
+    ),
+    Mutation(
+        "tc-plan-cpp-blocks-share-a-base", "csrc/cpu/token_topk.cpp",
+        "hist[b * e_count + e] = run;",
+        "hist[b * e_count + e] = offsets[e];",
+        ["tests/ops/test_token_choice_route.py"],
+        "fused token-choice plan (C++): every token block starts an expert at its offset (blocks overwrite each other)",
+    ),
+    Mutation(
         "tc-moe-gate-not-applied", "sparsemm_kernels/nn/token_choice.py",
         "slot_gates = gates.reshape(-1).index_select(0, pairs.sorted_to_orig)\n        out = _experts_swiglu(",
         "slot_gates = gates.reshape(-1)\n        out = _experts_swiglu(",
@@ -227,6 +241,37 @@ MUTATIONS = [
         "w_out.view(d, n_blocks, g).permute(1, 0, 2)", "w_out.view(n_blocks, d, g)",
         ["tests/ops/test_avgk.py"],
         "Avg-K: block b's values read as a contiguous slab of w_out instead of its g columns",
+    ),
+    Mutation(
+        "avgk-auto-boundary", "sparsemm_kernels/ops/avgk.py",
+        "num_tokens * top_k < below * n_blocks", "num_tokens * top_k <= below * n_blocks",
+        ["tests/ops/test_avgk.py"],
+        "Avg-K auto: the gathered strategy also at exactly GATHERED_BELOW pairs per block",
+    ),
+    Mutation(
+        "avgk-select-triton-ties-to-higher-block", "sparsemm_kernels/kernels/triton/avgk_select.py",
+        "((tl.cumsum(equal, 1) - equal) < take_equal[:, None])",
+        "((tl.sum(equal, 1)[:, None] - tl.cumsum(equal, 1)) < take_equal[:, None])",
+        ["tests/ops/test_avgk.py"],
+        "Avg-K selection (Triton): ties at the threshold go to the higher blocks",
+    ),
+    Mutation(
+        "block-wgrad-triton-trusts-the-plan", "sparsemm_kernels/kernels/triton/block_gather.py",
+        "pmask = pmask & (tl.load(blocks_ptr + pair, mask=pmask, other=-1) == b)", "pmask = pmask",
+        ["tests/ops/test_block_gather.py"],
+        "gathered weight gradient (Triton): a pair whose id is out of range lands in the block the plan put it in",
+    ),
+    Mutation(
+        "block-gather-triton-bias-rows", "sparsemm_kernels/kernels/triton/block_gather.py",
+        "out += tl.load(bias_ptr + rows, mask=rmask", "out += tl.load(bias_ptr + offs_i, mask=rmask",
+        ["tests/ops/test_block_gather.py"],
+        "gathered product (Triton): every block adds the bias of block 0",
+    ),
+    Mutation(
+        "block-scatter-torch-unmasked", "sparsemm_kernels/ops/block_gather.py",
+        "hm = (h * ok[..., None].to(h.dtype)).reshape(N, 1, k * g)", "hm = h.reshape(N, 1, k * g)",
+        ["tests/ops/test_block_gather.py"],
+        "gathered scatter (torch): an out-of-range block id adds block 0's rows instead of nothing",
     ),
     Mutation(
         "slots-combine-drops-last-expert", "sparsemm_kernels/ops/slots.py",

@@ -127,7 +127,9 @@ def test_aot_quick_subset_passes(tmp_path):
     assert {"grouped_gemm_kernel", "grouped_gemm_dw_kernel", "modality_norm_fwd_kernel", "modality_norm_bwd_kernel",
             "silu_mul_fwd_kernel", "silu_mul_bwd_kernel", "chunk_histogram_kernel", "chunk_scatter_kernel",
             "group_table_kernel", "expert_choice_kernel", "mod_combine_fwd_kernel",
-            "mod_combine_bwd_kernel", "token_topk_kernel"} <= kernels
+            "mod_combine_bwd_kernel", "token_topk_kernel", "token_choice_plan_kernel",
+            "token_choice_place_kernel", "gather_mm_kernel", "scatter_mm_kernel",
+            "block_wgrad_kernel", "avgk_select_kernel"} <= kernels
     for row in rows:
         assert not row["failed"], row
         if row["kernel"].startswith("grouped_gemm") and row["dtype"] in ("fp16", "bf16"):

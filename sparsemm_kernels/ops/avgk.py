@@ -17,7 +17,9 @@ Two strategies, chosen by shape (``strategy="auto"``) or forced:
 
 ``"auto"`` takes "gathered" when the mean number of pairs per block, ``N * top_k / n_blocks``, is below
 :data:`GATHERED_BELOW` for the device (the crossover swept by the ``*xover-t*`` configs of
-``benchmarks/bench_avgk.py``; measured on CPU, not yet on a GPU). Both strategies: autograd for every input, weight gradients per block without atomics, no host sync.
+``benchmarks/bench_avgk.py``; measured on CPU, not yet on a GPU). Both strategies: autograd for every input, weight
+gradients per block without atomics, no host sync. The selection (``sparsemm::avgk_topk``) is one Triton kernel on
+the GPU: the scores stay in registers, the top-k comes out ascending without a sort.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sparsemm_kernels.backend import check_backend_name
+from sparsemm_kernels.backend import check_backend_name, select_backend
 from sparsemm_kernels.ops.block_gather import block_gather_mm_op, block_scatter_mm_op
+from sparsemm_kernels.ops.dispatch import Op
 from sparsemm_kernels.ops.grouped_linear import grouped_mm
 from sparsemm_kernels.ops.slots import pair_rows, pick_rows_op, sum_rows_op
 from sparsemm_kernels.ops.token_routing import token_topk_op
@@ -85,10 +88,32 @@ def _check_x_w(x: torch.Tensor, w_in: torch.Tensor) -> None:
 
 def _select(x2d: torch.Tensor, w_in: torch.Tensor, g: int, n_blocks: int, k: int, backend) -> torch.Tensor:
     with torch.no_grad():  # no gradient through the choice
-        mean_keys = w_in.detach().view(n_blocks, g, w_in.shape[1]).mean(1)  # the current weights, every call
-        scores = x2d.detach() @ mean_keys.t()  # [N, n_blocks]
-        best = token_topk_op(scores, k, backend)  # descending, ties to the lower block
+        # The mean keys of the current weights, every call (at least float32: a bf16 average of g keys would round).
+        acc = torch.float64 if w_in.dtype == torch.float64 else torch.float32
+        mean_keys = w_in.detach().view(n_blocks, g, w_in.shape[1]).mean(1, dtype=acc)
+        return avgk_topk_op(x2d.detach(), mean_keys, k, backend)
+
+
+def _avgk_topk(x: torch.Tensor, mean_keys: torch.Tensor, k: int, backend: str | None) -> torch.Tensor:
+    """``[N, k]`` int64: per row of ``x`` the ``k`` blocks with the largest ``x . mean_keys[b]``, ascending, ties to
+    the lower block. ``triton``: one fused kernel (scores in registers, no sort) up to ``max_blocks`` blocks;
+    ``cpu`` / ``torch``: a GEMM then the token top-k of that backend and a sort."""
+    name = select_backend("avgk_select", x.device, x.dtype, backend)
+    if name == "triton":
+        from sparsemm_kernels.kernels.triton.avgk_select import avgk_select_triton, max_blocks
+
+        if mean_keys.shape[0] <= max_blocks(x.dtype):
+            return avgk_select_triton(x, mean_keys, k)
+    scores = x @ mean_keys.to(x.dtype).t()  # [N, n_blocks]
+    best = token_topk_op(scores, k, name)  # descending, ties to the lower block
     return best.sort(dim=1).values
+
+
+def _avgk_topk_fake(x, mean_keys, k, backend):
+    return x.new_empty(x.shape[0], k, dtype=torch.int64)
+
+
+avgk_topk_op = Op("sparsemm::avgk_topk", _avgk_topk, _avgk_topk_fake)
 
 
 def avgk_select(x: torch.Tensor, w_in: torch.Tensor, block_size: int, top_k: int, *,

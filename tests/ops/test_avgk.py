@@ -6,6 +6,7 @@ the "auto" choice; fullgraph compile; bad input."""
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.library import opcheck
 
 import sparsemm_kernels as smk
 from sparsemm_kernels.backend import unsupported_reasons
@@ -59,6 +60,57 @@ def test_select_matches_the_loop_exactly(N, d, d_ff, g, k, kind):
     assert got.dtype == torch.int64 and torch.equal(got, loop_select(x, w, g, k))
     if N:
         assert bool((got[:, 1:] > got[:, :-1]).all())  # ascending, no repeats
+
+
+SELECT_BACKEND_CASES = [(7, 5, 12, 4, 2), (9, 4, 6, 1, 3), (5, 3, 8, 8, 1), (1, 2, 4, 2, 2), (0, 4, 8, 2, 1),
+                        (70, 33, 600, 3, 7), (17, 70, 1024, 4, 5), (9, 20, 1024, 2, 5), (6, 8, 64, 1, 64),
+                        (3, 4, 1100, 1, 9)]
+
+
+@pytest.mark.parametrize("kind", ["rand", "ties"])
+@pytest.mark.parametrize("backend", ["triton", "cpu", "torch"])
+@pytest.mark.parametrize("case", SELECT_BACKEND_CASES, ids=lambda c: "N{}-d{}-dff{}-g{}-k{}".format(*c))
+def test_select_on_every_backend_matches_the_loop(case, backend, kind):
+    """float32 on every backend (the triton kernel: token tiles of 16-64, 200 blocks off the 256-column tile, 256
+    blocks with d off the chunk, k = every block; 512 and 1100 blocks: past its float32 limit, the GEMM + top-k).
+    Integer inputs make every score exact (ties decided by the rule alone); random ones are compared where the k-th
+    and (k+1)-th best scores are apart."""
+    reasons = unsupported_reasons("avgk_select", backend, torch.device("cpu"), torch.float32)
+    if reasons:
+        pytest.skip("; ".join(reasons))
+    N, d, d_ff, g, k = case
+    gen = torch.Generator().manual_seed(N + d_ff + len(kind))
+    if kind == "ties":
+        x = torch.randint(-1, 2, (N, d), generator=gen).float()
+        w = torch.randint(-1, 2, (d_ff, d), generator=gen).float() * g  # the means are integers too
+    else:
+        x, w = torch.randn(N, d, generator=gen), torch.randn(d_ff, d, generator=gen)
+    x = x.t().contiguous().t() if N > 1 else x  # a strided x
+    got = smk.avgk_select(x, w, g, k, backend=backend)
+    want = loop_select(x, w, g, k)
+    assert got.dtype == torch.int64 and got.shape == (N, k)
+    if kind == "rand" and N:
+        nb = d_ff // g
+        scores = (x.double() @ w.double().view(nb, g, -1).mean(1).t()).sort(dim=1, descending=True).values
+        gap = scores[:, k - 1] - (scores[:, k] if k < nb else scores[:, k - 1] - 1)
+        clear = gap > 1e-4  # rows whose choice float32 rounding cannot flip
+        assert bool(clear.sum() >= N // 2)
+        got, want = got[clear], want[clear]
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("n_blocks", [40, 512])
+def test_triton_select_in_bfloat16_with_exact_ties(n_blocks):
+    """The kernel's 16-bit path up to its 512-block limit: small integers are exact in bf16, so the choice is the
+    loop's to the last tie."""
+    reasons = unsupported_reasons("avgk_select", "triton", torch.device("cpu"), torch.bfloat16)
+    if reasons:
+        pytest.skip("; ".join(reasons))
+    gen = torch.Generator().manual_seed(n_blocks)
+    x = torch.randint(-1, 2, (21, 6), generator=gen).bfloat16()
+    w = (torch.randint(-1, 2, (n_blocks * 2, 6), generator=gen) * 2).bfloat16()
+    got = smk.avgk_select(x, w, 2, 7, backend="triton")
+    assert torch.equal(got, loop_select(x, w, 2, 7))
 
 
 def test_select_uses_the_current_weights():
@@ -172,18 +224,24 @@ def test_triton_strategies_match_the_loop(case, strategy):
         torch.testing.assert_close(a[n].grad.double(), r[n].grad, rtol=1e-4, atol=1e-4, msg=n)
 
 
-def test_triton_gathered_bfloat16_forward():
-    """bf16 through the gathered kernels (no tl.dot in the forward, so the interpreter computes it right)."""
+def test_triton_gathered_bfloat16_forward_and_backward():
+    """bf16 through the gathered kernels (the interpreter takes the weight gradient's dot in fp32)."""
     _triton_or_skip(torch.bfloat16)
     torch.manual_seed(3)
-    x, w_in, w_out = torch.randn(6, 40), torch.randn(96, 40) / 6, torch.randn(40, 96) / 6
-    x, w_in, w_out = x.bfloat16(), w_in.bfloat16(), w_out.bfloat16()
-    y = smk.avgk_ffn(x, w_in, w_out, 16, 2, strategy="gathered", backend="triton")
+    ins = [torch.randn(6, 40), torch.randn(96, 40) / 6, torch.randn(40, 96) / 6]
+    a = [t.bfloat16().requires_grad_() for t in ins]
+    r = [t.bfloat16().double().requires_grad_() for t in ins]
+    y = smk.avgk_ffn(*a, 16, 2, strategy="gathered", backend="triton")
     # The choice in bf16 (its own rounding of the scores) is avgk_select's; the products are the kernels'.
-    blocks = smk.avgk_select(x, w_in, 16, 2, backend="triton")
-    want = loop_ffn(x.double(), w_in.double(), w_out.double(), 16, 2, "gelu", blocks=blocks)
+    blocks = smk.avgk_select(a[0].detach(), a[1].detach(), 16, 2, backend="triton")
+    want = loop_ffn(*r, 16, 2, "gelu", blocks=blocks)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.double(), want, rtol=2e-2, atol=2e-2)
+    dy = torch.randn_like(want)
+    y.backward(dy.bfloat16())
+    want.backward(dy)
+    for got, ref, name in zip(a, r, ("x", "w_in", "w_out")):
+        torch.testing.assert_close(got.grad.double(), ref.grad, rtol=3e-2, atol=3e-2, msg=name)
 
 
 def test_auto_strategy_follows_pairs_per_block():
@@ -222,3 +280,12 @@ def test_compiles_fullgraph_both_strategies(strategy):
     torch.testing.assert_close(y, m(x), rtol=1e-5, atol=1e-6)
     y.sum().backward()
     assert m.w_in.grad is not None and torch.isfinite(m.w_out.grad).all()
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu", "torch"])
+def test_select_op_opcheck(backend):
+    reasons = unsupported_reasons("avgk_select", backend, torch.device("cpu"), torch.float32)
+    if reasons:
+        pytest.skip("; ".join(reasons))
+    x, mean_keys = torch.randn(9, 6), torch.randn(20, 6)
+    opcheck(torch.ops.sparsemm.avgk_topk.default, (x, mean_keys, 3, backend))

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sparsemm_kernels.utils.device import on_first_tensor_device
+from sparsemm_kernels.utils.device import is_interpreting, on_first_tensor_device
 
 
 @triton.jit
@@ -95,7 +95,7 @@ def _block_wgrad_kernel(
     K, G, C, P,
     stride_xt, stride_xc,
     HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """dw[b * G + i, cols] = sum over the sorted pairs s in [offsets[b], offsets[b+1]) with blocks[order[s]] = b of
     h[order[s], i] * x[order[s] // K, cols]; dbias[b * G + i] the sum of h.
@@ -123,7 +123,10 @@ def _block_wgrad_kernel(
                      other=0.0)
         xv = tl.load(x_ptr + t[:, None] * stride_xt + cols[None, :] * stride_xc,
                      mask=pmask[:, None] & cmask[None, :], other=0.0)
-        acc = tl.dot(ht, xv, acc, input_precision=DOT_PRECISION)  # h and x share a dtype (the op checks)
+        if UPCAST:  # the interpreter's bf16 dot is wrong; see platform-notes
+            ht = ht.to(tl.float32)
+            xv = xv.to(tl.float32)
+        acc = tl.dot(ht, xv, acc, input_precision=DOT_PRECISION)
         if HAS_BIAS:
             dbias += tl.sum(ht.to(tl.float32), 1)
     rows = b * G + offs_i.to(tl.int64)
@@ -191,6 +194,7 @@ def block_wgrad_triton(h: torch.Tensor, x: torch.Tensor, blocks: torch.Tensor, o
     ``[N, k]`` and the plan of the pairs by block (``order [N * k]`` pair ids, ``offsets [n_blocks + 1]``)."""
     N, K, G = h.shape
     C = x.shape[1]
+    h = h.to(x.dtype)  # one dot dtype
     dw = torch.empty(n_blocks * G, C, dtype=x.dtype, device=x.device)
     dbias = torch.empty(n_blocks * G, dtype=h.dtype, device=h.device) if with_bias else None
     if dw.numel() == 0 and not with_bias:
@@ -204,6 +208,6 @@ def block_wgrad_triton(h: torch.Tensor, x: torch.Tensor, blocks: torch.Tensor, o
         dbias if with_bias else dw,
         K, G, C, N * K, x.stride(0), x.stride(1),
         HAS_BIAS=with_bias, BLOCK_P=block_p, BLOCK_G=block_g, BLOCK_C=block_c,
-        DOT_PRECISION=precision, num_warps=4,
+        DOT_PRECISION=precision, UPCAST=is_interpreting() and x.dtype == torch.bfloat16, num_warps=4,
     )
     return dw, dbias
