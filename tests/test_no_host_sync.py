@@ -465,6 +465,25 @@ def test_token_choice_forward_backward_without_sync(experts, top_k):
     torch.cuda.synchronize()
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("strategy", ["grouped", "gathered"])
+@pytest.mark.parametrize("block_size,glu", [(16, False), (64, True)])
+def test_avgk_forward_backward_without_sync(strategy, block_size, glu):
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    layer = smk.nn.AvgKFeedForward(256, 2048, block_size, 256 // block_size, glu=glu, bias=True, strategy=strategy,
+                                   device=dev, dtype=torch.bfloat16)
+    x = torch.randn(512, 256, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    layer(x).float().square().mean().backward()  # warm-up: compile and autotune
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        layer(x).float().square().mean().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+
+
 def _training_model(kind: str, dev):
     if kind == "mot":
         return smk.nn.MoTTransformer(256, 128, 2, 4, 256, 2, device=dev, dtype=torch.bfloat16)

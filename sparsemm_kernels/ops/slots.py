@@ -32,14 +32,16 @@ def _pick_rows_fake(x, index, inverse):
 
 
 def _sum_rows(y: torch.Tensor, inverse: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``out[t] = sum_k y[inverse[t, k]]`` over the valid entries, in order of ``k``; ``y [P, D]``,
-    ``inverse [N, K]``."""
+    """``out[t] = sum_k y[inverse[t, k]]`` over the valid entries, in order of ``k`` (float32 sums for 16-bit ``y``);
+    ``y [P, D]``, ``inverse [N, K]``."""
     padded = torch.cat([y, y.new_zeros(1, *y.shape[1:])])
     bounded = _bounded(inverse, y.shape[0])
-    out = y.new_zeros(inverse.shape[0], *y.shape[1:])
+    # 16-bit rows add up in float32 and round once (k bf16 additions would round k times).
+    acc = torch.float32 if y.dtype in (torch.float16, torch.bfloat16) else y.dtype
+    out = torch.zeros(inverse.shape[0], *y.shape[1:], dtype=acc, device=y.device)
     for k in range(inverse.shape[1]):  # K (experts) is a static size: a fixed summation order
         out += padded.index_select(0, bounded[:, k])
-    return out
+    return out.to(y.dtype)
 
 
 def _sum_rows_fake(y, inverse, index):

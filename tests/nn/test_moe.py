@@ -168,6 +168,20 @@ def test_slot_inverse_and_adjointness():
     assert bool((pick_rows_op(x, bad, inv)[:2] == 0).all())
 
 
+def test_sum_rows_of_16_bit_rows_rounds_once():
+    """bf16 slot rows summed in float32 and rounded once: the float32 sum of the same rows, rounded (k bf16 additions
+    would round at every step)."""
+    torch.manual_seed(0)
+    P, N, K = 64, 4, 16
+    inverse = torch.randperm(P).view(N, K)
+    index = torch.empty(P, dtype=torch.int64)
+    index[inverse.reshape(-1)] = torch.arange(N).repeat_interleave(K)
+    y = (torch.randn(P, 8) * torch.logspace(0, 3, P)[:, None]).bfloat16()
+    got = sum_rows_op(y, inverse, index)
+    want = y.float()[inverse].sum(1).bfloat16()
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+
+
 def test_slot_ops_first_and_second_derivatives():
     idx, inv = _slots()
     flat = idx.reshape(-1)
