@@ -258,19 +258,23 @@ def expert_choice_cpu(
     return out
 
 
+def _router_logits(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """``logits [N, E]`` checked (a float CPU tensor, ``1 <= k <= E``), float16/bfloat16 read as float32."""
+    check_tensor(logits, "logits")
+    _check_cpu(logits, "logits")
+    check_dim(logits, 2, "logits", "[N, E]")
+    check_positive_int(k, "top_k")
+    if k > logits.shape[1]:
+        raise ValueError(f"`top_k` must be in [1, {logits.shape[1]}], got {k}")
+    return logits if logits.dtype in _GEMM_DTYPES else logits.float()
+
+
 def token_topk_cpu(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Token-choice top-k (C++): ``[N, k]`` int64, per row of ``logits [N, E]`` (float CPU tensor, any strides;
     float16/bfloat16 read as float32, exactly) the ``k`` largest, descending, ties to the lower index."""
     c = _ext.require()
-    check_tensor(logits, "logits")
-    _check_cpu(logits, "logits")
-    check_dim(logits, 2, "logits", "[N, E]")
+    logits = _router_logits(logits, k)
     N, E = logits.shape
-    check_positive_int(k, "top_k")
-    if k > E:
-        raise ValueError(f"`top_k` must be in [1, {E}], got {k}")
-    if logits.dtype not in _GEMM_DTYPES:
-        logits = logits.float()
     out = torch.empty(N, k, dtype=torch.int64)
     c.token_topk_cpu(logits.data_ptr(), _ext.dtype_code(logits.dtype), N, E, logits.stride(0), logits.stride(1), k,
                      out.data_ptr())
@@ -287,15 +291,8 @@ def token_choice_plan_cpu(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, .
     ``offsets [E + 1]``, ``orig_to_sorted``, int64.
     """
     c = _ext.require()
-    check_tensor(logits, "logits")
-    _check_cpu(logits, "logits")
-    check_dim(logits, 2, "logits", "[N, E]")
+    logits = _router_logits(logits, k)
     N, E = logits.shape
-    check_positive_int(k, "top_k")
-    if k > E:
-        raise ValueError(f"`top_k` must be in [1, {E}], got {k}")
-    if logits.dtype not in _GEMM_DTYPES:
-        logits = logits.float()
     idx = torch.empty(N, k, dtype=torch.int64)
     gates = torch.empty(N, k, dtype=logits.dtype)
     sorted_to_orig, slots, orig_to_sorted = (torch.empty(N * k, dtype=torch.int64) for _ in range(3))

@@ -61,6 +61,20 @@ def check_top_k(top_k, num_experts: int) -> int:
     return top_k
 
 
+def _check_logits(logits: torch.Tensor, top_k, validate: bool | None) -> int:
+    """``logits [N, E]`` (float, ``E >= 1``, finite per ``validate``) checked; ``top_k`` as an int in ``[1, E]``."""
+    check_float_tensor(logits, "logits")
+    check_dim(logits, 2, "logits", "[N, E] (tokens x experts)")
+    if logits.shape[1] == 0:
+        raise ValueError("`logits` must have at least one expert column, got shape (N, 0)")
+    k = check_top_k(top_k, logits.shape[1])
+    mode = validation_mode(validate, logits.device)
+    if mode == EAGER and torch.compiler.is_compiling():  # a traced graph cannot raise on a value: assert instead
+        mode = ASYNC
+    check_finite_scores(logits.detach(), "logits", mode)
+    return k
+
+
 def token_choice_route(
     logits: torch.Tensor,
     top_k: int,
@@ -82,16 +96,7 @@ def token_choice_route(
         ``gates [N, k]`` in ``logits``' dtype: ``softmax`` over the chosen logits (in float32; float64 for
         float64), rows summing to 1; differentiable in ``logits``.
     """
-    check_float_tensor(logits, "logits")
-    check_dim(logits, 2, "logits", "[N, E] (tokens x experts)")
-    N, E = logits.shape
-    if E == 0:
-        raise ValueError("`logits` must have at least one expert column, got shape (N, 0)")
-    k = check_top_k(top_k, E)
-    mode = validation_mode(validate, logits.device)
-    if mode == EAGER and torch.compiler.is_compiling():  # a traced graph cannot raise on a value: assert instead
-        mode = ASYNC
-    check_finite_scores(logits.detach(), "logits", mode)
+    k = _check_logits(logits, top_k, validate)
     idx = token_topk_op(logits.detach(), k, check_backend_name(backend))
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     gates = torch.softmax(logits.gather(1, idx).to(acc), dim=-1).to(logits.dtype)
@@ -198,16 +203,8 @@ def token_choice_plan(
         ``inverse [N, k]`` the sorted position of each pair - the outputs of
         :func:`~sparsemm_kernels.ops.slots.pair_rows`.
     """
-    check_float_tensor(logits, "logits")
-    check_dim(logits, 2, "logits", "[N, E] (tokens x experts)")
+    k = _check_logits(logits, top_k, validate)
     N, E = logits.shape
-    if E == 0:
-        raise ValueError("`logits` must have at least one expert column, got shape (N, 0)")
-    k = check_top_k(top_k, E)
-    mode = validation_mode(validate, logits.device)
-    if mode == EAGER and torch.compiler.is_compiling():
-        mode = ASYNC
-    check_finite_scores(logits.detach(), "logits", mode)
     gates, idx, sorted_to_orig, slots, counts, offsets, orig_to_sorted = token_choice_plan_op(
         logits, k, check_backend_name(backend))
     flat = idx.reshape(-1)

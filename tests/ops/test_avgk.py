@@ -123,29 +123,34 @@ def test_select_uses_the_current_weights():
     assert not torch.equal(first, smk.avgk_select(x, w, 2, 1))
 
 
+def _check_ffn_against_the_loop(N, d, d_ff, g, k, glu, bias, act, strategy, dtype, backend, tol):
+    """avgk_ffn in ``dtype`` on ``backend`` against the float64 loop: the output and every input's gradient."""
+    ins = {"x": torch.randn(N, d), "w_in": torch.randn(d_ff, d) / 2, "w_out": torch.randn(d, d_ff) / 2}
+    if bias:
+        ins.update(b_in=torch.randn(d_ff) / 4, b_out=torch.randn(d))
+    if glu:
+        ins["w_up"] = torch.randn(d_ff, d) / 2
+    a = {n: t.to(dtype).clone().requires_grad_(True) for n, t in ins.items()}
+    r = {n: t.double().requires_grad_(True) for n, t in ins.items()}
+    kw = {n: a[n] for n in ("b_in", "b_out", "w_up") if n in a}
+    y = smk.avgk_ffn(a["x"], a["w_in"], a["w_out"], g, k, act, strategy=strategy, backend=backend, **kw)
+    want = loop_ffn(r["x"], r["w_in"], r["w_out"], g, k, act, r.get("b_in"), r.get("b_out"), r.get("w_up"))
+    torch.testing.assert_close(y.double(), want, rtol=tol, atol=tol)
+    dy = torch.randn_like(want)
+    y.backward(dy.to(dtype))
+    want.backward(dy)
+    for n in a:
+        torch.testing.assert_close(a[n].grad.double(), r[n].grad, rtol=tol, atol=tol, msg=n)
+
+
 @pytest.mark.parametrize("strategy", ["grouped", "gathered"])
 @pytest.mark.parametrize("act", ["gelu", "relu", "silu"])
 @pytest.mark.parametrize("g,k,glu,bias", [(4, 2, False, False), (1, 5, False, True), (8, 1, True, True),
                                            (2, 6, True, False), (3, 4, False, True)])
 def test_ffn_matches_the_loop_forward_and_backward(g, k, glu, bias, act, strategy):
     torch.manual_seed(g * 10 + k)
-    N, d, d_ff = 9, 6, 24 if g != 3 else 12
-    ins = {"x": torch.randn(N, d), "w_in": torch.randn(d_ff, d) / 2, "w_out": torch.randn(d, d_ff) / 2}
-    if bias:
-        ins.update(b_in=torch.randn(d_ff) / 4, b_out=torch.randn(d))
-    if glu:
-        ins["w_up"] = torch.randn(d_ff, d) / 2
-    a = {n: t.double().requires_grad_(True) for n, t in ins.items()}
-    r = {n: t.double().requires_grad_(True) for n, t in ins.items()}
-    kw = {n: a[n] for n in ("b_in", "b_out", "w_up") if n in a}
-    y = smk.avgk_ffn(a["x"], a["w_in"], a["w_out"], g, k, act, strategy=strategy, **kw)
-    want = loop_ffn(r["x"], r["w_in"], r["w_out"], g, k, act, r.get("b_in"), r.get("b_out"), r.get("w_up"))
-    torch.testing.assert_close(y, want, rtol=1e-10, atol=1e-10)
-    dy = torch.randn_like(y)
-    y.backward(dy)
-    want.backward(dy)
-    for n in a:
-        torch.testing.assert_close(a[n].grad, r[n].grad, rtol=1e-9, atol=1e-10, msg=n)
+    _check_ffn_against_the_loop(9, 6, 24 if g != 3 else 12, g, k, glu, bias, act, strategy, torch.float64, None,
+                                1e-10)
 
 
 def test_module_all_blocks_is_the_dense_ffn_and_from_dense():
@@ -204,24 +209,8 @@ TRITON_CASES = [(7, 6, 24, 4, 2, True, True), (5, 70, 160, 80, 1, False, True), 
 def test_triton_strategies_match_the_loop(case, strategy):
     """Both strategies on the triton kernels (interpreter, float32) against the float64 loop, every gradient."""
     _triton_or_skip()
-    N, d, d_ff, g, k, glu, bias = case
-    torch.manual_seed(N + d)
-    ins = {"x": torch.randn(N, d), "w_in": torch.randn(d_ff, d) / 2, "w_out": torch.randn(d, d_ff) / 2}
-    if bias:
-        ins.update(b_in=torch.randn(d_ff) / 4, b_out=torch.randn(d))
-    if glu:
-        ins["w_up"] = torch.randn(d_ff, d) / 2
-    a = {n: t.clone().requires_grad_(True) for n, t in ins.items()}
-    r = {n: t.double().requires_grad_(True) for n, t in ins.items()}
-    kw = {n: a[n] for n in ("b_in", "b_out", "w_up") if n in a}
-    y = smk.avgk_ffn(a["x"], a["w_in"], a["w_out"], g, k, "silu", strategy=strategy, backend="triton", **kw)
-    want = loop_ffn(r["x"], r["w_in"], r["w_out"], g, k, "silu", r.get("b_in"), r.get("b_out"), r.get("w_up"))
-    torch.testing.assert_close(y.double(), want, rtol=1e-4, atol=1e-4)
-    dy = torch.randn_like(want)
-    y.backward(dy.float())
-    want.backward(dy)
-    for n in a:
-        torch.testing.assert_close(a[n].grad.double(), r[n].grad, rtol=1e-4, atol=1e-4, msg=n)
+    torch.manual_seed(case[0] + case[1])
+    _check_ffn_against_the_loop(*case, "silu", strategy, torch.float32, "triton", 1e-4)
 
 
 def test_triton_gathered_bfloat16_forward_and_backward():
