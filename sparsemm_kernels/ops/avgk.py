@@ -47,10 +47,12 @@ ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 STRATEGIES = ("auto", "grouped", "gathered")
 
 # "auto" takes "gathered" below this many (token, block) pairs per block on average, per device type. CPU: measured
-# (benchmarks/bench_avgk.py cpu-xover-t*, Intel Xeon, fp32, dim 256, 2048 cells, 256 active: gathered faster at 0.125
-# and 0.25 pairs per block, grouped from 0.5-1 on; benchmarks/results/avgk-intel-xeon-*). CUDA: NOT measured yet (no
-# GPU has run it): 1.0 is the point where the gathered strategy starts to read more weight bytes than the grouped one
-# (which reads every chosen block once); the xover-t* configs of the same benchmark measure it (make gpu-check).
+# (benchmarks/results/avgk-intel-xeon-processor-fp32-20261202-170320.md: Intel Xeon, fp32, 1 thread, dim 256, 2048
+# cells, 256 active): gathered / grouped at 0.125 / 0.25 / 0.5 / 1 pairs per block = 0.50 / 0.51 / 0.61 / 0.76
+# (forward) and 0.75 / 0.80 / 0.88 / 1.00 (forward+backward) at block 16; 0.65 / 0.72 / 0.82 / 1.04 and 0.99 / 1.12 /
+# 1.20 / 1.43 at block 64. CUDA: NOT measured yet (no GPU has run it): 1.0 is the point where the gathered strategy
+# starts to read more weight bytes than the grouped one (which reads every chosen block once); the xover-t* configs
+# of the same benchmark measure it (make gpu-check).
 GATHERED_BELOW = {"cpu": 0.5, "cuda": 1.0}
 
 
