@@ -140,3 +140,32 @@ def test_second_derivative_through_a_weight_gradient_is_refused():
     (gw,) = torch.autograd.grad(out.square().sum(), w, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
         gw.sum().backward()
+
+
+@pytest.mark.parametrize("backend", ["triton"])
+def test_weight_gradient_with_a_hostile_plan_stays_in_bounds(backend):
+    """A plan that lies (offsets out of range and decreasing, pair ids past the end, negative, repeated) reads nothing
+    out of bounds (the poisoned allocator shows any unwritten output) and sums, per block, exactly the listed pairs
+    inside its clamped range that really chose that block."""
+    _skip(backend)
+    gen = torch.Generator().manual_seed(5)
+    N, k, nb, g, C = 6, 2, 3, 4, 5
+    P = N * k
+    blocks = _blocks(N, k, nb, gen)
+    h, x = torch.randn(N, k, g, generator=gen), torch.randn(N, C, generator=gen)
+    order = torch.tensor([3, -1, 7, P + 5, 7, 0, 11, 2, 10**9, 5, 4, 1])
+    offsets = torch.tensor([-4, 9, 2, 10**6])
+    dw, db = block_wgrad_op(h, x, blocks, order, offsets, nb, True, backend)
+    assert bool(torch.isfinite(dw).all()) and bool(torch.isfinite(db).all())
+    want, want_b = torch.zeros(nb * g, C, dtype=torch.float64), torch.zeros(nb * g, dtype=torch.float64)
+    flat = blocks.reshape(-1).tolist()
+    for b in range(nb):
+        lo = min(max(int(offsets[b]), 0), P)
+        hi = min(max(int(offsets[b + 1]), lo), P)
+        for s in range(lo, hi):
+            p = int(order[s])
+            if 0 <= p < P and flat[p] == b:
+                want[b * g:(b + 1) * g] += h.reshape(P, g)[p].double()[:, None] * x[p // k].double()[None, :]
+                want_b[b * g:(b + 1) * g] += h.reshape(P, g)[p].double()
+    torch.testing.assert_close(dw.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(db.double(), want_b, rtol=1e-5, atol=1e-5)
