@@ -11,8 +11,9 @@ A weight ``w [R, C]`` is ``n_blocks = R / g`` blocks of ``g`` consecutive rows; 
 Each product's gradient in its input is the other product, and in ``w`` it is ``block_wgrad``; the plan is built in
 the backward when the forward was not given one. ``triton``: one program per (token, slot) or per token, each
 loading its own weight rows; ``torch``: the blocks gathered per chunk of tokens and a batched matmul, the weight
-gradient an ``index_add_`` (any float dtype, the float64 reference). A block id outside ``[0, n_blocks)`` reads zeros
-and receives nothing. Second derivatives through a weight gradient are refused.
+gradient an ``index_add_`` (any float dtype, the float64 reference; sequential, so reproducible, on the CPU - on
+CUDA, where the triton kernels are the default, ``index_add_`` uses atomics). A block id outside ``[0, n_blocks)``
+reads zeros and receives nothing. Second derivatives through a weight gradient are refused.
 """
 
 from __future__ import annotations
