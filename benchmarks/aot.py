@@ -327,6 +327,7 @@ def _gemm_shapes(quick: bool) -> list[tuple[str, bool, int, int, int, int, tuple
                            ("w2", c.hidden, c.dim)):
             out.append((f"MoT {name} {what} T{T} K{K} N{N} G2", True, T, K, N, 2,
                         ("fwd-routed", "dx-routed", "dw-gathered", "fwd-routed-bias", "dw-gathered-dbias")))
+    AVGK_PASSES = ("fwd-sorted", "dx-sorted", "dw-sorted")  # noqa: N806
     # Off the tiles (spills there warn): sizes not multiples of 16 or of any tile, one group, a bias, a
     # column-major x. One pass set each: every config compiles each distinct specialisation once.
     tiny = MOT_BLOCK_CONFIGS["tiny"]
@@ -343,6 +344,13 @@ def _gemm_shapes(quick: bool) -> list[tuple[str, bool, int, int, int, int, tuple
         ("narrow T16384 K256 N256 G4", False, 16384, 256, 256, 4, ("dw-sorted", "dw-gathered-dbias", "fwd-routed")),
         # More groups than one search step covers (two-step tile -> group search; the old 4096-group cap).
         ("many groups T8192 K256 N128 G5000", False, 8192, 256, 128, 5000, ("fwd-routed", "dw-gathered")),
+        # Avg-K's grouped strategy (dim 2048, 16384 cells, 2048 active, 512 tokens): blocks of 16 and 32 cells are
+        # narrow launches (W_in: g output columns; W_out: depth g) with the narrow tiles.
+        ("Avg-K g16 w_in T65536 K2048 N16 G1024", True, 65536, 2048, 16, 1024, AVGK_PASSES),
+        ("Avg-K g16 w_out T65536 K16 N2048 G1024", True, 65536, 16, 2048, 1024, AVGK_PASSES),
+        ("Avg-K g32 w_in T32768 K2048 N32 G512", True, 32768, 2048, 32, 512, AVGK_PASSES),
+        ("Avg-K g32 w_out T32768 K32 N2048 G512", True, 32768, 32, 2048, 512, AVGK_PASSES),
+        ("narrow both T4096 K16 N32 G8", False, 4096, 16, 32, 8, ("fwd-sorted", "dw-sorted")),
     ]
     return out
 
@@ -982,16 +990,19 @@ def config_choice(jobs: list[Job], archs: dict[int, Arch], dtypes: list[str]) ->
             job_prec = ("tf32" if tf32 else "ieee") if dt == "float32" else "-"
             for arch in archs.values():
                 est = lambda c: configs.gemm_shared_memory(c, kind, dtype, dot_prec, arch.capability) // 1024  # noqa: E731,B023
-                for aligned in (True, False):  # launches with 16-divisible sizes and strides, and the others
-                    chosen = configs.choosable_configs(tuned, kind, dtype, dot_prec, arch.capability, aligned=aligned)
-                    recorded = {j.tile_config for j in jobs if j.kernel == kname and j.arch == arch.cc
-                                and any(not la.pruned and not la.fixed for la in j.launches)
-                                and j.dtype == job_dtype and j.precision == job_prec
-                                and bool(j.constexpr("ALIGNED", True)) == aligned}
-                    if not recorded:
-                        continue
+                ours = [j for j in jobs if j.kernel == kname and j.arch == arch.cc
+                        and any(not la.pruned and not la.fixed for la in j.launches)
+                        and j.dtype == job_dtype and j.precision == job_prec]
+                # Launches with 16-divisible sizes and strides, and the others; regular and each narrow kind.
+                kinds = sorted({(bool(j.constexpr("ALIGNED", True)), int(j.constexpr("NARROW", 0))) for j in ours},
+                               reverse=True)
+                for aligned, narrow in kinds:
+                    chosen = configs.choosable_configs(tuned, kind, dtype, dot_prec, arch.capability, aligned=aligned,
+                                                       narrow=narrow)
+                    recorded = {j.tile_config for j in ours if bool(j.constexpr("ALIGNED", True)) == aligned
+                                and int(j.constexpr("NARROW", 0)) == narrow}
                     ok = recorded == {as_tile(c) for c in chosen}
-                    what = "" if aligned else " unaligned"
+                    what = ("" if aligned else " unaligned") + (f" narrow{narrow}" if narrow else "")
                     if not ok:
                         fails.append(f"{arch.name} {kname} {prec}{what}: launches used {sorted(recorded)}, "
                                      f"configs.choosable_configs allows {[label(c) for c in chosen]}")

@@ -134,3 +134,37 @@ def test_aot_quick_subset_passes(tmp_path):
         assert not row["failed"], row
         if row["kernel"].startswith("grouped_gemm") and row["dtype"] in ("fp16", "bf16"):
             assert row["tensor_cores"] not in ("none", "-"), row
+
+
+def test_narrow_caps():
+    assert configs.narrow_caps(2048, 2048) == 0
+    assert configs.narrow_caps(16, 2048) == 1600 and configs.narrow_caps(17, 2048) == 3200
+    assert configs.narrow_caps(2048, 8) == 16 and configs.narrow_caps(32, 32) == 3232
+    assert configs.narrow_caps(33, 64) == 0 and configs.narrow_caps(0, 64) == 0
+
+
+@pytest.mark.parametrize("kernel", ["fwd", "dw"])
+@pytest.mark.parametrize("capability", [(8, 0), (9, 0)])
+@pytest.mark.parametrize("dtype,precision", [(torch.bfloat16, "tf32"), (torch.float32, "tf32")])
+def test_narrow_launches_get_tiles_no_wider_than_their_narrow_side(kernel, capability, dtype, precision):
+    """Avg-K's 16-32-cell blocks: output columns or depth of 16 / 32 take tiles no wider than that (a regular launch
+    takes 64-256-wide ones); fp32 FMA and unaligned launches keep their own lists."""
+    candidates = configs.candidate_configs(kernel)
+    cols_key = "BLOCK_J" if kernel == "fwd" else "BLOCK_N"
+    regular = configs.choosable_configs(candidates, kernel, dtype, precision, capability)
+    assert min(c.kwargs[cols_key] for c in regular) >= 64
+    for cols, depth in ((16, 2048), (32, 2048), (2048, 16), (2048, 32), (16, 16), (32, 32)):
+        narrow = configs.narrow_caps(cols, depth)
+        chosen = configs.choosable_configs(candidates, kernel, dtype, precision, capability, narrow=narrow)
+        assert chosen
+        for c in chosen:
+            if cols <= 32:
+                assert c.kwargs[cols_key] <= cols
+            if depth <= 32:
+                assert c.kwargs["BLOCK_K"] <= depth
+    fma = configs.choosable_configs(candidates, kernel, torch.float32, "ieee", capability, narrow=1600)
+    assert set(map(str, fma)) == set(map(str, configs.choosable_configs(candidates, kernel, torch.float32, "ieee",
+                                                                         capability)))
+    unaligned = configs.choosable_configs(candidates, kernel, dtype, precision, capability, aligned=False, narrow=16)
+    lists = configs._GEMM if kernel == "fwd" else configs._GEMM_DW
+    assert all(c in lists["unaligned"] for c in unaligned)

@@ -98,6 +98,52 @@ _GEMM_DW = {
     # benchmark shapes with 3.9, 64 x 128 x 16 4 B with 3.6.)
     "unaligned": [_dw(64, 64, 16, 8, 3), _dw(32, 64, 16, 4, 3)],
 }
+# Narrow launches: at most 32 output columns and / or a depth of at most 32 (Avg-K blocks of 16-32 cells: W_in's
+# products have g columns, W_out's a depth of g; its weight gradients the same). A 64-wide tile would compute 2-4x
+# the useful products there, so these launches choose among tiles no wider than the next power of two of the
+# narrow size (at least 16), keyed by the narrow side: "cols" (fwd BLOCK_J / dW BLOCK_N), "depth" (fwd BLOCK_K /
+# dW BLOCK_K), "both". Aligned 16-bit and TF32 launches only (fp32 FMA and unaligned launches keep their lists).
+_NARROW_GEMM = {
+    "16bit": {"cols": [_cfg(128, 16, 64, 4, 4), _cfg(128, 32, 64, 4, 4), _cfg(64, 32, 64, 4, 4)],
+              "depth": [_cfg(128, 128, 16, 4, 4), _cfg(128, 128, 32, 8, 3), _cfg(128, 64, 32, 4, 4)],
+              "both": [_cfg(128, 32, 32, 4, 4), _cfg(64, 16, 16, 4, 4)]},
+    "tf32": {"cols": [_cfg(128, 16, 32, 4, 4), _cfg(128, 32, 32, 4, 4)],
+             "depth": [_cfg(128, 64, 16, 4, 4), _cfg(128, 64, 32, 8, 3)],
+             "both": [_cfg(64, 32, 32, 4, 4), _cfg(64, 16, 16, 4, 4)]},
+}
+_NARROW_GEMM_DW = {
+    "16bit": {"cols": [_dw(16, 128, 64, 4, 4), _dw(32, 128, 64, 4, 4), _dw(32, 64, 64, 4, 4)],
+              "depth": [_dw(128, 16, 64, 4, 4), _dw(128, 32, 64, 4, 4)],
+              "both": [_dw(32, 32, 64, 4, 4), _dw(16, 16, 64, 4, 4)]},
+    "tf32": {"cols": [_dw(16, 128, 32, 4, 4), _dw(32, 64, 32, 4, 4)],
+             "depth": [_dw(128, 16, 32, 4, 4), _dw(64, 32, 32, 4, 4)],
+             "both": [_dw(32, 32, 32, 4, 4), _dw(16, 16, 32, 4, 4)]},
+}
+NARROW_MAX = 32
+
+
+def narrow_caps(cols: int, depth: int) -> int:
+    """The narrow sides of a launch as one int ``100 * cols_cap + depth_cap`` (a constexpr of the GEMM kernels, so
+    each narrow kind is its own specialisation): ``cap`` = the next power of two of the size, at least 16, when the
+    size is at most :data:`NARROW_MAX`, else 0. 0: a regular launch."""
+    def cap(n: int) -> int:
+        return max(16, 1 << max(int(n) - 1, 0).bit_length()) if 0 < n <= NARROW_MAX else 0
+    return 100 * cap(cols) + cap(depth)
+
+
+def _narrow_list(kernel: str, cls: str, narrow: int) -> list[triton.Config]:
+    """The narrow tiles for ``narrow`` (:func:`narrow_caps`) no wider than its caps; [] for a regular launch."""
+    cols_cap, depth_cap = divmod(narrow, 100)
+    lists = (_NARROW_GEMM if kernel == "fwd" else _NARROW_GEMM_DW).get(cls)
+    if not narrow or lists is None:
+        return []
+    side = "both" if cols_cap and depth_cap else ("cols" if cols_cap else "depth")
+    col_key, depth_key = ("BLOCK_J", "BLOCK_K") if kernel == "fwd" else ("BLOCK_N", "BLOCK_K")
+    fits = [c for c in lists[side] if (not cols_cap or c.kwargs[col_key] <= cols_cap)
+            and (not depth_cap or c.kwargs[depth_key] <= depth_cap)]
+    return fits or list(lists[side])
+
+
 # SPARSEMM_AUTOTUNE=0: one config per kernel, spill-free for every dtype, aligned or not, on sm_80 and sm_90a with
 # Triton 3.6 and 3.9 (each one of the unaligned list), <= 24 KB shared.
 _FIXED_GEMM = _cfg(64, 64, 16, 8, 3, _FMA_REGS)
@@ -109,6 +155,9 @@ def candidate_configs(kernel: str) -> list[triton.Config]:
     out: list[triton.Config] = []
     for configs in (_GEMM if kernel == "fwd" else _GEMM_DW).values():
         out += [c for c in configs if c not in out]
+    for sides in (_NARROW_GEMM if kernel == "fwd" else _NARROW_GEMM_DW).values():
+        for configs in sides.values():
+            out += [c for c in configs if c not in out]
     return out
 
 
@@ -156,19 +205,20 @@ def accumulator_budget(dtype: torch.dtype, precision: str, capability: tuple[int
 
 def choosable_configs(
     configs: list[triton.Config], kernel: str, dtype: torch.dtype, precision: str, capability: tuple[int, int],
-    aligned: bool = True,
+    aligned: bool = True, narrow: int = 0,
 ) -> list[triton.Config]:
     """The configs of ``configs`` the autotuner may choose for a launch on a GPU of ``capability``.
 
     Keeps those in the list of the operand class (:func:`operand_class`) -- or, for a launch that is not
     ``aligned`` (:func:`launch_is_aligned`), in the unaligned list -- that fit the arch's shared memory
-    (:func:`gemm_shared_memory`) and its accumulator budget (:func:`accumulator_budget`). Never empty: when no
-    config qualifies, the one needing the least shared memory. Callable without a GPU, e.g.
+    (:func:`gemm_shared_memory`) and its accumulator budget (:func:`accumulator_budget`). An aligned ``narrow``
+    launch (:func:`narrow_caps` of its output columns and depth, nonzero) takes the narrow tiles of its class instead.
+    Never empty: when no config qualifies, the one needing the least shared memory. Callable without a GPU, e.g.
     ``choosable_configs(candidate_configs("fwd"), "fwd", torch.float32, "ieee", (8, 0))``.
     """
     lists = _GEMM if kernel == "fwd" else _GEMM_DW
     cls = operand_class(dtype, precision) if aligned else "unaligned"
-    own = [c for c in configs if c in lists[cls]]
+    own = [c for c in configs if c in (_narrow_list(kernel, cls, narrow) or lists[cls])]
     own = own or list(configs)  # a list of none of ours (the fixed config): take it as it is
     smem = [gemm_shared_memory(c, kernel, dtype, precision, capability) for c in own]
     limit = shared_memory_limit(capability)
@@ -192,14 +242,14 @@ def prune_grouped_gemm_configs(configs, named_args, **kwargs) -> list[triton.Con
     """``early_config_prune`` of the forward / dX kernel: :func:`choosable_configs` for this launch's device."""
     a = named_args["a_ptr"]
     return choosable_configs(configs, "fwd", a.dtype, kwargs["DOT_PRECISION"], current_capability(a.device),
-                             aligned=kwargs.get("ALIGNED", True))
+                             aligned=kwargs.get("ALIGNED", True), narrow=narrow_caps(named_args["J"], named_args["K"]))
 
 
 def prune_grouped_gemm_dw_configs(configs, named_args, **kwargs) -> list[triton.Config]:
     """``early_config_prune`` of the weight-gradient kernel: :func:`choosable_configs` for this launch's device."""
     dy = named_args["dy_ptr"]
     return choosable_configs(configs, "dw", dy.dtype, kwargs["DOT_PRECISION"], current_capability(dy.device),
-                             aligned=kwargs.get("ALIGNED", True))
+                             aligned=kwargs.get("ALIGNED", True), narrow=narrow_caps(named_args["N"], named_args["K"]))
 
 
 def grouped_gemm_configs() -> list[triton.Config]:

@@ -30,6 +30,7 @@ from sparsemm_kernels.kernels.triton.configs import (
     grouped_gemm_configs,
     grouped_gemm_dw_configs,
     launch_is_aligned,
+    narrow_caps,
     prune_grouped_gemm_configs,
     prune_grouped_gemm_dw_configs,
 )
@@ -119,7 +120,8 @@ def _last_at_most(keys_ptr, n, target, div, KEY_PLUS_INDEX: tl.constexpr,
                  key=["K", "J", "stride_ak", "stride_bk", "GATHER_A", "SCATTER_C", "DOT_PRECISION", "ALIGNED"],
                  prune_configs_by={"early_config_prune": prune_grouped_gemm_configs})
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0,
-                    "TABLE_ROW": lambda args: args["BLOCK_M"].bit_length() - 5})
+                    "TABLE_ROW": lambda args: args["BLOCK_M"].bit_length() - 5,
+                    "NARROW": lambda args: narrow_caps(args["J"], args["K"])})
 @triton.jit
 def _grouped_gemm_kernel(
     # inputs
@@ -138,6 +140,8 @@ def _grouped_gemm_kernel(
     # tiles
     BLOCK_M: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, TABLE_ROW: tl.constexpr,
+    # the launch's narrow sides (configs.narrow_caps): unused by the code, it keys the narrow-tile choice per compile
+    NARROW: tl.constexpr,
 ):
     """C[c_r, j] = sum_k A[a_r, k] * B[g, k, j] + bias[g, j] for sorted positions r of group g.
 
@@ -216,6 +220,7 @@ def _grouped_gemm_kernel(
 @triton.autotune(configs=grouped_gemm_dw_configs(),
                  key=["N", "K", "GATHER_DY", "GATHER_X", "HAS_DBIAS", "DOT_PRECISION", "SPLIT", "ALIGNED"],
                  prune_configs_by={"early_config_prune": prune_grouped_gemm_dw_configs})
+@triton.heuristics({"NARROW": lambda args: narrow_caps(args["N"], args["K"])})
 @triton.jit
 def _grouped_gemm_dw_kernel(
     # inputs
@@ -233,6 +238,8 @@ def _grouped_gemm_dw_kernel(
     FANOUT: tl.constexpr, STEPS: tl.constexpr, SPAN: tl.constexpr,
     # tiles
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
+    # the launch's narrow sides (configs.narrow_caps): unused by the code, it keys the narrow-tile choice per compile
+    NARROW: tl.constexpr,
 ):
     """dW[g, n, k] = sum_r dY[r_dy, n] * X[r_x, k] over the positions r of group g; dbias[g, n] = sum_r dY[r_dy, n],
     with ``r_dy = rows[r]`` when GATHER_DY (dY in original row order) else ``r``, and ``r_x`` likewise.
