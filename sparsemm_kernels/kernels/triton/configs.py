@@ -127,7 +127,7 @@ def narrow_caps(cols: int, depth: int) -> int:
     each narrow kind is its own specialisation): ``cap`` = the next power of two of the size, at least 16, when the
     size is at most :data:`NARROW_MAX`, else 0. 0: a regular launch."""
     def cap(n: int) -> int:
-        return max(16, 1 << max(int(n) - 1, 0).bit_length()) if 0 < n <= NARROW_MAX else 0
+        return max(16, 1 << max(n - 1, 0).bit_length()) if 0 < n <= NARROW_MAX else 0
     return 100 * cap(cols) + cap(depth)
 
 
