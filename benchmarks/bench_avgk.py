@@ -18,8 +18,9 @@ Configs: ``2048`` (the issue's shape: dim 2048, 16384 cells, 2048 active, 512 to
 sweeps ``xover-t{N}`` (dim 2048, GPU) and ``cpu-xover-t{N}`` (dim 256) at growing token counts, where the two
 strategies trade places (``"auto"`` switches at ``GATHERED_BELOW`` pairs per block, sparsemm_kernels/ops/avgk.py).
 Validation first (float32 copies): every ``grouped_g*`` / ``gathered_g*`` against its ``gather_g*`` (relative
-Frobenius error <= 1e-4). Goals on H100/H200 (bf16): avgk <= 1.3x dense at g >= 64, <= 2x at g = 16, >= 3x faster
-than gather. Results: ``benchmarks/results/avgk-<device>-<dtype>-<time>.md`` and ``.json``.
+Frobenius error <= 1e-4); where the gather implementation would not fit (``GATHER_MAX_ELEMENTS``) it is left out and
+the two strategies are checked against each other. Goals on H100/H200 (bf16): avgk <= 1.3x dense at g >= 64, <= 2x
+at g = 16, >= 3x faster than gather. Results: ``benchmarks/results/avgk-<device>-<dtype>-<time>.md`` and ``.json``.
 """
 
 from __future__ import annotations
@@ -39,10 +40,13 @@ OP = "avgk"
 CONFIGS = {
     "2048": (2048, 16384, 2048, 512, (16, 32, 64, 128, 256)),
     "cpu": (256, 2048, 256, 256, (16, 64)),
-    **{f"xover-t{n}": (2048, 16384, 2048, n, (16, 64, 256)) for n in (8, 32, 128, 512, 2048)},
+    **{f"xover-t{n}": (2048, 16384, 2048, n, (16, 64, 256)) for n in (8, 32, 128, 2048)},
     **{f"cpu-xover-t{n}": (256, 2048, 256, n, (16, 64)) for n in (1, 2, 4, 8, 16, 64)},
 }
 STRATEGIES = ("grouped", "gathered")
+# The gather implementation materialises [tokens, active, dim] keys and values (and their gradients): past this many
+# elements per tensor (8 GiB in fp32, the float32 validation copy) it is left out of a config.
+GATHER_MAX_ELEMENTS = 1 << 31
 
 
 def gather_ffn(x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, g: int, k: int) -> torch.Tensor:
@@ -71,18 +75,28 @@ def _build(name: str, device: torch.device, dtype: torch.dtype, args) -> layer_b
     leaves = {"dense": [x, d_in, d_out]}
     checked = {}
     w32 = [copy.deepcopy(t.detach()).float() for t in (x, w_in, w_out)]
+    with_gather = tokens * active * dim <= GATHER_MAX_ELEMENTS
     for g in sizes:
         k = active // g
-        providers[f"gather_g{g}"] = lambda t, g=g, k=k: gather_ffn(t, w_in, w_out, g, k)
-        leaves[f"gather_g{g}"] = [x, w_in, w_out]
-        with torch.no_grad():
-            want = gather_ffn(*w32, g, k)
         for s in STRATEGIES:
             providers[f"{s}_g{g}"] = lambda t, g=g, k=k, s=s: avgk_ffn(t, w_in, w_out, g, k, "gelu", strategy=s)
             leaves[f"{s}_g{g}"] = [x, w_in, w_out]
-            with torch.no_grad():
-                checked[f"{s}_g{g}"] = harness.rel_err(avgk_ffn(*w32, g, k, "gelu", strategy=s), want)
-        checked[f"gather_g{g}"] = max(checked[f"{s}_g{g}"] for s in STRATEGIES)  # the pair's disagreement
+        with torch.no_grad():
+            got = {s: avgk_ffn(*w32, g, k, "gelu", strategy=s) for s in STRATEGIES}
+            # The gather implementation is the reference where it fits; past that the strategies check each other.
+            if with_gather:
+                want = gather_ffn(*w32, g, k)
+                errs = {s: harness.rel_err(got[s], want) for s in STRATEGIES}
+                del want
+            else:
+                errs = dict.fromkeys(STRATEGIES, harness.rel_err(got["grouped"], got["gathered"]))
+            del got
+        for s in STRATEGIES:
+            checked[f"{s}_g{g}"] = errs[s]
+        if with_gather:
+            providers[f"gather_g{g}"] = lambda t, g=g, k=k: gather_ffn(t, w_in, w_out, g, k)
+            leaves[f"gather_g{g}"] = [x, w_in, w_out]
+            checked[f"gather_g{g}"] = max(errs.values())  # the pair's disagreement
     return layer_bench.Case(x, torch.randn(tokens, dim, **factory), providers, leaves, checked,
                             {"dim": dim, "cells": cells, "active": active, "tokens": tokens,
                              "pairs_per_block": tokens * active / cells})
@@ -95,7 +109,8 @@ def _providers() -> list[str]:
 
 def _defaults(device: str, quick: bool) -> list[str]:
     if device == "cuda":
-        return ["2048"] if quick else ["2048", *(c for c in CONFIGS if c.startswith("xover-"))]
+        # The crossover sweep first at few tokens (where it is), then up to 2048 tokens (512 is the "2048" config).
+        return ["2048"] if quick else ["2048", "xover-t8", "xover-t32", "xover-t128", "xover-t2048"]
     return ["cpu"] if quick else ["cpu", *(c for c in CONFIGS if c.startswith("cpu-xover-"))]
 
 

@@ -309,6 +309,27 @@ def test_avgk_gather_matches_the_op_in_float64():
                                atol=1e-12)
 
 
+def test_avgk_without_the_gather_implementation_validates_the_strategies_against_each_other(monkeypatch):
+    """Past GATHER_MAX_ELEMENTS (a config the gather implementation would not fit) it is left out, and each strategy
+    is checked against the other (a wrong one would show there)."""
+    import argparse
+
+    import benchmarks.bench_avgk as bench
+
+    monkeypatch.setattr(bench, "GATHER_MAX_ELEMENTS", 0)
+    case = bench._build("cpu-xover-t4", torch.device("cpu"), torch.float32, argparse.Namespace(quick=True))
+    assert not any(p.startswith("gather_") for p in case.providers)
+    assert set(case.checked) == {"grouped_g16", "gathered_g16"} and 0 < case.checked["grouped_g16"] < 1e-4
+    real = bench.avgk_ffn
+
+    def doubled_when_gathered(*args, strategy, **kwargs):  # a wrong "gathered" strategy
+        return real(*args, strategy=strategy, **kwargs) * (2.0 if strategy == "gathered" else 1.0)
+
+    monkeypatch.setattr(bench, "avgk_ffn", doubled_when_gathered)
+    broken = bench._build("cpu-xover-t4", torch.device("cpu"), torch.float32, argparse.Namespace(quick=True))
+    assert broken.checked["gathered_g16"] > 0.1
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The layer benchmarks (benchmarks/layer_bench.py): each script validates, times and writes every provider
 # ---------------------------------------------------------------------------------------------------------------
