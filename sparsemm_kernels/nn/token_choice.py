@@ -21,7 +21,7 @@ from sparsemm_kernels.ops.slots import pick_rows_op, sum_rows_op
 from sparsemm_kernels.ops.swiglu import silu_mul
 from sparsemm_kernels.ops.token_routing import check_top_k, token_choice_plan
 from sparsemm_kernels.plan import build_plan
-from sparsemm_kernels.utils.checks import check_positive_int
+from sparsemm_kernels.utils.checks import accumulation_dtype, check_positive_int
 
 
 class TokenChoiceMoE(nn.Module):
@@ -149,7 +149,7 @@ class TokenChoiceMoE(nn.Module):
 
     def _load_balancing_loss(self, logits, expert_idx, gates) -> torch.Tensor:
         E = self.num_experts
-        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        acc = accumulation_dtype(logits.dtype)
         u = torch.zeros(logits.shape[0], E, dtype=acc, device=logits.device)
         u = u.scatter(1, expert_idx, gates.to(acc)).mean(0)  # each token's k experts are distinct: no collisions
         p = torch.softmax(logits.to(acc), dim=-1).mean(0)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sparsemm_kernels.utils.checks import check_int_tensor
+from sparsemm_kernels.utils.checks import accumulation_dtype, check_int_tensor
 
 
 def rotary_cos_sin(
@@ -17,7 +17,7 @@ def rotary_cos_sin(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``cos, sin`` of shape ``(B, S, 1, head_dim)`` for positions ``(B, S)`` (Llama-style, half-split)."""
     # float32 angles (float64 for float64 models, so a float64 run is exact to float64)
-    angle_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    angle_dtype = accumulation_dtype(dtype)
     exponents = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=angle_dtype) / head_dim
     inv_freq = 1.0 / theta**exponents
     freqs = position_ids.to(angle_dtype)[..., None] * inv_freq  # (B, S, head_dim/2)

@@ -35,6 +35,7 @@ from sparsemm_kernels.ops.slots import pair_rows, pick_rows_op, sum_rows_op
 from sparsemm_kernels.ops.token_routing import token_topk_op
 from sparsemm_kernels.plan import build_plan
 from sparsemm_kernels.utils.checks import (
+    accumulation_dtype,
     autocast_to,
     check_dim,
     check_float_tensor,
@@ -91,8 +92,7 @@ def _check_x_w(x: torch.Tensor, w_in: torch.Tensor) -> None:
 def _select(x2d: torch.Tensor, w_in: torch.Tensor, g: int, n_blocks: int, k: int, backend) -> torch.Tensor:
     with torch.no_grad():  # no gradient through the choice
         # The mean keys of the current weights, every call (at least float32: a bf16 average of g keys would round).
-        acc = torch.float64 if w_in.dtype == torch.float64 else torch.float32
-        mean_keys = w_in.detach().view(n_blocks, g, w_in.shape[1]).mean(1, dtype=acc)
+        mean_keys = w_in.detach().view(n_blocks, g, w_in.shape[1]).mean(1, dtype=accumulation_dtype(w_in.dtype))
         return avgk_topk_op(x2d.detach(), mean_keys, k, backend)
 
 

@@ -14,6 +14,7 @@ import torch
 
 from sparsemm_kernels.backend import check_backend_name, select_backend
 from sparsemm_kernels.ops.dispatch import Op
+from sparsemm_kernels.utils.checks import accumulation_dtype
 
 
 def _slot_of(index: torch.Tensor, num_rows: int, num_real: int) -> torch.Tensor:
@@ -43,7 +44,7 @@ def _combine_bwd_torch(dout, x, y, r, index, num_real: int):
     g = dout.index_select(0, rows)
     rr = r.to(dout.dtype)[:, None]
     dy = torch.where(real, g * rr, 0.0).to(y.dtype)
-    acc = torch.float64 if dout.dtype == torch.float64 else torch.float32  # the reduction as the kernel does it
+    acc = accumulation_dtype(dout.dtype)  # the reduction as the kernel does it
     diff = y.to(acc) - x.index_select(0, rows).to(acc)
     dr = torch.where(real, g.to(acc) * diff, 0.0).sum(-1).to(r.dtype)
     dx = dout.index_copy(0, rows, torch.where(real, g * (1 - rr), g))

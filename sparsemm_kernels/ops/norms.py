@@ -23,6 +23,7 @@ from sparsemm_kernels.reference.norms import modality_layer_norm_ref, modality_n
 from sparsemm_kernels.utils.checks import (
     OFF,
     TRUSTED,
+    accumulation_dtype,
     autocast_to,
     check_dim,
     check_float_tensor,
@@ -191,7 +192,7 @@ def _group_of_rows(offsets: torch.Tensor, num_rows: int) -> torch.Tensor:
 
 def _stats_dtype(x: torch.Tensor) -> torch.dtype:
     """Row statistics are float32 (float64 for float64 input, so a float64 run stays exact)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+    return accumulation_dtype(x.dtype)
 
 
 def _stats(x: torch.Tensor, eps: float, is_rms: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

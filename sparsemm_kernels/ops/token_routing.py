@@ -22,7 +22,14 @@ from sparsemm_kernels.backend import check_backend_name, select_backend
 from sparsemm_kernels.ops.dispatch import Op
 from sparsemm_kernels.ops.routing import check_finite_scores
 from sparsemm_kernels.plan import GroupPlan
-from sparsemm_kernels.utils.checks import ASYNC, EAGER, check_dim, check_float_tensor, validation_mode
+from sparsemm_kernels.utils.checks import (
+    ASYNC,
+    EAGER,
+    accumulation_dtype,
+    check_dim,
+    check_float_tensor,
+    validation_mode,
+)
 
 
 def _topk_torch(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -98,24 +105,18 @@ def token_choice_route(
     """
     k = _check_logits(logits, top_k, validate)
     idx = token_topk_op(logits.detach(), k, check_backend_name(backend))
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    gates = torch.softmax(logits.gather(1, idx).to(acc), dim=-1).to(logits.dtype)
+    gates = torch.softmax(logits.gather(1, idx).to(accumulation_dtype(logits.dtype)), dim=-1).to(logits.dtype)
     return idx, gates
 
 
 # ---- the fused path: experts, gates and the plan of the (token, expert) pairs in one op ----
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The gates' compute dtype: float64 for float64 logits, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _token_choice_plan_torch(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
     from sparsemm_kernels.reference.plan import group_plan_ref
 
     idx = _topk_torch(logits, k)
-    gates = torch.softmax(logits.gather(1, idx).to(_acc_dtype(logits.dtype)), dim=-1)
+    gates = torch.softmax(logits.gather(1, idx).to(accumulation_dtype(logits.dtype)), dim=-1)
     sorted_to_orig, counts, offsets = group_plan_ref(idx.reshape(-1), logits.shape[1])
     orig_to_sorted = torch.empty_like(sorted_to_orig)
     orig_to_sorted[sorted_to_orig] = torch.arange(sorted_to_orig.numel(), device=logits.device)
@@ -156,8 +157,9 @@ def _token_choice_plan(
 def _token_choice_plan_fake(logits, k, backend):
     N, E = logits.shape
     s2o, slots, o2s = (logits.new_empty(N * k, dtype=torch.int64) for _ in range(3))
-    return (logits.new_empty(N, k, dtype=_acc_dtype(logits.dtype)), logits.new_empty(N, k, dtype=torch.int64), s2o,
-            slots, logits.new_empty(E, dtype=torch.int64), logits.new_empty(E + 1, dtype=torch.int64), o2s)
+    gates = logits.new_empty(N, k, dtype=accumulation_dtype(logits.dtype))
+    return (gates, logits.new_empty(N, k, dtype=torch.int64), s2o, slots, logits.new_empty(E, dtype=torch.int64),
+            logits.new_empty(E + 1, dtype=torch.int64), o2s)
 
 
 def _plan_setup(ctx, inputs, output):

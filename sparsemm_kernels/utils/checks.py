@@ -181,6 +181,12 @@ def sanitized_offsets(offsets: torch.Tensor, num_rows: int) -> torch.Tensor:
     return torch.cummax(b, 0).values
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What sums, statistics and softmaxes of ``dtype`` values run in: float32, or float64 for float64 (so a float64
+    reference run stays exact)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 # What torch.autocast casts: floating tensors other than float64 (as its own cast policy does).
 _AUTOCAST_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)
 
