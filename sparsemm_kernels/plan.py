@@ -56,6 +56,7 @@ class GroupPlan:
 
     @property
     def device(self) -> torch.device:
+        """The device the plan's tensors live on."""
         return self.offsets.device
 
 

@@ -145,6 +145,8 @@ class MoMaTransformer(nn.Module):
 
     @property
     def aux_loss(self) -> torch.Tensor | None:
+        """The sum over layers of the auxiliary-router losses of the last training forward (None when no layer
+        has one)."""
         losses = [_block(layer).ffn.aux_loss for layer in self.layers if _block(layer).ffn.aux_loss is not None]
         return torch.stack(losses).sum() if losses else None
 
