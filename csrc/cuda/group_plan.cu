@@ -97,6 +97,10 @@ Workspace layout(int64_t n, int64_t num_groups) {
 
 void check_sizes(int64_t n, int64_t num_groups, int ids_dtype) {
   SPARSEMM_CHECK(n >= 0, "ids", "length must be >= 0, got ", n);
+#if CUB_VERSION < 200500
+  // Older cub takes the item count of the radix sort and scan as an int: refuse what it would narrow.
+  SPARSEMM_CHECK(n < (int64_t{1} << 31), "ids", "length must be < 2^31 with this CUDA toolkit's cub, got ", n);
+#endif
   // Keys are uint32 in [0, num_groups).
   SPARSEMM_CHECK(num_groups >= 1 && num_groups < (int64_t{1} << 31), "num_groups",
                  "must be in [1, 2^31), got ", num_groups);

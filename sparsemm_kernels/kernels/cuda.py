@@ -32,9 +32,10 @@ def group_plan_cuda(
     Returns:
         ``sorted_to_orig (n,) int64``, ``counts (G,) int64``, ``offsets (G+1,) int64`` and
         ``invalid_count () int64``, all on ``ids.device``. Rows of group ``g`` are
-        ``sorted_to_orig[offsets[g]:offsets[g+1]]`` in increasing original order. Ids outside ``[0, G)`` are
-        not counted in ``counts``/``offsets`` (so ``offsets[G] = n - invalid_count``); their rows come last in
-        ``sorted_to_orig``. Nothing is read back to the host: check ``invalid_count`` if the ids are untrusted.
+        ``sorted_to_orig[offsets[g]:offsets[g+1]]`` in increasing original order. An id outside ``[0, G)``
+        is sorted and counted as the nearest valid id (``0`` or ``G - 1``), so the plan is always a full
+        permutation with ``offsets[G] = n``; ``invalid_count`` says how many there were. Nothing is read back to
+        the host: check ``invalid_count`` if the ids are untrusted.
     """
     c = _cuda_ext()
     check_int_tensor(ids, "ids")

@@ -106,9 +106,19 @@ def _avgk_topk(x: torch.Tensor, mean_keys: torch.Tensor, k: int, backend: str | 
 
         if mean_keys.shape[0] <= max_blocks(x.dtype):
             return avgk_select_triton(x, mean_keys, k)
-    scores = x @ mean_keys.to(x.dtype).t()  # [N, n_blocks]
-    best = token_topk_op(scores, k, name)  # descending, ties to the lower block
+    best = token_topk_op(_block_scores(x, mean_keys), k, name)  # descending, ties to the lower block
     return best.sort(dim=1).values
+
+
+def _block_scores(x: torch.Tensor, mean_keys: torch.Tensor) -> torch.Tensor:
+    """``[N, n_blocks]`` scores ``x . mean_keys[b]`` as the fused kernel ranks them: the keys rounded to ``x``'s
+    dtype, products accumulated and kept in at least float32 (16-bit scores would tie far more often, so the
+    choice would depend on the path)."""
+    keys = mean_keys.to(x.dtype)
+    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+        return torch.mm(x, keys.t(), out_dtype=torch.float32)  # tensor cores, float32 out
+    acc = accumulation_dtype(x.dtype)
+    return x.to(acc) @ keys.to(acc).t()
 
 
 def _avgk_topk_fake(x, mean_keys, k, backend):

@@ -20,7 +20,7 @@ from sparsemm_kernels.utils.checks import accumulation_dtype
 def _slot_of(index: torch.Tensor, num_rows: int, num_real: int) -> torch.Tensor:
     """``(num_rows,)`` int64: the slot of each row named by a real slot, -1 for the others (padding slots land in
     a dropped extra row, so no row has two writers)."""
-    real = (index >= 0) & (index < num_real)
+    real = (index >= 0) & (index < min(num_real, num_rows))  # an index past the rows is never a target
     target = torch.where(real, index, num_rows)
     slots = torch.arange(index.shape[0], device=index.device, dtype=torch.int64)
     out = torch.full((num_rows + 1,), -1, dtype=torch.int64, device=index.device)
@@ -117,4 +117,6 @@ def mod_combine(x: torch.Tensor, y: torch.Tensor, r: torch.Tensor, index: torch.
                          f"{tuple(y.shape)}, {tuple(r.shape)}, {tuple(index.shape)}")
     if index.dtype != torch.int64:
         raise TypeError(f"`index` must be int64, got {index.dtype}")
+    if not isinstance(num_real, int) or isinstance(num_real, bool) or not 0 <= num_real <= x.shape[0]:
+        raise ValueError(f"`num_real` must be an int in [0, {x.shape[0]}] (the rows of `x`), got {num_real!r}")
     return mod_combine_op(x, y.to(x.dtype), r.to(x.dtype), index, num_real, check_backend_name(backend))

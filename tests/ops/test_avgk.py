@@ -113,6 +113,22 @@ def test_triton_select_in_bfloat16_with_exact_ties(n_blocks):
     assert torch.equal(got, loop_select(x, w, 2, 7))
 
 
+@pytest.mark.parametrize("n_blocks", [40, 600])
+@pytest.mark.parametrize("backend", ["triton", "cpu", "torch"])
+def test_bfloat16_select_ranks_float32_scores_on_every_path(backend, n_blocks):
+    """bf16 inputs whose exact scores need more than bf16's 8 bits (integers up to ~3600): every path - the fused
+    kernel (40 blocks) and the GEMM + top-k (600 blocks, past its limit; the cpu and torch backends always) - ranks
+    the float32 scores, so the choice is the exact loop's. Scores rounded to bf16 would tie and pick lower blocks."""
+    reasons = unsupported_reasons("avgk_select", backend, torch.device("cpu"), torch.bfloat16)
+    if reasons:
+        pytest.skip("; ".join(reasons))
+    gen = torch.Generator().manual_seed(n_blocks + 1)
+    x = torch.randint(-15, 16, (13, 16), generator=gen).bfloat16()
+    w = torch.randint(-15, 16, (n_blocks, 16), generator=gen).bfloat16()  # block size 1: the keys are the rows
+    got = smk.avgk_select(x, w, 1, 5, backend=backend)
+    assert torch.equal(got, loop_select(x, w, 1, 5))
+
+
 def test_select_uses_the_current_weights():
     x = torch.randn(4, 3, dtype=torch.float64)
     w = torch.randn(8, 3, dtype=torch.float64)

@@ -31,7 +31,7 @@ def _avgk_select_kernel(
 ):
     """out[t, :] = the K best blocks of token t, ascending. Grid: (cdiv(N, BLOCK_N),)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, BLOCK_B)
+    cols = tl.arange(0, BLOCK_B).to(tl.int64)
     rmask = rows < N
     bmask = cols < NB
     acc = tl.zeros((BLOCK_N, BLOCK_B), tl.float32)

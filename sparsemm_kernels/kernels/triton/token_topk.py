@@ -30,7 +30,8 @@ from sparsemm_kernels.utils.device import on_first_tensor_device
 def _load_logit_rows(logits_ptr, rows, cols, N, E, stride_n, stride_e):
     """``[BLOCK_N, BLOCK_E]`` float32 logits of ``rows``; NaN and out-of-range entries as ``-inf``."""
     inb = (rows < N)[:, None] & (cols < E)[None, :]
-    x = tl.load(logits_ptr + rows[:, None] * stride_n + cols[None, :] * stride_e, mask=inb,
+    # int64 columns: with a transposed (expert-major) input, column * stride passes 2^31 at ~8M tokens.
+    x = tl.load(logits_ptr + rows[:, None] * stride_n + cols[None, :].to(tl.int64) * stride_e, mask=inb,
                 other=float("-inf")).to(tl.float32)
     return tl.where(x == x, x, float("-inf"))
 
