@@ -191,6 +191,30 @@ def test_kernel_matches_the_loop(case, dtype, backend):
 
 
 @pytest.mark.parametrize("backend", ["triton", "cpu"])
+@pytest.mark.parametrize("spread", ["low_bits", "mixed"])
+def test_kernel_threshold_in_every_key_byte(backend, spread):
+    """Scores whose keys share their top bytes and differ only below (neighbouring floats), or differ anywhere
+    (signs, magnitudes, neighbours of each): the threshold is decided in each byte of the key in turn. Equal to the
+    torch backend's stable sort, with and without per-expert masks and capacities."""
+    from sparsemm_kernels.ops.routing import _route
+
+    _kernel_backend_or_skip(backend, torch.float32)
+    g = torch.Generator().manual_seed(11 + len(spread))
+    N, E, C = 300, 4, 37
+    ulp = torch.randint(0, 700, (N, E), generator=g).double() * 2.0 ** -23  # ties too: 300 draws of 700
+    if spread == "low_bits":
+        scores = (1.0 + ulp).float()
+    else:
+        base = torch.tensor([-3.0, -1.0, -2.0 ** -60, 0.0, 2.0 ** -60, 0.5, 1.0, 1e30])
+        scores = (base[torch.randint(0, 8, (N, E), generator=g)].double() * (1.0 + ulp)).float()
+    mask = torch.rand(N, E, generator=g) > 0.3
+    limit = torch.tensor([0, 1, 20, C])
+    for m, lim in ((None, None), (mask, limit)):
+        idx, _ = _route(scores, C, m, lim, backend, None)
+        assert torch.equal(idx, _route(scores, C, m, lim, "torch", None)[0])
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
 def test_kernel_reads_strided_scores_and_never_picks_nan(backend):
     from sparsemm_kernels.ops.routing import _route
 
