@@ -368,6 +368,8 @@ def _check_param(p, name: str, x: torch.Tensor, num_modalities: int | None) -> N
         raise ValueError(f"`{name}` has {p.shape[1]} columns (shape {tuple(p.shape)}) but `x` has D = {D}")
     if num_modalities is not None and p.shape[0] != num_modalities:
         raise ValueError(f"`{name}` has {p.shape[0]} rows but `weight` has M = {num_modalities}")
+    if p.shape[0] == 0 and x.numel():  # no weights to scale the rows with (a kernel would read before `weight`)
+        raise ValueError(f"`{name}` has no rows (M = 0) but `x` has rows to normalise")
 
 
 def _check_operands(x, modality_ids, weight, bias, eps) -> float:

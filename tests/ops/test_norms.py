@@ -285,6 +285,35 @@ def test_many_modalities(backend, device):
         assert torch.count_nonzero(got[1][absent]) == 0 and torch.count_nonzero(got[2][absent]) == 0
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("M,D", [(70, 8), (3, 4096)])
+def test_frozen_weight_dx_with_several_modality_chunks(M, D, norm, backend, device):
+    """Only x needs a gradient (frozen norm weights) while the weight-gradient split would take several modality
+    chunks (M past the one-hot block: 70 at D=8, 3 at D=4096): every row of dx is written and right."""
+    _skip_unless_runs(backend, device, torch.float32)
+    T = 16
+    ids = torch.arange(T, device=device) % M
+    x = _x((T, D), torch.float32, device)
+    w, b = _params(norm, M, D, torch.float32, device)
+    dy = torch.randn(T, D, device=device)
+    b = b.detach() if b is not None else None
+    (dx,) = torch.autograd.grad(_run(norm, x, ids, w.detach(), b, backend=backend), [x], dy)
+    x64 = x.detach().double().requires_grad_(True)
+    (want,) = torch.autograd.grad(
+        _truth(norm, x64, ids, w.detach().double(), None if b is None else b.double()), [x64], dy.double())
+    _, s_dx, _, _ = _scales(norm, x, ids, w, b, dy)
+    assert_close_verbose(dx, want, torch.float32, "dx", tol=TOL[torch.float32], scale=s_dx)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_weight_without_rows_is_refused(norm):
+    # M = 0 with rows to normalise: no modality's weights exist (a kernel would read before `weight`).
+    empty = torch.ones(0, 4)
+    with pytest.raises(ValueError, match="`weight` has no rows"):
+        _run(norm, X, torch.zeros(2, 3, dtype=torch.long), empty, torch.zeros(0, 4), validate=False)
+
+
 X = torch.randn(2, 3, 4)
 IDS = torch.tensor([[0, 1, 1], [1, 0, 0]])
 W = torch.ones(2, 4)

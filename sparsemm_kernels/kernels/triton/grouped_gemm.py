@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sparsemm_kernels.kernels.triton import configs as _configs
 from sparsemm_kernels.kernels.triton.configs import (
     grouped_gemm_configs,
     grouped_gemm_dw_configs,
@@ -117,7 +118,7 @@ def _last_at_most(keys_ptr, n, target, div, KEY_PLUS_INDEX: tl.constexpr,
 
 
 @triton.autotune(configs=grouped_gemm_configs(),
-                 key=["K", "J", "stride_ak", "stride_bk", "GATHER_A", "SCATTER_C", "DOT_PRECISION", "ALIGNED"],
+                 key=["K", "J", "stride_ak", "stride_bk", "GATHER_A", "SCATTER_C", "DOT_PRECISION", "ALIGNED", "ARCH"],
                  prune_configs_by={"early_config_prune": prune_grouped_gemm_configs})
 @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0,
                     "TABLE_ROW": lambda args: args["BLOCK_M"].bit_length() - 5,
@@ -134,7 +135,7 @@ def _grouped_gemm_kernel(
     stride_am, stride_ak, stride_bg, stride_bk, stride_bj, stride_bias_g, stride_bias_j, stride_cm, stride_cj,
     # modes
     HAS_BIAS: tl.constexpr, GATHER_A: tl.constexpr, SCATTER_C: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, ALIGNED: tl.constexpr,
+    UPCAST: tl.constexpr, ALIGNED: tl.constexpr, ARCH: tl.constexpr,
     # group search
     FANOUT: tl.constexpr, STEPS: tl.constexpr, SPAN: tl.constexpr,
     # tiles
@@ -148,8 +149,9 @@ def _grouped_gemm_kernel(
     Group ``g`` is ``[bounds[g], bounds[g+1])`` of the sanitized bounds, and row tile ``t`` belongs to the last
     group whose first tile ``tile_start[TABLE_ROW, g] <= t`` (``_group_table_kernel``). Positions lie in
     ``[0, T)``; a gathered / scattered row ``rows[r]`` outside ``[0, T)`` is masked (its position neither reads
-    nor writes), so a corrupt plan never reaches memory outside A, C or ``rows``. ALIGNED only keys the autotuner
-    (16-divisible sizes and strides; see ``configs.launch_is_aligned``).
+    nor writes), so a corrupt plan never reaches memory outside A, C or ``rows``. ALIGNED and ARCH only key the
+    autotuner (16-divisible sizes and strides, see ``configs.launch_is_aligned``; the GPU's compute capability, so
+    a config tuned on one GPU of a mixed machine is not reused on another, where it may not fit).
 
     Grid: (num_row_tiles_bound * cdiv(J, BLOCK_J),), swizzled in GROUP_M row-tile bands for L2 reuse.
     """
@@ -218,7 +220,7 @@ def _grouped_gemm_kernel(
 
 
 @triton.autotune(configs=grouped_gemm_dw_configs(),
-                 key=["N", "K", "GATHER_DY", "GATHER_X", "HAS_DBIAS", "DOT_PRECISION", "SPLIT", "ALIGNED"],
+                 key=["N", "K", "GATHER_DY", "GATHER_X", "HAS_DBIAS", "DOT_PRECISION", "SPLIT", "ALIGNED", "ARCH"],
                  prune_configs_by={"early_config_prune": prune_grouped_gemm_dw_configs})
 @triton.heuristics({"NARROW": lambda args: narrow_caps(args["N"], args["K"])})
 @triton.jit
@@ -233,7 +235,7 @@ def _grouped_gemm_dw_kernel(
     stride_dym, stride_dyn, stride_xm, stride_xk, stride_dwg, stride_dwn, stride_dwk, stride_dbias_g,
     # modes
     GATHER_DY: tl.constexpr, GATHER_X: tl.constexpr, HAS_DBIAS: tl.constexpr, SPLIT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr, ARCH: tl.constexpr,
     # piece search (SPLIT)
     FANOUT: tl.constexpr, STEPS: tl.constexpr, SPAN: tl.constexpr,
     # tiles
@@ -343,6 +345,14 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _arch(device: torch.device) -> int:
+    """The launch device's compute capability as one int (90 for sm_90; 0 off CUDA): an autotuner key."""
+    if device.type != "cuda":
+        return 0
+    major, minor = _configs.current_capability(device)
+    return 10 * major + minor
+
+
 def _search_shape(n: int) -> dict:
     """Constexprs of ``_last_at_most`` over ``n`` keys: the fewest steps of at most 256 lanes, then the fewest
     lanes (a power of two, at least 16) that cover n."""
@@ -449,7 +459,7 @@ def grouped_gemm(
         HAS_BIAS=bias is not None, GATHER_A=gather_a, SCATTER_C=scatter_c,
         DOT_PRECISION=_dot_precision(a.dtype), UPCAST=is_interpreting() and a.dtype == torch.bfloat16,
         ALIGNED=launch_is_aligned((a, w, out), (K, J) + strides, (a.stride(1), out.stride(1))),
-        **_search_shape(G),
+        ARCH=_arch(a.device), **_search_shape(G),
     )
     return out
 
@@ -506,7 +516,7 @@ def grouped_gemm_dw(
         HAS_DBIAS=compute_dbias, SPLIT=splits > 1,
         DOT_PRECISION=_dot_precision(dy.dtype), UPCAST=is_interpreting() and dy.dtype == torch.bfloat16,
         ALIGNED=launch_is_aligned((dy, x), (N, K, dy.stride(0), x.stride(0)), (dy.stride(1), x.stride(1))),
-        **_search_shape(G),
+        ARCH=_arch(dy.device), **_search_shape(G),
     )
     if splits > 1:
         for part, final in ((out, dw), (out_b, dbias)):

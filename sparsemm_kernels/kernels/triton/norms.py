@@ -187,7 +187,7 @@ def _modality_norm_bwd_kernel(
     # outputs
     dx_ptr, dw_part_ptr, db_part_ptr,
     # sizes
-    R, D, M, rows_per_program,
+    R, D, M, rows_per_program, num_c,
     # strides
     stride_xt, stride_xh, stride_xd, stride_dyt, stride_dyh, stride_dyd, stride_wm,
     # modes
@@ -208,11 +208,12 @@ def _modality_norm_bwd_kernel(
     modalities it did not see), so the sum over programs needs no zero-fill. Only modality chunk 0 writes
     ``dx``; programs of other chunks load only the rows of their modalities.
 
-    Grid: (P * C * Dc,), P = cdiv(R, rows_per_program) row blocks, C = cdiv(M, M_BLOCK) modality chunks,
-    Dc = cdiv(D, BLOCK_D) column chunks (1 without CHUNKED); all on axis 0 (no 65535 limit).
+    Grid: (P * C * Dc,), P = cdiv(R, rows_per_program) row blocks, C = ``num_c`` modality chunks (cdiv(M,
+    M_BLOCK) for weight gradients; 1 for dx alone, whatever M), Dc = cdiv(D, BLOCK_D) column chunks (1 without
+    CHUNKED); all on axis 0 (no 65535 limit). The launcher's ``num_c`` decodes the program id: a count recomputed
+    here from M would disagree with a dx-only grid and leave rows unwritten.
     """
     num_d = tl.cdiv(D, BLOCK_D)
-    num_c = tl.cdiv(M, M_BLOCK)
     pid = tl.program_id(0)
     p = (pid // (num_c * num_d)).to(tl.int64)
     chunk = (pid // num_d) % num_c
@@ -435,7 +436,7 @@ def modality_norm_bwd(
         x, dy, ids, weight, mean_arg, rstd, c1, c2,
         dx if dx is not None else placeholder(x), dw_part if dw_part is not None else placeholder(rstd),
         db_part if db_part is not None else placeholder(rstd),
-        R, D, M, rows_per_program,
+        R, D, M, rows_per_program, chunks,
         *strides,
         IS_RMS=is_rms, COMPUTE_DX=compute_dx, COMPUTE_DW=compute_dw, COMPUTE_DB=compute_db, ROWS_PER_ID=H,
         CHUNKED=chunked,

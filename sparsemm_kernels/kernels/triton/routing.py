@@ -61,7 +61,7 @@ def _expert_choice_kernel(
     prefix = tl.zeros((), tl.int64)
     above = tl.zeros((), tl.int64)  # eligible tokens whose key is above every key with this prefix
     for level in tl.static_range(4):
-        shift: tl.constexpr = 24 - 8 * level
+        shift = 24 - 8 * level
         hist = tl.zeros((256,), tl.int32)
         for start in range(0, N, BLOCK):
             key, eligible = _keys(scores_ptr, mask_ptr, start + lanes, e, N, stride_sn, stride_se, stride_mn,
