@@ -68,12 +68,21 @@ def _group_plan(
     otherwise sorted as the nearest valid id, so the plan is always a permutation."""
     backend_name = select_backend("group_plan", ids.device, ids.dtype, backend)
     if backend_name == "triton":
-        from sparsemm_kernels.kernels.triton.group_plan import MAX_GROUPS, group_plan_triton
+        from sparsemm_kernels.kernels.triton.group_plan import MAX_GROUPS, group_plan_triton, histogram_fits
 
-        if num_groups > MAX_GROUPS:  # wider plans go to the torch sort, unless triton was demanded
+        # Wider plans, or ones whose per-chunk histogram would not fit its memory bound, go to the torch sort,
+        # unless triton was demanded.
+        if num_groups > MAX_GROUPS:
             if backend == "triton":
                 raise ValueError(
                     f"`num_groups` must be <= {MAX_GROUPS} for the triton group_plan, got {num_groups}"
+                )
+            backend_name = "torch"
+        elif not histogram_fits(ids.numel(), num_groups):
+            if backend == "triton":
+                raise ValueError(
+                    f"`{name}` with {ids.numel()} ids over {num_groups} groups is past the triton group_plan's "
+                    "histogram bound (kernels.triton.group_plan.MAX_HISTOGRAM_ENTRIES); use the cuda or torch backend"
                 )
             backend_name = "torch"
     if backend_name == "cuda":

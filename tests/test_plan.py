@@ -91,3 +91,22 @@ def test_bad_arguments_raise_named_errors():
         smk.group_plan(torch.tensor([0]), 0)
     with pytest.raises(TypeError, match="num_groups"):
         smk.group_plan(torch.tensor([0]), 2.0)
+
+
+def test_triton_plan_past_its_histogram_bound(monkeypatch):
+    # Its per-chunk histogram grows as ids x groups: past the bound a preference for triton gets the torch sort
+    # (same plan), and a demand for it a ValueError naming the argument.
+    from sparsemm_kernels.kernels.triton import group_plan as triton_plan
+
+    reasons = unsupported_reasons("group_plan", "triton", torch.device("cpu"), torch.int64)
+    if reasons:
+        pytest.skip("; ".join(reasons))
+    ids = torch.randint(0, 3, (100,), generator=torch.Generator().manual_seed(0))
+    assert triton_plan.histogram_fits(100, 3)
+    monkeypatch.setattr(triton_plan, "MAX_HISTOGRAM_ENTRIES", 2)
+    assert not triton_plan.histogram_fits(100, 3)
+    plan = smk.group_plan(ids, 3, backend="prefer:triton")
+    want = _truth(ids, 3)
+    assert torch.equal(plan.sorted_to_orig, want[0]) and torch.equal(plan.offsets, want[2])
+    with pytest.raises(ValueError, match="`group_ids`.*histogram bound"):
+        smk.group_plan(ids, 3, backend="triton")

@@ -62,6 +62,22 @@ def _chunk_scatter_kernel(ids_ptr, base_ptr, out_ptr, n, G, BLOCK: tl.constexpr,
 
 # The one-hot tile of a chunk is BLOCK x next_pow2(G); past this the torch sort is the better plan.
 MAX_GROUPS = 4096
+#: The (chunks, G) int64 histogram and its scans are held in memory at once: past this many entries (each
+#: 8 bytes, three such tensors) the torch sort takes the plan instead.
+MAX_HISTOGRAM_ENTRIES = 1 << 23
+
+
+def _chunk_rows(num_groups: int) -> int:
+    """Rows per chunk: the chunk's one-hot tile near 8K elements (the interpreter prefers fewer, larger
+    programs)."""
+    g_pow2 = max(triton.next_power_of_2(num_groups), 2)
+    return max(16, min(1024, (1 << 16 if is_interpreting() else 1 << 13) // g_pow2))
+
+
+def histogram_fits(n: int, num_groups: int) -> bool:
+    """Whether the per-chunk histogram of ``n`` ids over ``num_groups`` groups stays within
+    :data:`MAX_HISTOGRAM_ENTRIES` (it grows as ``n * G / chunk rows``: 1M ids over 4096 groups would need 2 GiB)."""
+    return triton.cdiv(n, _chunk_rows(num_groups)) * num_groups <= MAX_HISTOGRAM_ENTRIES
 
 
 @on_first_tensor_device
@@ -69,12 +85,12 @@ def group_plan_triton(ids: torch.Tensor, num_groups: int) -> tuple[torch.Tensor,
     """Stable sort of ``ids (n,)`` int32/int64 into ``num_groups`` groups.
 
     Returns ``(sorted_to_orig (n,), counts (G,), offsets (G+1,))``, int64, on ``ids.device``. Supports up to
-    :data:`MAX_GROUPS` groups. Ids outside ``[0, G)`` are sorted as the nearest valid id.
+    :data:`MAX_GROUPS` groups, and sizes :func:`histogram_fits` accepts. Ids outside ``[0, G)`` are sorted as the
+    nearest valid id.
     """
     n = ids.numel()
     g_pow2 = max(triton.next_power_of_2(num_groups), 2)
-    # Keep the chunk's one-hot tile near 16K elements; the interpreter prefers fewer, larger programs.
-    block = max(16, min(1024, (1 << 16 if is_interpreting() else 1 << 13) // g_pow2))
+    block = _chunk_rows(num_groups)
     chunks = triton.cdiv(n, block)
     sorted_to_orig = torch.empty(n, device=ids.device, dtype=torch.int64)
     if n == 0:
