@@ -306,6 +306,19 @@ def test_frozen_weight_dx_with_several_modality_chunks(M, D, norm, backend, devi
     assert_close_verbose(dx, want, torch.float32, "dx", tol=TOL[torch.float32], scale=s_dx)
 
 
+def test_partial_memory_bound_keeps_the_gradients(monkeypatch, device):
+    """With the weight-gradient partials bounded to one row block's worth, the triton backward still matches."""
+    from sparsemm_kernels.kernels.triton import norms as triton_norms
+
+    _skip_unless_runs("triton", device, torch.float32)
+    monkeypatch.setattr(triton_norms, "_MAX_PARTIAL_ENTRIES", 1)
+    T, D, M = 37, 24, 3
+    ids = torch.randint(0, M, (T,), device=device)
+    x = _x((T, D), torch.float32, device)
+    w, b = _params("layer", M, D, torch.float32, device)
+    check_against_truth("layer", x, ids, w, b, torch.float32, "triton")
+
+
 @pytest.mark.parametrize("norm", NORMS)
 def test_weight_without_rows_is_refused(norm):
     # M = 0 with rows to normalise: no modality's weights exist (a kernel would read before `weight`).

@@ -40,6 +40,9 @@ _CHUNK_D = 4096
 _DW_REGISTER_BUDGET = 8192
 _TILE_ELEMENTS = 4096
 _MAX_M_BLOCK = 64
+# The backward's fp32 weight-gradient partials (row blocks x modalities x D): fewer row blocks past this many
+# entries (256 MiB; per-expert norms with hundreds of groups would otherwise need gigabytes).
+_MAX_PARTIAL_ENTRIES = 1 << 26
 
 
 @triton.jit
@@ -412,6 +415,8 @@ def modality_norm_bwd(
     chunks = triton.cdiv(M, m_block) if (compute_dw or compute_db) else 1
     # Column chunks multiply the programs: fewer row blocks keep the partials (and their sum) the same size.
     programs = triton.cdiv(_num_row_blocks(R, x.device), d_chunks)
+    if compute_dw or compute_db:  # each row block holds a partial of every modality: bound their memory
+        programs = max(1, min(programs, _MAX_PARTIAL_ENTRIES // (chunks * m_block * D)))
     rows_per_program = triton.cdiv(R, programs)
     programs = triton.cdiv(R, rows_per_program)
     part_shape = (programs, chunks * m_block, D)
