@@ -116,7 +116,10 @@ def _block_scores(x: torch.Tensor, mean_keys: torch.Tensor) -> torch.Tensor:
     choice would depend on the path)."""
     keys = mean_keys.to(x.dtype)
     if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
-        return torch.mm(x, keys.t(), out_dtype=torch.float32)  # tensor cores, float32 out
+        try:
+            return torch.mm(x, keys.t(), out_dtype=torch.float32)  # tensor cores, float32 out
+        except (RuntimeError, TypeError):  # a torch or GPU without the float32-out GEMM: the upcast below
+            pass
     acc = accumulation_dtype(x.dtype)
     return x.to(acc) @ keys.to(acc).t()
 
