@@ -413,6 +413,28 @@ MUTATIONS = [
         "da = dy * b * s * (1.0 + a * (1.0 - s))", "da = dy * b * s * (1.0 - a * (1.0 - s))", T_SWIGLU,
         "swiglu backward: wrong sign in d silu / da",
     ),
+    Mutation(
+        "ec-triton-radix-above-counts-the-digit", "sparsemm_kernels/kernels/triton/routing.py",
+        "above += tl.sum(tl.where(bins > d, hist, 0), 0)", "above += tl.sum(tl.where(bins >= d, hist, 0), 0)",
+        ["tests/ops/test_expert_choice_route.py"],
+        "expert-choice radix select counts the threshold digit's tokens as above it (too few ties taken)",
+    ),
+    Mutation(
+        "norm-bwd-chunks-recomputed-from-m", NORMS,
+        "R, D, M, rows_per_program, chunks,", "R, D, M, rows_per_program, triton.cdiv(M, m_block),", T_NORMS,
+        "norm backward decodes program ids with cdiv(M, M_BLOCK) chunks while a dx-only launch has one",
+    ),
+    Mutation(
+        "avgk-fallback-scores-in-16-bit", "sparsemm_kernels/ops/avgk.py",
+        "    acc = accumulation_dtype(x.dtype)\n", "    acc = x.dtype\n", ["tests/ops/test_avgk.py"],
+        "Avg-K GEMM + top-k path ranks scores rounded to bf16 (ties differ from the fused kernel)",
+    ),
+    Mutation(
+        "mod-combine-targets-rows-past-t", "sparsemm_kernels/ops/mod_combine.py",
+        "real = (index >= 0) & (index < min(num_real, num_rows))", "real = (index >= 0) & (index < num_real)",
+        ["tests/ops/test_mod_combine.py"],
+        "mod_combine (kernel path) writes a slot for an index past the rows",
+    ),
 ]
 
 

@@ -27,20 +27,20 @@ def _slot_of(index: torch.Tensor, num_rows: int, num_real: int) -> torch.Tensor:
     return out.index_copy(0, target, slots)[:num_rows]
 
 
-def _real(index: torch.Tensor, num_real: int) -> torch.Tensor:
-    return ((index >= 0) & (index < num_real))[:, None]
+def _real(index: torch.Tensor, num_real: int, num_rows: int) -> torch.Tensor:
+    return ((index >= 0) & (index < min(num_real, num_rows)))[:, None]
 
 
 def _combine_torch(x, y, r, index, num_real: int) -> torch.Tensor:
     rows = index.clamp(0, max(x.shape[0] - 1, 0))
     xs = x.index_select(0, rows)
-    new = torch.where(_real(index, num_real), xs + r.to(x.dtype)[:, None] * (y - xs), xs)
+    new = torch.where(_real(index, num_real, x.shape[0]), xs + r.to(x.dtype)[:, None] * (y - xs), xs)
     return x.index_copy(0, rows, new)  # a padding slot writes back the row it read: nothing changes
 
 
 def _combine_bwd_torch(dout, x, y, r, index, num_real: int):
     rows = index.clamp(0, max(x.shape[0] - 1, 0))
-    real = _real(index, num_real)
+    real = _real(index, num_real, x.shape[0])
     g = dout.index_select(0, rows)
     rr = r.to(dout.dtype)[:, None]
     dy = torch.where(real, g * rr, 0.0).to(y.dtype)

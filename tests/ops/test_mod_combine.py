@@ -108,3 +108,8 @@ def test_index_past_the_rows_changes_nothing(backend):
     out = mod_combine(x, y, r, index, 9, backend=backend)
     expected = loop_combine(x, y, r, index, 9)
     torch.testing.assert_close(out, expected)
+    # The op itself (below the argument checks) with num_real past the rows and an index between them: that
+    # slot is padding too (no write past the rows, no clamped write into the last one).
+    index[1] = 10
+    out = torch.ops.sparsemm.mod_combine(x, y, r, index, 12, backend)
+    torch.testing.assert_close(out, expected)
