@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from sparsemm_kernels.utils.device import fp32_matmul_allows_tf32
+
 REPO = Path(__file__).resolve().parent.parent
 
 # FLOPs of a mode, in units of the forward 2*T*K*N: forward+backward adds dX (2*T*K*N) and dW (2*T*K*N).
@@ -260,7 +262,7 @@ def _collect_env(device_type: str, index: int) -> dict:
             capability=f"{props.major}.{props.minor}",
             sm_count=props.multi_processor_count,
             memory_gib=round(props.total_memory / 2**30, 1),
-            allow_tf32=torch.backends.cuda.matmul.allow_tf32,
+            allow_tf32=fp32_matmul_allows_tf32(),
             **_nvml_facts(index),
         )
     else:

@@ -93,3 +93,24 @@ def test_triton_outside_the_supported_range_is_unavailable_with_the_reason(monke
         monkeypatch.undo()
         device.triton_version_problem.cache_clear()
         backend._select_cached.cache_clear()
+
+
+def test_tf32_setting_read_from_either_api(monkeypatch):
+    # The new fp32_precision API: reading the legacy flag after it has been used raises in torch.
+    from sparsemm_kernels.kernels.triton.grouped_gemm import _dot_precision
+    from sparsemm_kernels.utils.device import fp32_matmul_allows_tf32
+
+    matmul = torch.backends.cuda.matmul
+    monkeypatch.setattr("sparsemm_kernels.kernels.triton.grouped_gemm.is_interpreting", lambda: False)
+    prev = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        assert fp32_matmul_allows_tf32() and _dot_precision(torch.float32) == "tf32"
+        matmul.fp32_precision = "ieee"
+        assert not fp32_matmul_allows_tf32() and _dot_precision(torch.float32) == "ieee"
+        matmul.fp32_precision = "none"  # inherits the global setting
+        monkeypatch.setattr(torch.backends, "fp32_precision", "tf32")
+        assert fp32_matmul_allows_tf32()
+        assert _dot_precision(torch.bfloat16) == "tf32"  # 16-bit operands: the tensor-core dot either way
+    finally:
+        matmul.fp32_precision = prev  # (only the new API was used: the legacy flag stays readable)

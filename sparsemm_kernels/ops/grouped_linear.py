@@ -369,7 +369,8 @@ def grouped_mm(
         ``(T, N)`` in ``x``'s dtype (the autocast dtype under ``torch.autocast``, like ``nn.Linear``).
         Differentiable in ``x``, ``weight`` and ``bias``, to any order; the weight gradient of an empty group
         is exactly zero. fp16/bf16 accumulate in fp32; fp32 stays fp32 unless
-        ``torch.backends.cuda.matmul.allow_tf32`` is set.
+        torch allows TF32 for float32 matmuls (``torch.backends.cuda.matmul.fp32_precision = "tf32"`` or the
+        legacy ``allow_tf32``).
     """
     x, weight, bias = autocast_to(x, weight, bias)
     _check_operands(x, weight, bias)

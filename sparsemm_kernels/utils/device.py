@@ -14,6 +14,23 @@ def is_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
 
 
+def fp32_matmul_allows_tf32() -> bool:
+    """Whether torch lets float32 matmuls use TF32 on CUDA: the ``fp32_precision`` settings where torch has them
+    (``torch.backends.cuda.matmul.fp32_precision``, else the global ``torch.backends.fp32_precision``), else the
+    legacy ``allow_tf32`` flag. Reading the legacy flag after the new API was used raises in torch, so it is only
+    read where the new settings do not exist."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        precision = getattr(matmul, "fp32_precision", None)
+        if precision is None:
+            return bool(matmul.allow_tf32)
+        if precision == "none":  # inherits the global setting
+            precision = getattr(torch.backends, "fp32_precision", "none")
+        return precision == "tf32"
+    except RuntimeError:
+        return False
+
+
 #: The Triton versions the kernels are compiled and checked with (``make aot``: the oldest and the newest);
 #: an installed Triton outside it leaves the triton backend unavailable, with the reason.
 TRITON_SUPPORTED = ((3, 6), (3, 9))

@@ -35,7 +35,12 @@ from sparsemm_kernels.kernels.triton.configs import (
     prune_grouped_gemm_configs,
     prune_grouped_gemm_dw_configs,
 )
-from sparsemm_kernels.utils.device import is_interpreting, on_first_tensor_device, placeholder
+from sparsemm_kernels.utils.device import (
+    fp32_matmul_allows_tf32,
+    is_interpreting,
+    on_first_tensor_device,
+    placeholder,
+)
 
 # Row-tile heights the tile table covers: BLOCK_M = 16 << i for table row i (every config's BLOCK_M is one).
 _TABLE_ROWS = 5
@@ -340,7 +345,7 @@ def _dw_reduce_kernel(part_ptr, out_ptr, bounds_ptr, L, chunk_rows, stride_out_g
 
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 stays full fp32 unless the user allowed TF32 for matmuls, as torch.mm does.
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not is_interpreting():
+    if dtype == torch.float32 and not is_interpreting() and fp32_matmul_allows_tf32():
         return "tf32"
     return "ieee" if dtype == torch.float32 else "tf32"
 
