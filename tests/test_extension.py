@@ -64,7 +64,7 @@ def _plan_ref(ids: torch.Tensor, num_groups: int):
     ids64 = ids.to(torch.int64)
     sorted_to_orig = torch.sort(ids64, stable=True).indices
     counts = torch.bincount(ids64, minlength=num_groups)
-    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(counts, 0)])
+    offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
     return sorted_to_orig, counts, offsets
 
 
