@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sparsemm_kernels.backend import check_backend_name, select_backend
+from sparsemm_kernels.backend import check_backend_name, prefer, select_backend
 from sparsemm_kernels.ops.block_gather import block_gather_mm_op, block_scatter_mm_op
 from sparsemm_kernels.ops.dispatch import Op
 from sparsemm_kernels.ops.grouped_linear import grouped_mm
@@ -106,7 +106,7 @@ def _avgk_topk(x: torch.Tensor, mean_keys: torch.Tensor, k: int, backend: str | 
 
         if mean_keys.shape[0] <= max_blocks(x.dtype):
             return avgk_select_triton(x, mean_keys, k)
-    best = token_topk_op(_block_scores(x, mean_keys), k, name)  # descending, ties to the lower block
+    best = token_topk_op(_block_scores(x, mean_keys), k, prefer(name))  # a preference: wide rows may sort instead  # descending, ties to the lower block
     return best.sort(dim=1).values
 
 

@@ -261,3 +261,24 @@ def test_fused_plan_bad_input_names_the_argument():
     if not unsupported_reasons("token_choice_route", "triton", torch.device("cpu"), torch.float32):
         with pytest.raises(ValueError, match="at most 4096 experts"):
             token_choice_plan(torch.randn(2, 4097), 2, backend="triton")
+
+
+def test_top_k_past_the_kernel_width_sorts_unless_triton_is_demanded(monkeypatch):
+    # Wider rows than the Triton top-k takes: automatic selection (here a preference) sorts instead; a demand for
+    # triton gets its error. Avg-K's GEMM + top-k path hands its top-k a preference, so it sorts too.
+    from sparsemm_kernels.backend import unsupported_reasons
+    from sparsemm_kernels.kernels.triton import token_topk as triton_topk
+    from sparsemm_kernels.ops.token_routing import token_topk_op
+
+    if unsupported_reasons("token_choice_route", "triton", torch.device("cpu"), torch.float32):
+        pytest.skip("no triton backend here")
+    logits = torch.randn(6, 10, generator=torch.Generator().manual_seed(3))
+    want = torch.sort(logits, dim=1, descending=True, stable=True).indices[:, :3]
+    monkeypatch.setattr(triton_topk, "MAX_EXPERTS", 4)
+    assert torch.equal(token_topk_op(logits, 3, "prefer:triton"), want)
+    with pytest.raises(ValueError, match="4"):
+        token_topk_op(logits, 3, "triton")
+    x, w = torch.randn(5, 8), torch.randn(600, 8)  # 600 blocks: past the fused selection, and past 4 for the top-k
+    got = smk.avgk_select(x, w, 1, 3, backend="triton")
+    scores = x.double() @ w.double().t()
+    assert torch.equal(got, scores.topk(3, dim=1).indices.sort(dim=1).values)
