@@ -29,7 +29,8 @@ def rank_share(keys: torch.Tensor, start: int, stop: int, length: int) -> tuple[
     ``(local [R, length], valid [R, length])`` - the run moved to the front as rank-local indices ``key - start``,
     ``valid`` False past its end (``local`` is then meaningless: the caller pads it)."""
     R, n = keys.shape
-    edges = torch.tensor([start, stop], device=keys.device, dtype=keys.dtype).expand(R, 2).contiguous()
+    # Made on the device: torch.tensor(list, device=cuda) is a blocking host-to-device copy.
+    edges = torch.stack([keys.new_full((R,), start), keys.new_full((R,), stop)], 1)
     lo = torch.searchsorted(keys.contiguous(), edges)
     j = torch.arange(length, device=keys.device)[None, :]
     valid = j < (lo[:, 1:] - lo[:, :1])
