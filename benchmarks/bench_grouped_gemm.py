@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,31 +177,37 @@ def _validate(fn, case: Case, layout: str, mode: str) -> dict[str, float]:
 
 
 def _measure(p: Provider, case: Case, mode: str, time_fn) -> dict:
-    """Validate then time one provider in one mode; returns the row's measurement fields."""
+    """Validate then time one provider in one mode; returns the row's measurement fields.
+
+    A provider that raises, while validated or timed (out of memory included), is FAILED (SKIPPED where
+    ``unsupported_raises``) and the run goes on."""
     s, dtype = case.shape, case.dtype
     backend = p.backend
     if backend == "auto":
         backend = select_backend("grouped_mm", case.offsets.device, dtype)
     fields = dict(provider=p.name, backend=backend, status="ok", note="", rel_err=None)
+    x, w = case.leaves[p.layout]
+    failure = None
     try:
         fn = p.make(case)
         fields["rel_err"] = errors = _validate(fn, case, p.layout, mode)
+        if not harness.within_tolerance(errors, dtype):
+            worst = max(errors, key=lambda k: errors[k] if errors[k] == errors[k] else float("inf"))
+            note = f"rel. error {worst} {errors[worst]:.3g} > {harness.TOLERANCE[dtype]:g}; not timed"
+            return {**fields, "status": "FAILED", "note": note}
+        if mode == "forward":
+            with torch.no_grad():
+                q = time_fn(fn)
+        else:
+            q = time_fn(lambda: fn().backward(case.dy), grad_to_none=[x, w])
     except Skip as exc:
         return {**fields, "status": "SKIPPED", "note": str(exc)}
     except Exception as exc:  # noqa: BLE001 - a provider that raises is reported, never fatal to the run
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        status = "SKIPPED" if p.unsupported_raises else "FAILED"
-        return {**fields, "status": status, "note": f"raised {type(exc).__name__}: {first[:160]}"}
-    if not harness.within_tolerance(errors, dtype):
-        worst = max(errors, key=lambda k: errors[k] if errors[k] == errors[k] else float("inf"))
-        note = f"rel. error {worst} {errors[worst]:.3g} > {harness.TOLERANCE[dtype]:g}; not timed"
-        return {**fields, "status": "FAILED", "note": note}
-    x, w = case.leaves[p.layout]
-    if mode == "forward":
-        with torch.no_grad():
-            q = time_fn(fn)
-    else:
-        q = time_fn(lambda: fn().backward(case.dy), grad_to_none=[x, w])
+        failure = f"raised {harness.exception_line(exc)}"
+    if failure is not None:  # outside the except: its traceback (holding activations) is gone
+        x.grad = w.grad = None
+        harness.free_device_memory(x.device)
+        return {**fields, "status": "SKIPPED" if p.unsupported_raises else "FAILED", "note": failure}
     fl = harness.flops(s.T, s.K, s.N, mode)
     return {**fields, "ms_p20": q[0], "ms_p50": q[1], "ms_p80": q[2], "tflops": fl / (q[1] * 1e-3) / 1e12}
 
@@ -216,14 +221,14 @@ def _parse(argv):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark; returns 0, 1 if any provider FAILED validation, 2 on a bad request."""
+    """Run the benchmark; returns 0, 3 if any provider FAILED (validation, or it raised), 2 on a bad request."""
     args = _parse(argv)
-    start = time.monotonic()
+    budget = harness.CaseBudget(args.time_budget)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
-        return 2
+        return harness.EXIT_BAD_REQUEST
     device = torch.device(args.device)
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     dtype = harness.DTYPES[dtype_name]
@@ -233,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         unknown = set(wanted) - {p.name for p in providers}
         if unknown:
             print(f"error: unknown providers {sorted(unknown)}; known: {[p.name for p in providers]}", file=sys.stderr)
-            return 2
+            return harness.EXIT_BAD_REQUEST
         providers = [p for p in providers if p.name in wanted]
     if device.type == "cpu" and args.threads > 0:
         harness.set_cpu_threads(args.threads)
@@ -270,14 +275,22 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     done = 0
     for shape in shapes:
-        if args.time_budget is not None and time.monotonic() - start > args.time_budget:
-            print(f"time budget {args.time_budget:g} s spent: stopping before {shape.label()}", flush=True)
+        if not budget.try_start(shape.label()):
             break
-        case = Case(shape, device, dtype, args.seed)
+        case, failure = None, None
+        try:
+            case = Case(shape, device, dtype, args.seed)
+        except Exception as exc:  # noqa: BLE001 - e.g. out of memory making the inputs: report, go on
+            failure = f"setup raised {harness.exception_line(exc)}"
+        if failure is not None:  # outside the except: its traceback (holding tensors) is gone
+            harness.free_device_memory(device)
         for mode in args.modes:
             dense_ms = None
             for p in providers:
-                m = _measure(p, case, mode, time_fn)
+                if case is None:
+                    m = dict(provider=p.name, backend=None, status="FAILED", note=failure, rel_err=None)
+                else:
+                    m = _measure(p, case, mode, time_fn)
                 if p.name == "dense_mm" and m["status"] == "ok":
                     dense_ms = m["ms_p50"]
                 x_dense = dense_ms / m["ms_p50"] if dense_ms and m.get("ms_p50") else None
@@ -304,13 +317,14 @@ def main(argv: list[str] | None = None) -> int:
         del case
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        budget.done()
         harness.write_results(stem, header, env, rows, args.modes, complete=done == len(shapes))
     md, js = harness.write_results(stem, header, env, rows, args.modes, complete=done == len(shapes))
     for mode in args.modes:
         print(f"\n## {mode}\n\n{harness.markdown_table(rows, mode)}")
     failed = [r for r in rows if r["status"] == "FAILED"]
-    print(f"\n{len(rows)} rows ({len(failed)} FAILED) in {time.monotonic() - start:.1f} s -> {md}, {js}", flush=True)
-    return 1 if failed else 0
+    print(f"\n{len(rows)} rows ({len(failed)} FAILED) in {budget.elapsed():.1f} s -> {md}, {js}", flush=True)
+    return harness.EXIT_FAILED if failed else harness.EXIT_OK
 
 
 if __name__ == "__main__":

@@ -66,23 +66,29 @@ def _layer(experts, dim, hidden, factory):
 
 def loop_forward(m, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """The published-code style on ``m``'s parameters: a mask per modality, ``topk`` + gather + FFN +
-    ``index_add`` per expert."""
+    ``index_add`` per expert.
+
+    The router scores are computed as the layer computes them, every router on all tokens in one
+    ``sigmoid(cat(...))``, then each modality's rows picked: a router GEMM on the gathered rows alone may round the
+    last bit differently and swap a token at the capacity boundary."""
     x2, flat = x.reshape(-1, x.shape[-1]), ids.reshape(-1)
     out = torch.zeros_like(x2)
     if isinstance(m, ExpertChoiceMoE):
-        groups, routers, c = [(torch.arange(x2.shape[0], device=x2.device), 0, m.num_experts)], [m.router], 1.0
+        groups, c = [(torch.arange(x2.shape[0], device=x2.device), 0, m.num_experts)], 1.0
+        scores = torch.sigmoid(m.router(x2))
     else:
         groups, first = [], 0
         for g, E in enumerate(m.experts_per_modality):
             groups.append((torch.nonzero(flat == g).flatten(), first, E))  # host sync, as published code does
             first += E
-        routers, c = list(m.routers), m.capacity_factor
-    for (rows, first, E), router in zip(groups, routers):
+        c = m.capacity_factor
+        scores = torch.sigmoid(torch.cat([r(x2) for r in m.routers], dim=1))  # [N, E_total], as the layer
+    for rows, first, E in groups:
         b = rows.numel()
         if b == 0:
             continue
         xg = x2[rows]
-        s = torch.sigmoid(router(xg))
+        s = scores[rows, first:first + E]
         C = min(max(math.ceil(c * b / E), 1), b)
         for j in range(E):
             gate, pick = torch.topk(s[:, j], C)

@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
-import gc
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,11 +263,6 @@ def _validate(fn, case: Case, p: Provider, mode: str) -> tuple[dict[str, float],
         _reset(leaves)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0][:160] if text else ''}".strip()
-
-
 def _peak_memory(run, case: Case, p: Provider) -> tuple[float, float]:
     """CUDA: ``(peak GiB allocated during one run, peak GiB above what was allocated before it)``."""
     leaves = case.leaves(p.block)
@@ -317,7 +310,7 @@ def _prepare(p: Provider, case: Case, mode: str) -> tuple[dict, Callable[[], obj
             w = extra["dparam_worst"]
             fields["note"] = f"warning: {w['param']} grad rel. error {w['rel_err']:.3g} > {tol:g} (not gating)"
     except Exception as exc:  # noqa: BLE001 - a provider that raises (e.g. OOM) is reported, never fatal to the run
-        failure = f"raised {_first_line(exc)}"
+        failure = f"raised {harness.exception_line(exc)}"
     if failure is not None:  # outside the except: its traceback (holding activations) is gone
         _forget(case, p)
         return {**fields, "status": "FAILED", "note": failure}, None
@@ -326,9 +319,7 @@ def _prepare(p: Provider, case: Case, mode: str) -> tuple[dict, Callable[[], obj
 
 def _forget(case: Case, p: Provider) -> None:
     _reset(case.leaves(p.block))
-    gc.collect()
-    if case.x.device.type == "cuda":
-        torch.cuda.empty_cache()
+    harness.free_device_memory(case.x.device)
 
 
 def _timed(fields: dict, q: list[float], case: Case, mode: str) -> dict:
@@ -355,7 +346,7 @@ def _measure(p: Provider, case: Case, mode: str, time_fn) -> dict:
             fields["peak_mem_gib"], fields["step_mem_gib"] = _peak_memory(run, case, p)
     except Exception as exc:  # noqa: BLE001 - e.g. out of memory while timing: reported, not fatal
         _forget(case, p)
-        return {**fields, "status": "FAILED", "note": f"raised {_first_line(exc)}"}
+        return {**fields, "status": "FAILED", "note": f"raised {harness.exception_line(exc)}"}
     return _timed(fields, q, case, mode)
 
 
@@ -492,21 +483,22 @@ def _parse(argv):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark; returns 0, 1 if any provider FAILED, 2 on a bad request."""
+    """Run the benchmark; returns 0, 3 if any provider FAILED (validation, or it or its case raised), 2 on a bad
+    request."""
     args = _parse(argv)
-    start = time.monotonic()
+    budget = harness.CaseBudget(args.time_budget)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
-        return 2
+        return harness.EXIT_BAD_REQUEST
     if args.batch is not None and args.batch < 1:
         print(f"error: --batch must be >= 1, got {args.batch}", file=sys.stderr)
-        return 2
+        return harness.EXIT_BAD_REQUEST
     bad_layouts = sorted(set(args.layouts) - set(MOT_LAYOUTS))
     if bad_layouts or not args.layouts:
         print(f"error: unknown layouts {bad_layouts}; known: {list(MOT_LAYOUTS)}", file=sys.stderr)
-        return 2
+        return harness.EXIT_BAD_REQUEST
     device = torch.device(args.device)
     dtype_name = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     dtype = harness.DTYPES[dtype_name]
@@ -514,14 +506,14 @@ def main(argv: list[str] | None = None) -> int:
         cases = mot_block_set(device.type, args.quick, args.configs)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return harness.EXIT_BAD_REQUEST
     providers = PROVIDERS
     if args.providers:
         wanted = [n.strip() for n in args.providers.split(",")]
         unknown = set(wanted) - {p.name for p in PROVIDERS}
         if unknown:
             print(f"error: unknown providers {sorted(unknown)}; known: {[p.name for p in PROVIDERS]}", file=sys.stderr)
-            return 2
+            return harness.EXIT_BAD_REQUEST
         providers = [p for p in PROVIDERS if p.name in wanted]
     if device.type == "cpu" and args.threads > 0:
         harness.set_cpu_threads(args.threads)
@@ -586,13 +578,12 @@ def main(argv: list[str] | None = None) -> int:
     for cfg, split, layout in runs:
         batch = args.batch or cfg.batch
         label = f"{cfg.label(batch)} {split} {layout}"
-        if args.time_budget is not None and time.monotonic() - start > args.time_budget:
-            print(f"time budget {args.time_budget:g} s spent: stopping before {label}", flush=True)
+        if not budget.try_start(label):
             break
         try:
             case = Case(cfg, split, batch, device, dtype, args.seed, layout)
         except Exception as exc:  # noqa: BLE001 - e.g. out of memory building the blocks: report, go on
-            note = f"setup raised {_first_line(exc)}"
+            note = f"setup raised {harness.exception_line(exc)}"
             print(f"{label}: {note}", flush=True)
             case = None
         for mode in args.modes:
@@ -642,16 +633,15 @@ def main(argv: list[str] | None = None) -> int:
             write_results(stem, header, env, rows, args.modes, False, dtype_name)
         done += 1
         del case
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        harness.free_device_memory(device)
+        budget.done()
     md, js = write_results(stem, header, env, rows, args.modes, done == len(runs), dtype_name)
     for mode in args.modes:
         print(f"\n## {mode}\n\n{markdown_table(rows, mode)}")
     print(f"\n## goal check\n\n{goal_table(rows, device.type, dtype_name)}")
     failed = [r for r in rows if r["status"] == "FAILED"]
-    print(f"\n{len(rows)} rows ({len(failed)} FAILED) in {time.monotonic() - start:.1f} s -> {md}, {js}", flush=True)
-    return 1 if failed else 0
+    print(f"\n{len(rows)} rows ({len(failed)} FAILED) in {budget.elapsed():.1f} s -> {md}, {js}", flush=True)
+    return harness.EXIT_FAILED if failed else harness.EXIT_OK
 
 
 if __name__ == "__main__":

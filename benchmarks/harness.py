@@ -5,6 +5,10 @@ Per measurement: validate once against a higher-precision reference -> time -> o
 Timing on CUDA is ``triton.testing.do_bench`` (CUDA events; it writes a 256 MB buffer before every timed run,
 which flushes L2, so inputs are not rotated); on CPU a warm-up then a ``time.perf_counter`` loop. Both report the
 p20/p50/p80 of the per-run times, and gradients are set to ``None`` between runs, outside the timed region.
+
+Exit status of every benchmark's ``main`` (:data:`EXIT_OK`, :data:`EXIT_BAD_REQUEST`, :data:`EXIT_FAILED`): 0 when
+every provider passed, 2 for a bad request, 3 when the run completed but a provider FAILED (validation, or a case
+raised); an uncaught exception exits 1, so a crash is never mistaken for a failed provider.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import argparse
 import ctypes
 import datetime as _dt
 import functools
+import gc
 import importlib.metadata
 import json
 import os
@@ -31,6 +36,23 @@ import torch
 from sparsemm_kernels.utils.device import fp32_matmul_allows_tf32
 
 REPO = Path(__file__).resolve().parent.parent
+
+EXIT_OK, EXIT_BAD_REQUEST, EXIT_FAILED = 0, 2, 3
+
+
+def _process_age() -> float:
+    """Seconds since this process started (Linux: its start time in /proc; elsewhere 0, i.e. since this import)."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return 0.0
+    return age if 0.0 <= age < 3600.0 else 0.0  # a clock mismatch: fall back to this import
+
+
+#: ``time.monotonic()`` when this process started: a --time-budget counts the imports and CUDA start-up too, as the
+#: ``timeout`` that backs it does.
+PROCESS_START = time.monotonic() - _process_age()
 
 # FLOPs of a mode, in units of the forward 2*T*K*N: forward+backward adds dX (2*T*K*N) and dW (2*T*K*N).
 MODES = {"forward": 1, "forward+backward": 3}
@@ -199,6 +221,53 @@ def set_cpu_threads(n: int) -> None:
         pass
 
 
+def exception_line(exc: BaseException) -> str:
+    """``"Type: first line of the message"`` (160 characters at most), for a FAILED row's note."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:160] if text else ''}".strip()
+
+
+def free_device_memory(device: torch.device) -> None:
+    """After a failure (out of memory above all): drop what the failed case held so the next one can run."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def case_fits(budget_s: float | None, elapsed_s: float, longest_s: float) -> bool:
+    """The --time-budget rule: start a case only if it would end within the budget when it takes as long as the
+    longest case so far (0 before the first: the first case always starts while time is left)."""
+    return budget_s is None or elapsed_s + longest_s <= budget_s
+
+
+class CaseBudget:
+    """--time-budget over a loop of cases: :meth:`try_start` before a case (False: stop, the reason printed),
+    :meth:`done` after it. Elapsed time counts from ``start`` (default: this process's start)."""
+
+    def __init__(self, budget_s: float | None, start: float | None = None):
+        self.budget_s = budget_s
+        self.start = PROCESS_START if start is None else start
+        self.longest = 0.0
+        self._case_start: float | None = None
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def try_start(self, label: str) -> bool:
+        elapsed = self.elapsed()
+        if not case_fits(self.budget_s, elapsed, self.longest):
+            print(f"time budget {self.budget_s:g} s: {elapsed:.1f} s spent + {self.longest:.1f} s for the longest "
+                  f"case so far would pass it: stopping before {label}", flush=True)
+            return False
+        self._case_start = time.monotonic()
+        return True
+
+    def done(self) -> None:
+        if self._case_start is not None:
+            self.longest = max(self.longest, time.monotonic() - self._case_start)
+            self._case_start = None
+
+
 def _git(*args: str) -> str | None:
     try:
         res = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
@@ -242,19 +311,32 @@ def _nvml_facts(index: int) -> dict:
         return {}
 
 
+def git_state() -> tuple[str | None, bool | None]:
+    """``(commit, dirty)`` of the code measured: the environment variables ``SPARSEMM_GIT_COMMIT`` and
+    ``SPARSEMM_GIT_DIRTY`` (1/true/yes or 0/false/no) where set (a copied tree has no .git), else ``git`` (None
+    for what neither says)."""
+    commit = os.environ.get("SPARSEMM_GIT_COMMIT", "").strip() or None
+    dirty_text = os.environ.get("SPARSEMM_GIT_DIRTY", "").strip().lower()
+    dirty = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}.get(dirty_text)
+    if commit is None:
+        commit = _git("rev-parse", "HEAD")
+        if commit is not None and dirty is None:
+            dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    return commit, dirty
+
+
 @functools.cache
 def _collect_env(device_type: str, index: int) -> dict:
+    commit, dirty = git_state()
     env = {
         "device_type": device_type,
         "torch": torch.__version__,
         "triton": _version("triton"),
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": None,
+        "git_commit": commit,
+        "git_dirty": dirty,
     }
-    if env["git_commit"] is not None:
-        env["git_dirty"] = bool(_git("status", "--porcelain", "--untracked-files=no"))
     if device_type == "cuda":
         props = torch.cuda.get_device_properties(index)
         env.update(
@@ -370,7 +452,9 @@ def cli_parser(prog: str, description: str, quick_help: str, threads_help: str) 
     ap.add_argument("--modes", default="forward,full", help="comma list of: forward, full (= forward+backward)")
     ap.add_argument("--providers", default=None, help="comma list (default: all for the device)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="directory for .md/.json")
-    ap.add_argument("--time-budget", type=float, default=None, help="start no new case after this many seconds")
+    ap.add_argument("--time-budget", type=float, default=None,
+                    help="start no case that would end past this many seconds after the process started, were it "
+                    "as long as the longest case so far")
     ap.add_argument("--threads", type=int, default=1, help=threads_help)
     ap.add_argument("--cpu-budget", type=float, default=2.0,
                     help="CPU: seconds of alternating timed rounds per case (at least 7 rounds; default 2)")

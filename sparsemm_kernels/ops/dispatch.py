@@ -12,6 +12,8 @@ exercise both (the op tests eagerly, ``opcheck`` and the compile tests through t
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Callable
 
 import torch
@@ -43,6 +45,27 @@ class _EagerAutograd(torch.autograd.Function):
         return (None, *result) if isinstance(result, tuple) else (None, result)
 
 
+_AUTOCAST_DEVICES = ("cuda", "cpu")
+
+
+def _without_autocast(impl: Callable) -> Callable:
+    """``impl`` run with autocast off. A custom op's implementation sees the caller's autocast state (the
+    dispatcher has an autocast fallthrough for it, and the eager path is an autograd Function), so a matmul inside
+    it would silently drop to 16 bits; the ops cast their inputs to the autocast dtype themselves, before the op."""
+
+    @functools.wraps(impl)
+    def run(*args):
+        active = [d for d in _AUTOCAST_DEVICES if torch.is_autocast_enabled(d)]
+        if not active:
+            return impl(*args)
+        with contextlib.ExitStack() as stack:
+            for device_type in active:
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+            return impl(*args)
+
+    return run
+
+
 class Op:
     """A ``sparsemm::`` custom op (``self.custom_op``) that is called like a function.
 
@@ -62,6 +85,7 @@ class Op:
         setup: Callable | None = None,
         backward: Callable | None = None,
     ) -> None:
+        impl = _without_autocast(impl)
         self.impl, self.setup, self.backward = impl, setup, backward
         self.custom_op = torch.library.custom_op(name, impl, mutates_args=())
         self.custom_op.register_fake(fake)

@@ -129,6 +129,21 @@ def test_bfloat16_select_ranks_float32_scores_on_every_path(backend, n_blocks):
     assert torch.equal(got, loop_select(x, w, 1, 5))
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_select_under_autocast_ranks_float32_scores(backend):
+    """Under autocast the op's own GEMM runs with autocast off (an op implementation never sees it): float32
+    inputs whose scores need more than bf16's 8 bits still get the exact choice."""
+    reasons = unsupported_reasons("avgk_select", backend, torch.device("cpu"), torch.float32)
+    if reasons:
+        pytest.skip("; ".join(reasons))
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randint(-15, 16, (13, 16), generator=gen).float()
+    w = torch.randint(-15, 16, (600, 16), generator=gen).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = smk.avgk_select(x, w, 1, 5, backend=backend)
+    assert torch.equal(got, loop_select(x, w, 1, 5))
+
+
 def test_select_uses_the_current_weights():
     x = torch.randn(4, 3, dtype=torch.float64)
     w = torch.randn(8, 3, dtype=torch.float64)
