@@ -180,8 +180,12 @@ def avgk_ffn(
 
     Returns:
         ``[..., d]``, differentiable in ``x``, ``w_in``, ``w_out``, ``b_in``, ``b_out``, ``w_up`` (not through the
-        choice). With ``top_k = d_ff / g`` it is the dense FFN.
+        choice). With ``top_k = d_ff / g`` it is the dense FFN. Under ``torch.autocast`` every tensor is cast to the
+        autocast dtype first (like ``nn.Linear``), so activations and weights may then differ in dtype.
     """
+    if isinstance(x, torch.Tensor) and all(isinstance(t, torch.Tensor) or t is None
+                                           for t in (w_in, w_out, b_in, b_out, w_up)):
+        x, w_in, w_out, b_in, b_out, w_up = autocast_to(x, w_in, w_out, b_in, b_out, w_up)
     _check_x_w(x, w_in)
     g, n_blocks, k = _blocks(w_in, block_size, top_k)
     d_ff, d = w_in.shape
@@ -227,7 +231,6 @@ def _grouped_ffn(x2, w_in, w_out, b_in, w_up, blocks, g: int, n_blocks: int, act
 
 
 def _gathered_ffn(x2, w_in, w_out, b_in, w_up, blocks, g: int, n_blocks: int, act, backend) -> torch.Tensor:
-    x2, w_in, w_out, b_in, w_up = autocast_to(x2, w_in, w_out, b_in, w_up)  # as grouped_mm does, like nn.Linear
     order = offsets = None
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (w_in, w_out, b_in, w_up)):
         # One plan of the pairs by block for every weight gradient (a forward without them needs none).

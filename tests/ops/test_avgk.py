@@ -144,6 +144,22 @@ def test_select_under_autocast_ranks_float32_scores(backend):
     assert torch.equal(got, loop_select(x, w, 1, 5))
 
 
+@pytest.mark.parametrize("strategy", ["grouped", "gathered"])
+def test_ffn_under_autocast_mixed_dtypes(strategy):
+    """bf16 activations and float32 parameters under autocast (what an nn.Linear before it gives): accepted, and the
+    output is the autocast dtype with or without b_out, close to the float32 result."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(9, 8, generator=gen)
+    w_in, w_out = torch.randn(24, 8, generator=gen) / 3, torch.randn(8, 24, generator=gen) / 5
+    b_out = torch.randn(8, generator=gen)
+    want = smk.avgk_ffn(x, w_in, w_out, 4, 2, b_out=b_out, strategy=strategy, backend="torch")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for bias in (None, b_out):
+            y = smk.avgk_ffn(x.bfloat16(), w_in, w_out, 4, 2, b_out=bias, strategy=strategy, backend="torch")
+            assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), want, atol=0.1, rtol=0.05)
+
+
 def test_select_uses_the_current_weights():
     x = torch.randn(4, 3, dtype=torch.float64)
     w = torch.randn(8, 3, dtype=torch.float64)
