@@ -364,3 +364,207 @@ def test_layer_script_validates_and_times_every_provider(script, tmp_path):
         if r["provider"] not in (baseline, "routing", "loop"):  # validated (float32) before it is timed
             assert r["validation_rel_err"] <= 1e-4, r
     assert module.main(["--device", "cpu", "--configs", "9B", "--out", str(tmp_path)]) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Failures, exit status, time budget, git commit (what a one-shot GPU run relies on)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class Killed(BaseException):
+    """Stands in for the kill of a run's ``timeout``: nothing in the benchmarks may catch it."""
+
+
+def _token_choice_args(tmp_path, configs="cpu-E8-top2,cpu-E64-top8"):
+    return ["--device", "cpu", "--quick", "--configs", configs, "--cpu-budget", "0.05", "--out", str(tmp_path)]
+
+
+@pytest.mark.usefixtures("_restore_threads")
+def test_layer_failures_are_failed_rows_and_the_run_goes_on(tmp_path, monkeypatch):
+    """A config whose build raises (out of memory) is one FAILED row per mode, a provider that raises while timed
+    is FAILED, the others are timed, the files are written and complete, and the exit status is 3."""
+    import benchmarks.bench_token_choice as tc
+
+    real_build = tc._build
+    freed = []
+
+    def build(name, device, dtype, args):
+        if name == "cpu-E8-top2":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB\nmore detail")
+        case = real_build(name, device, dtype, args)
+        case.providers["loop"] = lambda t: (_ for _ in ()).throw(RuntimeError("triton compile error\nline 2"))
+        return case
+
+    monkeypatch.setattr(tc, "_build", build)
+    monkeypatch.setattr(harness, "free_device_memory", lambda device, real=harness.free_device_memory:
+                        (freed.append(device), real(device)))
+    assert tc.main(_token_choice_args(tmp_path)) == harness.EXIT_FAILED == 3
+    (js,) = tmp_path.glob("token_choice-*-fp32-*.json")
+    data = json.loads(js.read_text())
+    assert data["complete"] is True
+    rows = {(r["config"], r["mode"], r["provider"]): r for r in data["rows"]}
+    for mode in harness.MODES:
+        setup = rows[("cpu-E8-top2", mode, "(setup)")]
+        assert setup["status"] == "FAILED"
+        assert setup["note"] == "setup raised OutOfMemoryError: CUDA out of memory. Tried to allocate 8.00 GiB"
+        loop = rows[("cpu-E64-top8", mode, "loop")]
+        assert loop["status"] == "FAILED" and loop["note"] == "raised RuntimeError: triton compile error: not timed"
+        assert "ms_p50" not in loop
+        assert rows[("cpu-E64-top8", mode, "ours")]["status"] == "ok"
+    assert freed  # the memory a failure held is handed back before the run goes on
+    (md,) = tmp_path.glob("token_choice-*-fp32-*.md")
+    text = md.read_text()
+    assert "status: complete" in text and "| FAILED | setup raised OutOfMemoryError" in text
+
+
+@pytest.mark.usefixtures("_restore_threads")
+def test_layer_results_are_written_after_every_config(tmp_path, monkeypatch):
+    """Killed during its second config, a run leaves the first config's rows, marked PARTIAL."""
+    import benchmarks.bench_token_choice as tc
+
+    real_build = tc._build
+
+    def build(name, *args):
+        if name == "cpu-E64-top8":
+            raise Killed
+        return real_build(name, *args)
+
+    monkeypatch.setattr(tc, "_build", build)
+    with pytest.raises(Killed):
+        tc.main(_token_choice_args(tmp_path) + ["--modes", "forward"])
+    (js,) = tmp_path.glob("token_choice-*-fp32-*.json")
+    data = json.loads(js.read_text())
+    assert data["complete"] is False
+    assert {r["config"] for r in data["rows"]} == {"cpu-E8-top2"} and all(r["status"] == "ok" for r in data["rows"])
+    (md,) = tmp_path.glob("token_choice-*-fp32-*.md")
+    assert "status: PARTIAL" in md.read_text()
+
+
+@pytest.mark.usefixtures("_restore_threads")
+def test_token_choice_leaves_out_a_grouped_mm_that_raises(tmp_path, monkeypatch):
+    """torch._grouped_mm raising in the float32 validation drops that provider with a SKIPPED row, not the run."""
+    import benchmarks.bench_token_choice as tc
+
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no _grouped_mm")
+
+    def raising(m, x):
+        raise RuntimeError("grouped gemm is not supported for float32")
+
+    monkeypatch.setattr(tc, "grouped_mm_forward", raising)
+    assert tc.main(_token_choice_args(tmp_path, "cpu-E8-top2") + ["--modes", "forward"]) == 0
+    (js,) = tmp_path.glob("token_choice-*-fp32-*.json")
+    rows = {r["provider"]: r for r in json.loads(js.read_text())["rows"]}
+    assert rows["grouped_mm"]["status"] == "SKIPPED"
+    assert "RuntimeError: grouped gemm is not supported for float32" in rows["grouped_mm"]["note"]
+    assert {p: r["status"] for p, r in rows.items() if p != "grouped_mm"} == {"ours": "ok", "routing": "ok",
+                                                                              "loop": "ok"}
+
+
+def test_moma_loop_scores_every_token_like_the_layer():
+    """The loop's routers see all tokens at once, as the layer's (the same GEMM, so the same scores bit for bit)."""
+    from benchmarks.bench_moma_ffn import _ids, loop_forward
+    from sparsemm_kernels.nn import MoMaFeedForward
+
+    m = MoMaFeedForward(8, 12, (2, 3))
+    x, ids = torch.randn(2, 16, 8), _ids(2, 16, 4, "cpu")
+    seen = []
+    for r in m.routers:
+        r.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[0]))
+    loop_forward(m, x, ids)
+    assert seen == [32, 32]
+
+
+def test_grouped_gemm_timing_that_raises_is_a_failed_row():
+    """Out of memory while timing (after validation passed) is a FAILED row, not the end of the run."""
+    case = bench.Case(SHAPE, CPU, torch.float32, seed=0)
+    provider = next(p for p in bench.PROVIDERS if p.name == "smk_grouped_mm")
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    for mode in harness.MODES:
+        row = bench._measure(provider, case, mode, oom)
+        assert row["status"] == "FAILED" and "ms_p50" not in row, row
+        assert row["note"] == "raised OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+        assert row["rel_err"]["out"] < 1e-4  # it was validated first
+        x, w = case.leaves["grouped"]
+        assert x.grad is None and w.grad is None
+
+
+@pytest.mark.usefixtures("_restore_threads")
+def test_grouped_gemm_exit_status_3_when_a_provider_failed(tmp_path, monkeypatch):
+    """A wrong provider: the run completes, its files are written, and the exit status is 3 (1 is left to
+    crashes)."""
+    good = bench._smk_grouped_mm(None)
+    wrong = bench.Provider("wrong", "grouped", lambda c: lambda: good(c)() * 1.01)
+    monkeypatch.setattr(bench, "PROVIDERS", [*bench.PROVIDERS, wrong])
+    args = ["--device", "cpu", "--quick", "--modes", "forward", "--providers", "dense_mm,wrong", "--out",
+            str(tmp_path)]
+    assert bench.main(args) == 3
+    (js,) = tmp_path.glob("grouped_gemm-*-fp32-*.json")
+    data = json.loads(js.read_text())
+    assert data["complete"] and {r["status"] for r in data["rows"] if r["provider"] == "wrong"} == {"FAILED"}
+    assert bench.main(["--device", "cpu", "--providers", "nope", "--out", str(tmp_path)]) == 2
+
+
+@pytest.mark.usefixtures("_restore_threads")
+def test_mot_block_exit_status_3_when_a_provider_failed(tmp_path, monkeypatch):
+    wrong = mot_bench.Provider("wrong", "mot", lambda c: lambda: mot_bench._mot(c)() * 1.01)
+    monkeypatch.setattr(mot_bench, "PROVIDERS", [*mot_bench.PROVIDERS, wrong])
+    args = ["--device", "cpu", "--batch", "1", "--quick", "--modes", "forward", "--providers", "plain,wrong",
+            "--cpu-budget", "0.05", "--out", str(tmp_path)]
+    assert mot_bench.main(args) == 3
+    (js,) = tmp_path.glob("mot_block-*-fp32-*.json")
+    assert {r["provider"]: r["status"] for r in json.loads(js.read_text())["rows"]} == {"plain": "ok",
+                                                                                        "wrong": "FAILED"}
+
+
+def test_budget_rule_counts_the_longest_case_so_far(monkeypatch, capsys):
+    """A case starts only if, were it as long as the longest so far, it would end within the budget."""
+    assert harness.case_fits(None, 1e9, 1e9)
+    assert harness.case_fits(100, 99, 0)  # nothing ran yet: the first case starts while time is left
+    assert not harness.case_fits(100, 101, 0)
+    assert harness.case_fits(100, 70, 30) and not harness.case_fits(100, 71, 30)
+    now = [0.0]
+    monkeypatch.setattr(harness.time, "monotonic", lambda: now[0])
+    budget = harness.CaseBudget(100, start=-5.0)  # 5 s of start-up (imports, CUDA) already spent
+    now[0] = 0.0
+    assert budget.try_start("a")
+    now[0] = 40.0  # case a took 40 s
+    budget.done()
+    assert budget.longest == 40.0 and budget.elapsed() == 45.0
+    assert budget.try_start("b")  # 45 + 40 <= 100
+    now[0] = 50.0  # case b took 10 s: the longest stays 40
+    budget.done()
+    now[0] = 56.0
+    assert not budget.try_start("c")  # 61 + 40 > 100: c would run past the kill
+    assert "stopping before c" in capsys.readouterr().out
+
+
+def test_budget_counts_from_the_process_start():
+    assert harness.CaseBudget(1.0).start == harness.PROCESS_START <= __import__("time").monotonic()
+    assert harness._process_age() >= 0.0
+
+
+def test_git_commit_from_the_environment_first(monkeypatch):
+    """A copied tree has no .git: SPARSEMM_GIT_COMMIT / SPARSEMM_GIT_DIRTY name the commit measured."""
+    monkeypatch.setattr(harness, "_git", lambda *args: None)  # as on the GPU machine
+    monkeypatch.delenv("SPARSEMM_GIT_COMMIT", raising=False)
+    monkeypatch.delenv("SPARSEMM_GIT_DIRTY", raising=False)
+    assert harness.git_state() == (None, None)
+    monkeypatch.setenv("SPARSEMM_GIT_COMMIT", "0123abc")
+    assert harness.git_state() == ("0123abc", None)
+    for text, dirty in (("1", True), ("true", True), ("0", False), ("no", False)):
+        monkeypatch.setenv("SPARSEMM_GIT_DIRTY", text)
+        assert harness.git_state() == ("0123abc", dirty)
+    harness._collect_env.cache_clear()
+    try:
+        row = harness.make_row(harness.collect_env(CPU), op="x")
+        assert row["git_commit"] == "0123abc" and row["git_dirty"] is False
+    finally:
+        harness._collect_env.cache_clear()
+    monkeypatch.setattr(harness, "_git", lambda *args: "fedcba9" if args[0] == "rev-parse" else " M file.py")
+    monkeypatch.delenv("SPARSEMM_GIT_COMMIT")
+    monkeypatch.delenv("SPARSEMM_GIT_DIRTY")
+    assert harness.git_state() == ("fedcba9", True)  # no variables: git says

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsemm_kernels.backend import check_backend_name, prefer
+from sparsemm_kernels.nn.moe import router_logits
 from sparsemm_kernels.ops.mod_combine import mod_combine
 from sparsemm_kernels.ops.mod_routing import mod_capacity, mod_route
 from sparsemm_kernels.utils.checks import check_float_tensor, check_int_tensor
@@ -126,7 +127,7 @@ class MixtureOfDepths(nn.Module):
             if tuple(modality_ids.shape) != (B, S):
                 raise ValueError(f"`modality_ids` must be (B, S) = {(B, S)}, got {tuple(modality_ids.shape)}")
         position_ids = self._positions(position_ids, B, S, x.device)
-        logits = self.router(x).squeeze(-1)  # [B, S]
+        logits = router_logits(self.router, x).squeeze(-1)  # [B, S], at least float32
         r = torch.sigmoid(logits) if self.router_activation == "sigmoid" else logits
         self.aux_loss = None
         valid = None

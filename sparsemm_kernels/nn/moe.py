@@ -21,7 +21,7 @@ from sparsemm_kernels.ops.grouped_linear import grouped_mm
 from sparsemm_kernels.ops.routing import _route, expert_choice_route, gather_gates
 from sparsemm_kernels.ops.slots import pick_rows_op, slot_inverse, sum_rows_op
 from sparsemm_kernels.ops.swiglu import silu_mul
-from sparsemm_kernels.utils.checks import check_float_tensor, check_positive_int
+from sparsemm_kernels.utils.checks import accumulation_dtype, check_float_tensor, check_positive_int
 from sparsemm_kernels.utils.distributed import all_gather_rows, group_size, rank_share
 
 _GATES = ("sigmoid", "softmax")
@@ -68,6 +68,16 @@ def _init_experts(module: nn.Module) -> None:
     """Each expert's W1, W3, W2 initialised like ``nn.Linear``."""
     for w in (module.w1, module.w3, module.w2):
         init_per_modality_(w)
+
+
+def router_logits(router: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``router(x)`` in at least float32, with autocast off: 16-bit router scores tie by the thousand (bf16 near a
+    sigmoid's 0.5 resolves steps of 2^-9), and ties go to the lower token or expert, a systematic bias in who is
+    chosen. Differentiable in ``x`` and the router's parameters; the gates are cast back where they scale outputs."""
+    dtype = accumulation_dtype(x.dtype)
+    bias = router.bias.to(dtype) if router.bias is not None else None
+    with torch.autocast(x.device.type, enabled=False):
+        return F.linear(x.to(dtype), router.weight.to(dtype), bias)
 
 
 def _experts_swiglu(module: nn.Module, x2d, slots, inverse, gates, offsets) -> torch.Tensor:
@@ -143,7 +153,7 @@ class ExpertChoiceMoE(nn.Module):
 
     def scores(self, x2d: torch.Tensor) -> torch.Tensor:
         """Router scores ``[N, E]`` of tokens ``x2d [N, dim]`` (with Gumbel noise in training, if configured)."""
-        logits = self.router(x2d)
+        logits = router_logits(self.router, x2d)
         if self.router_noise == "gumbel" and self.training:
             u = torch.rand((2, *logits.shape), device=logits.device, dtype=torch.float32)
             gumbel = -torch.log((-torch.log(u.clamp_min(1e-20))).clamp_min(1e-20))  # Gumbel(0, 1)
@@ -331,7 +341,7 @@ class MoMaFeedForward(nn.Module):
         return new
 
     def _scores(self, x2d: torch.Tensor) -> torch.Tensor:
-        logits = [r(x2d) for r in self.routers]
+        logits = [router_logits(r, x2d) for r in self.routers]
         if self.gate == "sigmoid":
             return torch.sigmoid(torch.cat(logits, dim=1))
         return torch.cat([torch.softmax(v, dim=-1) for v in logits], dim=1)

@@ -14,7 +14,14 @@ import torch
 from torch import nn
 
 from sparsemm_kernels.backend import check_backend_name, prefer
-from sparsemm_kernels.nn.moe import _add_experts, _experts_swiglu, _flat_tokens, _init_experts, _no_tokens
+from sparsemm_kernels.nn.moe import (
+    _add_experts,
+    _experts_swiglu,
+    _flat_tokens,
+    _init_experts,
+    _no_tokens,
+    router_logits,
+)
 from sparsemm_kernels.ops.grouped_linear import grouped_mm
 from sparsemm_kernels.ops.permute import sort_rows, unsort_rows
 from sparsemm_kernels.ops.slots import pick_rows_op, sum_rows_op
@@ -97,7 +104,7 @@ class TokenChoiceMoE(nn.Module):
         self.aux_loss = None
         if N == 0:
             return _no_tokens(self, x)
-        logits = self.router(x2)
+        logits = router_logits(self.router, x2)
         # The (token, expert) pairs sorted by expert: pair p = t * k + j; sorted row r holds pair sorted_to_orig[r].
         expert_idx, gates, pairs, slots, inverse = token_choice_plan(logits, k, backend=prefer(self.backend))
         if self.expert_parallel_group is not None:

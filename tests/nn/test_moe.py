@@ -266,3 +266,33 @@ def test_cuda_forward_backward_without_host_sync():
     want = loop_moe(ref, x.detach().double())
     err = (m(x).double() - want).abs().max() / want.abs().max()
     assert err < 3e-2, err
+
+
+def test_router_scores_in_float32_under_autocast_and_in_bf16_models():
+    """The routers score in at least float32 (bf16 scores tie by the thousand, and ties go to the lower token): under
+    autocast, and for a bf16 model; the choice is then the float32 scores' choice. float64 stays float64."""
+    from sparsemm_kernels.nn import MixtureOfDepths, MoMaFeedForward, TokenChoiceMoE
+    from sparsemm_kernels.nn.moe import router_logits
+
+    torch.manual_seed(0)
+    moe = ExpertChoiceMoE(16, 24, 4)
+    x = torch.randn(40, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        s = moe.scores(x)
+    assert s.dtype == torch.float32
+    torch.testing.assert_close(s, torch.sigmoid(F.linear(x, moe.router.weight)))
+    bf16 = copy.deepcopy(moe).bfloat16()
+    assert bf16.scores(x.bfloat16()).dtype == torch.float32
+    assert bf16(x.bfloat16()).dtype == torch.bfloat16  # the gates are cast back where they scale the outputs
+    assert router_logits(moe.router.double(), x.double()).dtype == torch.float64
+    moma = MoMaFeedForward(16, 24, (2, 2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert moma._scores(x).dtype == torch.float32
+    class Block(torch.nn.Module):
+        def forward(self, h, *args, **kwargs):
+            return 2 * h
+
+    for layer in (TokenChoiceMoE(16, 24, 4, top_k=2), MixtureOfDepths(Block(), 16, capacity=0.5)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x.view(2, 20, 16))
+        assert torch.isfinite(y).all()
