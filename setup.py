@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
 INCLUDE_DIR = CSRC / "include"
-DEFAULT_CUDA_ARCHS = "80;90a"
+DEFAULT_CUDA_ARCHS = "80+PTX;90a"  # sm_80 PTX: GPUs past these (Blackwell) JIT it rather than fail
 
 
 def find_nvcc() -> str | None:
