@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from benchmarks import harness, layer_bench
 from sparsemm_kernels.nn import ExpertChoiceMoE, MoMaFeedForward
+from sparsemm_kernels.nn.moe import router_logits
 
 OP = "moma_ffn"
 #: name -> (dim, hidden, batch, seq, image span)
@@ -68,21 +69,21 @@ def loop_forward(m, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """The published-code style on ``m``'s parameters: a mask per modality, ``topk`` + gather + FFN +
     ``index_add`` per expert.
 
-    The router scores are computed as the layer computes them, every router on all tokens in one
-    ``sigmoid(cat(...))``, then each modality's rows picked: a router GEMM on the gathered rows alone may round the
-    last bit differently and swap a token at the capacity boundary."""
+    The router scores are computed as the layer computes them (:func:`router_logits`: at least float32), every
+    router on all tokens in one ``sigmoid(cat(...))``, then each modality's rows picked: a router GEMM on the
+    gathered rows alone may round the last bit differently and swap a token at the capacity boundary."""
     x2, flat = x.reshape(-1, x.shape[-1]), ids.reshape(-1)
     out = torch.zeros_like(x2)
     if isinstance(m, ExpertChoiceMoE):
         groups, c = [(torch.arange(x2.shape[0], device=x2.device), 0, m.num_experts)], 1.0
-        scores = torch.sigmoid(m.router(x2))
+        scores = torch.sigmoid(router_logits(m.router, x2))
     else:
         groups, first = [], 0
         for g, E in enumerate(m.experts_per_modality):
             groups.append((torch.nonzero(flat == g).flatten(), first, E))  # host sync, as published code does
             first += E
         c = m.capacity_factor
-        scores = torch.sigmoid(torch.cat([r(x2) for r in m.routers], dim=1))  # [N, E_total], as the layer
+        scores = torch.sigmoid(torch.cat([router_logits(r, x2) for r in m.routers], dim=1))  # [N, E_total]
     for rows, first, E in groups:
         b = rows.numel()
         if b == 0:
@@ -95,7 +96,7 @@ def loop_forward(m, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
             xe = xg[pick]
             e = first + j
             y = F.linear(F.silu(F.linear(xe, m.w1[e])) * F.linear(xe, m.w3[e]), m.w2[e])
-            out = out.index_add(0, rows[pick], y * gate[:, None])
+            out = out.index_add(0, rows[pick], y * gate[:, None].to(y.dtype))  # gates cast back, as the layer
     return out.view(x.shape)
 
 

@@ -461,18 +461,26 @@ def test_token_choice_leaves_out_a_grouped_mm_that_raises(tmp_path, monkeypatch)
                                                                               "loop": "ok"}
 
 
-def test_moma_loop_scores_every_token_like_the_layer():
-    """The loop's routers see all tokens at once, as the layer's (the same GEMM, so the same scores bit for bit)."""
-    from benchmarks.bench_moma_ffn import _ids, loop_forward
+def test_moma_loop_scores_every_token_like_the_layer(monkeypatch):
+    """The loop's routers see all tokens at once through the layer's ``router_logits``, as the layer's do (the same
+    GEMM, so the same scores bit for bit); in bf16 too, where the scores are float32 and the gates cast back."""
+    import benchmarks.bench_moma_ffn as moma
     from sparsemm_kernels.nn import MoMaFeedForward
 
-    m = MoMaFeedForward(8, 12, (2, 3))
-    x, ids = torch.randn(2, 16, 8), _ids(2, 16, 4, "cpu")
-    seen = []
-    for r in m.routers:
-        r.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[0]))
-    loop_forward(m, x, ids)
-    assert seen == [32, 32]
+    real, seen = moma.router_logits, []
+
+    def recording(router, x):
+        seen.append(x.shape[0])
+        return real(router, x)
+
+    monkeypatch.setattr(moma, "router_logits", recording)
+    ids = moma._ids(2, 16, 4, "cpu")
+    for dtype in (torch.float32, torch.bfloat16):
+        seen.clear()
+        m = MoMaFeedForward(8, 12, (2, 3), dtype=dtype)
+        x = torch.randn(2, 16, 8, dtype=dtype)
+        assert moma.loop_forward(m, x, ids).dtype == dtype
+        assert seen == [32, 32]
 
 
 def test_grouped_gemm_timing_that_raises_is_a_failed_row():

@@ -166,9 +166,9 @@ def _grouped_gemm(
     T, K = x.shape
     J = weight.shape[2] if transpose_w else weight.shape[1]
     name = _backend(x, G, backend)
-    if G == 0:  # no group owns a row: nothing to compute, and every row must still be written
+    if G == 0 or T == 0 or J == 0 or (K == 0 and bias is None):  # nothing to compute (and no host read of offsets)
         return x.new_zeros(T, J)
-    if name == "torch" or T == 0 or K == 0 or J == 0:
+    if name == "torch" or K == 0:
         return _gemm_torch(x, weight, bias, offsets, rows, gather_a, scatter_c, transpose_w, mode)
     return _gemm_kernel(name, x, weight, bias, offsets, rows, gather_a, scatter_c, transpose_w, mode)
 
@@ -229,7 +229,9 @@ def _grouped_gemm_dw(
     G = offsets.shape[0] - 1
     T, N, K = dy.shape[0], dy.shape[1], x.shape[1]
     name = _backend(dy, G, backend)
-    if name == "torch" or T == 0 or N == 0 or K == 0 or G == 0:
+    if G == 0 or T == 0 or N == 0 or (K == 0 and not compute_dbias):  # all zeros (and no host read of offsets)
+        return dy.new_zeros(G, N, K), (dy.new_zeros(G, N) if compute_dbias else dy.new_empty(0))
+    if name == "torch" or K == 0:
         return _dw_torch(dy, x, offsets, rows, gather_dy, gather_x, compute_dbias, mode)
     if name == "triton":
         from sparsemm_kernels.kernels.triton.grouped_gemm import grouped_gemm_dw
