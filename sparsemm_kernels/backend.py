@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
 
@@ -77,6 +78,8 @@ def _reasons_triton(op: str, device: torch.device, dtype: torch.dtype) -> list[s
         reasons.append("triton runs CPU tensors only under TRITON_INTERPRET=1 (set before import)")
     elif device.type not in ("cpu", "cuda"):
         reasons.append(f"triton does not run on {device.type} tensors")
+    elif device.type == "cuda" and torch.version.hip:
+        reasons.append("the triton kernels are tuned and checked for NVIDIA GPUs; this torch is built for ROCm")
     if op != "group_plan" and dtype not in _TRITON_DTYPES:
         reasons.append(f"the triton {op} kernels support float16, bfloat16 and float32, not {dtype}")
     return reasons
@@ -155,6 +158,13 @@ def check_backend_name(requested) -> str | None:
 def _auto(op: str, device: torch.device, dtype: torch.dtype) -> str:
     for name in _PRIORITY[op].get(device.type, ("torch",)):
         if not unsupported_reasons(op, name, device, dtype):
+            if name == "torch" and device.type == "cuda" and dtype in _TRITON_DTYPES:
+                # Not the dtype: the GPU kernels are missing here. Said once per op and dtype (selection is cached).
+                warnings.warn(
+                    f"sparsemm_kernels: {op} on CUDA {dtype} runs the torch fallback (host-side loops, far slower): "
+                    + "; ".join(unsupported_reasons(op, "triton", device, dtype)),
+                    RuntimeWarning, stacklevel=4,
+                )
             return name
     return "torch"
 

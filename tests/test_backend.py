@@ -114,3 +114,18 @@ def test_tf32_setting_read_from_either_api(monkeypatch):
         assert _dot_precision(torch.bfloat16) == "tf32"  # 16-bit operands: the tensor-core dot either way
     finally:
         matmul.fp32_precision = prev  # (only the new API was used: the legacy flag stays readable)
+
+
+def test_cuda_fallback_to_torch_is_said(monkeypatch):
+    # Automatic selection on CUDA landing on the torch fallback for a dtype the kernels take: a RuntimeWarning
+    # with the reason (here: no triton), not a silent slowdown. float64 (no kernel takes it) says nothing.
+    import warnings
+
+    from sparsemm_kernels import backend
+
+    monkeypatch.setattr(backend, "has_triton", lambda: False)
+    with pytest.warns(RuntimeWarning, match="grouped_mm on CUDA.*torch fallback.*triton"):
+        assert backend._auto("grouped_mm", torch.device("cuda"), torch.bfloat16) == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert backend._auto("grouped_mm", torch.device("cuda"), torch.float64) == "torch"
