@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from sparsemm_kernels.backend import prefer
 from sparsemm_kernels.ops.grouped_linear import grouped_linear
 from sparsemm_kernels.plan import GroupPlan, build_plan
 from sparsemm_kernels.utils.checks import autocast_to, check_dim, check_float_tensor, check_int_tensor
@@ -28,7 +29,7 @@ def modality_linear(
         plan: a :class:`GroupPlan` of ``modality_ids`` to reuse (build it once per forward with
             ``group_plan(modality_ids, M)`` and pass it to every layer); built here when ``None``.
         backend, validate: as in :func:`sparsemm_kernels.grouped_linear` / :func:`sparsemm_kernels.group_plan`
-            (``validate`` applies to ``modality_ids`` when the plan is built here, to a hand-made plan else).
+            (``backend="cuda"`` names the plan's kernel, the GEMM then chooses automatically; ``validate`` applies to ``modality_ids`` when the plan is built here, to a hand-made plan else).
 
     Returns:
         ``(..., N)`` in ``x``'s dtype (the autocast dtype under ``torch.autocast``).
@@ -48,5 +49,7 @@ def modality_linear(
     x2 = x.reshape(lead.numel(), x.shape[-1])  # explicit row count: K may be 0
     if plan is None:
         plan = build_plan(modality_ids, weight.shape[0], backend=backend, validate=validate, name="modality_ids")
-    out = grouped_linear(x2, weight, plan, bias, backend=backend, validate=validate)
+    # "cuda" names the plan's kernel (the GEMM has none): the GEMM then takes the automatic choice.
+    gemm_backend = prefer(backend) if backend == "cuda" else backend
+    out = grouped_linear(x2, weight, plan, bias, backend=gemm_backend, validate=validate)
     return out.reshape(*lead, weight.shape[1])
