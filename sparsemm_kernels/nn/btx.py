@@ -56,13 +56,14 @@ def btx_merge(dense_models, top_k: int = 2, lb_coef: float = 0.01) -> MoTTransfo
     with torch.no_grad():
         for name, p in merged.named_parameters():
             if ".ffn." not in name:
-                p.copy_(torch.stack([ps[name] for ps in params]).mean(0))
+                p.copy_(torch.stack([ps[name].to(p.device) for ps in params]).mean(0))  # models may sit on other GPUs
         for i, layer in enumerate(merged.layers):
             dense_ffn = layer.ffn
             w = dense_ffn.w1
             moe = TokenChoiceMoE(dense_ffn.dim, dense_ffn.hidden_dim, N, top_k=min(top_k, N), lb_coef=lb_coef,
                                  device=w.device, dtype=w.dtype, backend=dense_ffn.backend)
             for name in ("w1", "w3", "w2"):  # expert j = model j's FFN of this layer ([1, ...] -> row j)
-                getattr(moe, name).copy_(torch.cat([getattr(m.layers[i].ffn, name) for m in models], dim=0))
+                rows = [getattr(m.layers[i].ffn, name).to(w.device) for m in models]
+                getattr(moe, name).copy_(torch.cat(rows, dim=0))
             layer.ffn = moe
     return merged

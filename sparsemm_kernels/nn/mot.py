@@ -532,7 +532,7 @@ class MoTTransformer(nn.Module):
         B, S = tokens.shape
         dim = self.embed.embedding_dim
         if modality_ids is not None or self.num_modalities > 1:
-            _check_tokens(tokens.new_empty(B, S, dim, dtype=torch.float32), modality_ids, self.num_modalities, dim)
+            _check_tokens(torch.empty(B, S, dim, device="meta"), modality_ids, self.num_modalities, dim)
         plan, ids = _resolve_plan(modality_ids, self.num_modalities, None, self.backend)
         if plan is None:
             h = self.embed(tokens).view(B * S, dim)

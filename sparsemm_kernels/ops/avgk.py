@@ -106,7 +106,8 @@ def _avgk_topk(x: torch.Tensor, mean_keys: torch.Tensor, k: int, backend: str | 
 
         if mean_keys.shape[0] <= max_blocks(x.dtype):
             return avgk_select_triton(x, mean_keys, k)
-    best = token_topk_op(_block_scores(x, mean_keys), k, prefer(name))  # a preference: wide rows may sort instead  # descending, ties to the lower block
+    # Descending, ties to the lower block; a preference, so rows wider than the kernel takes sort instead.
+    best = token_topk_op(_block_scores(x, mean_keys), k, prefer(name))
     return best.sort(dim=1).values
 
 

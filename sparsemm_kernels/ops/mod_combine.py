@@ -14,7 +14,7 @@ import torch
 
 from sparsemm_kernels.backend import check_backend_name, select_backend
 from sparsemm_kernels.ops.dispatch import Op
-from sparsemm_kernels.utils.checks import accumulation_dtype
+from sparsemm_kernels.utils.checks import accumulation_dtype, check_same_device
 
 
 def _slot_of(index: torch.Tensor, num_rows: int, num_real: int) -> torch.Tensor:
@@ -35,7 +35,7 @@ def _combine_torch(x, y, r, index, num_real: int) -> torch.Tensor:
     rows = index.clamp(0, max(x.shape[0] - 1, 0))
     xs = x.index_select(0, rows)
     new = torch.where(_real(index, num_real, x.shape[0]), xs + r.to(x.dtype)[:, None] * (y - xs), xs)
-    return x.index_copy(0, rows, new)  # a padding slot writes back the row it read: nothing changes
+    return x.contiguous().index_copy(0, rows, new)  # a padding slot writes back the row it read: nothing changes
 
 
 def _combine_bwd_torch(dout, x, y, r, index, num_real: int):
@@ -117,6 +117,8 @@ def mod_combine(x: torch.Tensor, y: torch.Tensor, r: torch.Tensor, index: torch.
                          f"{tuple(y.shape)}, {tuple(r.shape)}, {tuple(index.shape)}")
     if index.dtype != torch.int64:
         raise TypeError(f"`index` must be int64, got {index.dtype}")
+    for name, t in (("y", y), ("r", r), ("index", index)):
+        check_same_device("x", x, name, t)
     if not isinstance(num_real, int) or isinstance(num_real, bool) or not 0 <= num_real <= x.shape[0]:
         raise ValueError(f"`num_real` must be an int in [0, {x.shape[0]}] (the rows of `x`), got {num_real!r}")
     return mod_combine_op(x, y.to(x.dtype), r.to(x.dtype), index, num_real, check_backend_name(backend))

@@ -29,7 +29,8 @@ def modality_linear(
         plan: a :class:`GroupPlan` of ``modality_ids`` to reuse (build it once per forward with
             ``group_plan(modality_ids, M)`` and pass it to every layer); built here when ``None``.
         backend, validate: as in :func:`sparsemm_kernels.grouped_linear` / :func:`sparsemm_kernels.group_plan`
-            (``backend="cuda"`` names the plan's kernel, the GEMM then chooses automatically; ``validate`` applies to ``modality_ids`` when the plan is built here, to a hand-made plan else).
+            (``backend="cuda"`` names the plan's kernel, the GEMM then chooses automatically; ``validate``
+            applies to ``modality_ids`` when the plan is built here, to a hand-made plan else).
 
     Returns:
         ``(..., N)`` in ``x``'s dtype (the autocast dtype under ``torch.autocast``).

@@ -113,3 +113,11 @@ def test_index_past_the_rows_changes_nothing(backend):
     index[1] = 10
     out = torch.ops.sparsemm.mod_combine(x, y, r, index, 12, backend)
     torch.testing.assert_close(out, expected)
+
+
+def test_operands_on_another_device_are_refused():
+    x, y, r, index = _case(9, 8, 4, 8, torch.float32, seed=1)
+    for name, args in (("y", (x, y.to("meta"), r, index)), ("r", (x, y, r.to("meta"), index)),
+                       ("index", (x, y, r, index.to("meta")))):
+        with pytest.raises(ValueError, match=f"`{name}`"):
+            mod_combine(*args, 8)

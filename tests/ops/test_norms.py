@@ -408,3 +408,16 @@ def test_bf16_realistic_size_on_gpu(norm):
         x = _x(shape, torch.bfloat16, dev)
         w, b = _params(norm, 3, shape[-1], torch.bfloat16, dev)
         check_against_truth(norm, x, ids, w, b, torch.bfloat16, "triton")
+
+
+def test_torch_backend_output_is_contiguous_like_its_fake():
+    # A dense but transposed x: the output is contiguous, as the fake implementation (what torch.compile plans
+    # with) says, not x's strides.
+    from sparsemm_kernels.ops.norms import grouped_rms_norm
+
+    x = torch.randn(8, 12).t()  # (12, 8), column-major
+    ids = torch.tensor([0, 1] * 6)
+    y = modality_rms_norm(x, ids, torch.ones(2, 8), backend="torch")
+    assert y.is_contiguous()
+    y = grouped_rms_norm(x, torch.ones(2, 8), torch.tensor([0, 5, 12]), backend="torch")
+    assert y.is_contiguous()
