@@ -102,9 +102,9 @@ def _avgk_topk(x: torch.Tensor, mean_keys: torch.Tensor, k: int, backend: str | 
     ``cpu`` / ``torch``: a GEMM then the token top-k of that backend and a sort."""
     name = select_backend("avgk_select", x.device, x.dtype, backend)
     if name == "triton":
-        from sparsemm_kernels.kernels.triton.avgk_select import avgk_select_triton, max_blocks
+        from sparsemm_kernels.kernels.triton.avgk_select import avgk_select_triton, fits
 
-        if mean_keys.shape[0] <= max_blocks(x.dtype):
+        if fits(mean_keys.shape[0], x.shape[1], x.dtype):
             return avgk_select_triton(x, mean_keys, k)
     # Descending, ties to the lower block; a preference, so rows wider than the kernel takes sort instead.
     best = token_topk_op(_block_scores(x, mean_keys), k, prefer(name))

@@ -31,7 +31,7 @@ def _avgk_select_kernel(
 ):
     """out[t, :] = the K best blocks of token t, ascending. Grid: (cdiv(N, BLOCK_N),)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, BLOCK_B).to(tl.int64)
+    cols = tl.arange(0, BLOCK_B)  # int32: the launcher keeps every key offset below 2^31 (int64 spilled)
     rmask = rows < N
     bmask = cols < NB
     acc = tl.zeros((BLOCK_N, BLOCK_B), tl.float32)
@@ -80,6 +80,12 @@ def max_blocks(dtype: torch.dtype) -> int:
     return 256 if dtype == torch.float32 else 512
 
 
+def fits(n_blocks: int, d: int, dtype: torch.dtype) -> bool:
+    """Whether the kernel takes ``n_blocks`` mean keys of width ``d``: at most :func:`max_blocks`, and every key
+    offset (int32 in the kernel: int64 block indices spilled) below 2^31."""
+    return n_blocks <= max_blocks(dtype) and max(triton.next_power_of_2(n_blocks), 16) * max(d, 1) < 2**31
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     from sparsemm_kernels.kernels.triton.grouped_gemm import _dot_precision as precision
 
@@ -105,13 +111,13 @@ def avgk_select_triton(x: torch.Tensor, mean_keys: torch.Tensor, k: int) -> torc
     block."""
     N, D = x.shape
     NB = mean_keys.shape[0]
-    if NB > max_blocks(x.dtype):
+    if not fits(NB, D, x.dtype):
         raise ValueError(f"the triton Avg-K selection holds at most {max_blocks(x.dtype)} blocks of {x.dtype} in a "
-                         f"row, got {NB}")
+                         f"row, with (blocks x d) < 2^31, got {NB} x {D}")
     out = torch.empty(N, k, dtype=torch.int64, device=x.device)
     if N == 0:
         return out
-    mean_keys = mean_keys.to(x.dtype)
+    mean_keys = mean_keys.to(x.dtype).contiguous()  # its offsets are then below blocks x d
     precision = _dot_precision(x.dtype)
     block_n, block_b, block_d, warps = select_tiles(NB, precision)
     _avgk_select_kernel[(triton.cdiv(N, block_n),)](
