@@ -406,6 +406,27 @@ def test_grouped_gemm_dw_cpu_rejects_bad_arguments():
         grouped_gemm_dw_cpu(dy, x, torch.tensor([0, 2, 5]))
     with pytest.raises(ValueError, match="`rows`"):
         grouped_gemm_dw_cpu(dy, x, offsets, gathered=True)
+    # One operand gathered, the other read at the positions: positions past its rows are refused (they read past
+    # its end), in Python and in C++.
+    rows, far = torch.tensor([0, 3, 1, 2] * 16), torch.tensor([0, 64])
+    for flags in ((True, False), (False, True)):
+        with pytest.raises(ValueError, match="`offsets`"):
+            grouped_gemm_dw_cpu(dy, x, far, rows=rows, gather_dy=flags[0], gather_x=flags[1])
+        dw = torch.empty(1, 5, 3)
+        with pytest.raises(ValueError, match="`offsets`"):
+            C.grouped_gemm_dw_cpu(dy.data_ptr(), 5, x.data_ptr(), 3, dw.data_ptr(), 0, far.data_ptr(),
+                                  rows.data_ptr(), *flags, 1, 5, 3, 4, 64, _ext.DTYPE_FLOAT32)
+    both = grouped_gemm_dw_cpu(dy, x, far, rows=rows, gather_dy=True, gather_x=True)[0]  # both gathered: fine
+    torch.testing.assert_close(both[0], dy[rows].t() @ x[rows])
+
+
+def test_grouped_gemm_cpu_unchecked_scatter_leaves_no_row_unwritten():
+    # check_rows=False with a repeated scattered row: some output row has no writer; it is zero, not heap contents.
+    a, w = torch.randn(4, 3), torch.randn(1, 5, 3)
+    rows = torch.tensor([0, 0, 1, 2])
+    for _ in range(3):
+        out = grouped_gemm_cpu(a, w, torch.tensor([0, 4]), rows=rows, scatter_c=True, check_rows=False)
+        assert torch.equal(out[3], torch.zeros(5))
 
 
 def test_cpp_checks_name_the_argument():

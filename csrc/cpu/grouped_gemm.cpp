@@ -334,6 +334,9 @@ void grouped_gemm_dw_cpu(std::uintptr_t dy, int64_t dy_stride_row, std::uintptr_
   SPARSEMM_CHECK(offsets != 0, "offsets", "pointer must be non-null");
   const auto* off = reinterpret_cast<const int64_t*>(offsets);
   check_offsets(off, num_groups, num_positions);
+  // An operand that is not gathered is read at the positions themselves.
+  SPARSEMM_CHECK((gather_dy && gather_x) || off[num_groups] <= num_rows, "offsets", "end at ", off[num_groups],
+                 " but dY and X have ", num_rows, " rows (an operand that is not gathered is read at the positions)");
   SPARSEMM_CHECK(rows != 0 || !gathered || off[num_groups] == off[0], "rows",
                  "pointer must be non-null when gathered is set");
   // dW (and dbias) are written even for empty groups, so they must exist whenever they have elements.

@@ -103,7 +103,8 @@ def grouped_gemm_cpu(
         rows = _check_rows(rows, end)
     if out is None:
         tc = rows.shape[0] if (gather_a and not scatter_c) else a.shape[0]
-        alloc = torch.empty if end - start == tc else torch.zeros
+        # Every row written exactly once only when the positions cover them and the scattered rows were checked.
+        alloc = torch.empty if (end - start == tc and (not scatter_c or check_rows)) else torch.zeros
         out = alloc(tc, j_dim, dtype=a.dtype)
     else:
         _check_out(out, a, j_dim)
@@ -197,7 +198,7 @@ def grouped_gemm_dw_cpu(
         rows = _check_rows(rows, end)
         if check_rows:
             _check_row_range(rows[start:end], t, "rows", "rows of `dy`/`x`")
-    elif end > t:
+    if not (gather_dy and gather_x) and end > t:  # the operand that is not gathered is read at the positions
         raise ValueError(f"`offsets` ends at {end} but `dy` and `x` have only {t} rows")
     dw = torch.empty(num_groups, n_dim, k_dim, dtype=dy.dtype)
     dbias = torch.empty(num_groups, n_dim, dtype=dy.dtype) if compute_dbias else None
