@@ -33,7 +33,9 @@ from sparsemm_kernels.utils.checks import (
 
 
 def _topk_torch(logits: torch.Tensor, k: int) -> torch.Tensor:
-    # A stable descending sort keeps equal logits in expert order: ties go to the lower index.
+    # A stable descending sort keeps equal logits in expert order: ties go to the lower index. NaN (possible only
+    # unchecked) is read as -inf, as the kernels read it (the sort alone would rank it first).
+    logits = torch.where(logits.isnan(), float("-inf"), logits)
     return torch.sort(logits, dim=1, descending=True, stable=True).indices[:, :k].contiguous()
 
 

@@ -282,3 +282,13 @@ def test_top_k_past_the_kernel_width_sorts_unless_triton_is_demanded(monkeypatch
     got = smk.avgk_select(x, w, 1, 3, backend="triton")
     scores = x.double() @ w.double().t()
     assert torch.equal(got, scores.topk(3, dim=1).indices.sort(dim=1).values)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu", "torch"])
+def test_unchecked_nan_logit_reads_as_minus_inf_on_every_backend(backend):
+    from sparsemm_kernels.ops.token_routing import token_topk_op
+
+    if unsupported_reasons("token_choice_route", backend, torch.device("cpu"), torch.float32):
+        pytest.skip("backend unavailable here")
+    logits = torch.tensor([[float("nan"), float("-inf"), 1.0], [0.5, float("nan"), 2.0]])
+    assert token_topk_op(logits, 3, backend).tolist() == [[2, 0, 1], [2, 0, 1]]
