@@ -420,6 +420,12 @@ def test_grouped_gemm_dw_cpu_rejects_bad_arguments():
     torch.testing.assert_close(both[0], dy[rows].t() @ x[rows])
 
 
+def test_grouped_gemm_cpu_refuses_out_sharing_a():
+    a, w = torch.randn(4, 3), torch.randn(1, 3, 3)
+    with pytest.raises(ValueError, match="`out` must not share memory with `a`"):
+        grouped_gemm_cpu(a, w, torch.tensor([0, 4]), out=a)
+
+
 def test_grouped_gemm_cpu_unchecked_scatter_leaves_no_row_unwritten():
     # check_rows=False with a repeated scattered row: some output row has no writer; it is zero, not heap contents.
     a, w = torch.randn(4, 3), torch.randn(1, 5, 3)

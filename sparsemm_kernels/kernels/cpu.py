@@ -375,3 +375,5 @@ def _check_out(out: torch.Tensor, a: torch.Tensor, j_dim: int) -> None:
         raise ValueError(f"`out` must have unit column stride (it is written in place), got {out.stride()}")
     if out.shape[0] > 1 and out.stride(0) < j_dim:
         raise ValueError(f"`out` rows must not overlap (row stride >= {j_dim}), got strides {out.stride()}")
+    if out.numel() and a.numel() and out.untyped_storage().data_ptr() == a.untyped_storage().data_ptr():
+        raise ValueError("`out` must not share memory with `a` (rows are read while others are written)")
