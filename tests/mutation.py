@@ -178,7 +178,7 @@ MUTATIONS = [
     ),
     Mutation(
         "mod-combine-torch-padding-writes", "sparsemm_kernels/ops/mod_combine.py",
-        "new = torch.where(_real(index, num_real), xs + r.to(x.dtype)[:, None] * (y - xs), xs)",
+        "new = torch.where(_real(index, num_real, x.shape[0]), xs + r.to(x.dtype)[:, None] * (y - xs), xs)",
         "new = xs + r.to(x.dtype)[:, None] * (y - xs)",
         ["tests/ops/test_mod_combine.py"],
         "torch MoD combine: padding slots write their update into the row they name",
