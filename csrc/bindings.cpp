@@ -79,6 +79,36 @@ m.def("token_topk_cpu", &sparsemm::token_topk_cpu,
         arg("expert_idx_ptr"), arg("gates_ptr"), arg("sorted_to_orig_ptr"), arg("slots_ptr"), arg("counts_ptr"),
         arg("offsets_ptr"), arg("orig_to_sorted_ptr"), py::call_guard<py::gil_scoped_release>());
 
+  m.def("group_norm_fwd_cpu", &sparsemm::group_norm_fwd_cpu,
+        "Per-group RMSNorm/LayerNorm of num_rows rows of dim (float32/float64): row r's group is "
+        "ids[r / heads] (clamped) or the offsets range holding r. Writes y (contiguous), mean (LayerNorm) "
+        "and rstd [num_rows] in x's dtype.",
+        arg("x_ptr"), arg("x_stride_row"), arg("weight_ptr"), arg("bias_ptr"), arg("ids_ptr"), arg("offsets_ptr"),
+        arg("heads"), arg("num_rows"), arg("dim"), arg("num_groups"), arg("eps"), arg("is_rms"), arg("y_ptr"),
+        arg("mean_ptr"), arg("rstd_ptr"), arg("dtype"), py::call_guard<py::gil_scoped_release>());
+
+  m.def("group_norm_bwd_cpu", &sparsemm::group_norm_bwd_cpu,
+        "Backward of group_norm_fwd_cpu from its mean/rstd: dx (contiguous), dweight, dbias ([G, dim]); a null "
+        "pointer skips that gradient. Weight gradients summed in double over fixed row chunks (the same on any "
+        "thread count).",
+        arg("dy_ptr"), arg("dy_stride_row"), arg("x_ptr"), arg("x_stride_row"), arg("weight_ptr"), arg("ids_ptr"),
+        arg("offsets_ptr"), arg("heads"), arg("num_rows"), arg("dim"), arg("num_groups"), arg("is_rms"),
+        arg("mean_ptr"), arg("rstd_ptr"), arg("dx_ptr"), arg("dweight_ptr"), arg("dbias_ptr"), arg("dtype"),
+        py::call_guard<py::gil_scoped_release>());
+
+  m.def("silu_mul_fwd_cpu", &sparsemm::silu_mul_fwd_cpu,
+        "h = silu(gate) * up over a rows x cols block of float32/float64 (unit column strides, row strides given), "
+        "one pass.",
+        arg("gate_ptr"), arg("gate_stride"), arg("up_ptr"), arg("up_stride"), arg("h_ptr"), arg("h_stride"),
+        arg("rows"), arg("cols"), arg("dtype"), py::call_guard<py::gil_scoped_release>());
+
+  m.def("silu_mul_bwd_cpu", &sparsemm::silu_mul_bwd_cpu,
+        "dgate = dy * up * s * (1 + gate * (1 - s)), dup = dy * silu(gate), s = sigmoid(gate), over a rows x cols "
+        "block of float32/float64 (unit column strides, row strides given), one pass.",
+        arg("gate_ptr"), arg("gate_stride"), arg("up_ptr"), arg("up_stride"), arg("dy_ptr"), arg("dy_stride"),
+        arg("dgate_ptr"), arg("dgate_stride"), arg("dup_ptr"), arg("dup_stride"), arg("rows"), arg("cols"),
+        arg("dtype"), py::call_guard<py::gil_scoped_release>());
+
 #if defined(SPARSEMM_WITH_CUDA)
   m.def("group_plan_cuda_workspace_bytes", &sparsemm::group_plan_cuda_workspace_bytes,
         "Bytes of device scratch group_plan_cuda needs for (n, num_groups, ids_dtype). Launches nothing; "

@@ -31,7 +31,7 @@ _DTYPE_CODES = {
 }
 
 # Must equal sparsemm::kAbiVersion in common.h; a mismatch means _C was built from older sources.
-ABI_VERSION = 6
+ABI_VERSION = 7
 
 _NOT_BUILT = "sparsemm_kernels._C is not built: run `pip install --no-build-isolation -e .`"
 

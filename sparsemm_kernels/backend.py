@@ -41,8 +41,8 @@ BACKENDS = ("cuda", "triton", "cpu", "torch")
 _PRIORITY: dict[str, dict[str, tuple[str, ...]]] = {
     "group_plan": {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")},
     "grouped_mm": {"cuda": ("triton", "torch"), "cpu": ("torch", "cpu")},
-    "modality_norm": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
-    "swiglu": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
+    "modality_norm": {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")},
+    "swiglu": {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")},
     "mod_combine": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
     "block_gather": {"cuda": ("triton", "torch"), "cpu": ("torch",)},
     "avgk_select": {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")},
@@ -52,8 +52,8 @@ _PRIORITY: dict[str, dict[str, tuple[str, ...]]] = {
 _ALL_IMPLEMENTED: dict[str, tuple[str, ...]] = {
     "group_plan": ("cuda", "triton", "cpu", "torch"),
     "grouped_mm": ("triton", "cpu", "torch"),
-    "modality_norm": ("triton", "torch"),
-    "swiglu": ("triton", "torch"),
+    "modality_norm": ("triton", "cpu", "torch"),
+    "swiglu": ("triton", "cpu", "torch"),
     "mod_combine": ("triton", "torch"),
     "block_gather": ("triton", "torch"),
     "avgk_select": ("triton", "cpu", "torch"),
@@ -104,6 +104,8 @@ def _reasons_cpu(op: str, device: torch.device, dtype: torch.dtype) -> list[str]
         reasons.append(f"the cpu backend needs CPU tensors, got {device.type}")
     if op == "grouped_mm" and dtype not in _CPU_GEMM_DTYPES:
         reasons.append(f"the C++ grouped GEMM supports float32 and float64, not {dtype}")
+    if op in ("modality_norm", "swiglu") and dtype not in _CPU_GEMM_DTYPES:
+        reasons.append(f"the C++ {op} kernels support float32 and float64, not {dtype}")
     return reasons
 
 

@@ -41,8 +41,9 @@ def test_environment_variable_is_a_preference(monkeypatch):
     assert select_backend("grouped_mm", CPU, torch.float32) == "torch"
     monkeypatch.setenv("SPARSEMM_BACKEND", "cpu")
     assert select_backend("grouped_mm", CPU, torch.float64) == "cpu"
-    # cpu has no norm: the preference falls back to the automatic choice instead of failing the model.
-    assert select_backend("modality_norm", CPU, torch.float32) == "torch"
+    # cpu has no block gather: the preference falls back to the automatic choice instead of failing the model.
+    assert select_backend("block_gather", CPU, torch.float32) == "torch"
+    assert select_backend("modality_norm", CPU, torch.float32) == "cpu"
     monkeypatch.setenv("SPARSEMM_BACKEND", "cuda")
     out = smk.grouped_mm(torch.randn(2, 3), torch.randn(1, 4, 3), offsets_from_counts([2]))
     assert out.shape == (2, 4)
@@ -57,7 +58,9 @@ def test_environment_variable_is_a_preference(monkeypatch):
 
 def test_preference_falls_back_per_op():
     assert select_backend("grouped_mm", CPU, torch.float32, "prefer:cpu") == "cpu"
-    assert select_backend("modality_norm", CPU, torch.float32, "prefer:cpu") == "torch"
+    assert select_backend("block_gather", CPU, torch.float32, "prefer:cpu") == "torch"
+    assert select_backend("modality_norm", CPU, torch.bfloat16, "prefer:cpu") == "torch"  # C++ norms: fp32/fp64
+    assert select_backend("swiglu", CPU, torch.float16, "prefer:cpu") == "torch"
     assert select_backend("grouped_mm", CPU, torch.float16, "prefer:cpu") == "torch"  # cpu has no fp16 GEMM
     with pytest.raises(ValueError, match="`backend`"):
         select_backend("grouped_mm", CPU, torch.float32, "prefer:tpu")

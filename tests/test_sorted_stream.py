@@ -26,12 +26,13 @@ from tests.ops.test_norms import _scales as norm_scales
 
 # Two chained blocks and the two-layer models, relative to the root mean square of each tensor: measured worst
 # (SPARSEMM_TOL_LOG over this module) float32 510 eps32 (dattn.wq of the 3-modality LayerNorm/GQA chain in the
-# interpreter; a LayerNorm backward amplifies rounding where it cancels), float64 61 eps64 (torch backend);
-# limits about 3x that. A wrong row or weight is off by O(1) of the RMS, ~10^4 times these.
+# interpreter; a LayerNorm backward amplifies rounding where it cancels), float64 61 eps64 on the torch backend and
+# 266 eps64 on the cpu one (its C++ grouped GEMM sums each dot product in one sequential order); limits about 3x
+# that. A wrong row or weight is off by O(1) of the RMS, ~10^4 (float32) to 10^12 (float64) times these.
 BLOCK_TOL = {torch.float32: Tol(rtol=0.0, atol=1500 * EPS[torch.float32]),
-             torch.float64: Tol(rtol=0.0, atol=180 * EPS[torch.float64])}
+             torch.float64: Tol(rtol=0.0, atol=800 * EPS[torch.float64])}
 
-BACKENDS = ["triton", "torch"]
+BACKENDS = ["triton", "cpu", "torch"]
 ORDERS = [("token", "token"), ("sorted", "token"), ("token", "sorted"), ("sorted", "sorted")]
 
 

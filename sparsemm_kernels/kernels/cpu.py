@@ -306,6 +306,211 @@ def token_choice_plan_cpu(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, .
     return idx, gates, sorted_to_orig, slots, counts, offsets, orig_to_sorted
 
 
+def _check_norm_operands(x, weight, bias, ids, heads, offsets) -> tuple[torch.Tensor, int]:
+    """``x`` with unit column stride and the group count; raises for what the C++ norms cannot take."""
+    for t, name in ((x, "x"), (weight, "weight")):
+        check_tensor(t, name)
+        _check_cpu(t, name)
+    if x.dtype not in _GEMM_DTYPES:
+        raise TypeError(f"`x` must be float32 or float64 for the C++ norms, got {x.dtype}")
+    check_dim(x, 2, "x", "(rows, dim)")
+    check_dim(weight, 2, "weight", "(groups, dim)")
+    _check_like(x, "x", weight, "weight")
+    if weight.shape[1] != x.shape[1] or weight.shape[0] < 1 or x.shape[1] < 1:
+        raise ValueError(f"`weight` must be (groups >= 1, {x.shape[1]}), got {tuple(weight.shape)}")
+    if bias is not None:
+        _check_like(x, "x", bias, "bias")
+        if bias.shape != weight.shape:
+            raise ValueError(f"`bias` must have the weight's shape {tuple(weight.shape)}, got {tuple(bias.shape)}")
+    if (ids is None) == (offsets is None):
+        raise ValueError("exactly one of `ids` and `offsets` must be given")
+    if ids is not None:
+        check_int_tensor(ids, "ids")
+        _check_cpu(ids, "ids")
+        check_positive_int(heads, "heads")
+        if ids.dtype != torch.int64 or ids.dim() != 1 or ids.numel() * heads != x.shape[0]:
+            raise ValueError(f"`ids` must be int64 (rows / heads,) = ({x.shape[0] // heads},), got {ids.dtype} "
+                             f"{tuple(ids.shape)}")
+    else:
+        _check_cpu(offsets, "offsets")
+        if offsets.dtype != torch.int64 or tuple(offsets.shape) != (weight.shape[0] + 1,):
+            raise ValueError(f"`offsets` must be int64 of shape ({weight.shape[0] + 1},), got {offsets.dtype} "
+                             f"{tuple(offsets.shape)}")
+    return _unit_col_stride(x), weight.shape[0]
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def group_norm_fwd_cpu(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float,
+    is_rms: bool,
+    *,
+    ids: torch.Tensor | None = None,
+    heads: int = 1,
+    offsets: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-group RMSNorm (``is_rms``) or LayerNorm of the rows of ``x (R, D)`` (C++, one pass per row).
+
+    Row ``r`` belongs to group ``ids[r // heads]`` (clamped into ``[0, G)``) or, with ``offsets`` (int64
+    ``(G+1,)``, non-decreasing from 0 to R: a ValueError otherwise), to the group whose range holds it.
+    ``weight``/``bias (G, D)``, x's dtype (float32 or float64). Returns ``y (R, D)`` contiguous, ``mean (R,)``
+    (``(0,)`` for RMSNorm) and ``rstd (R,)`` in x's dtype.
+    """
+    c = _ext.require()
+    x, G = _check_norm_operands(x, weight, bias, ids, heads, offsets)
+    R, D = x.shape
+    # Contiguous operands held in locals: a temporary's memory would be freed before the C++ call reads it.
+    weight, bias, ids, offsets = (None if t is None else t.contiguous() for t in (weight, bias, ids, offsets))
+    y = torch.empty(R, D, dtype=x.dtype)
+    mean = x.new_empty(0 if is_rms else R)
+    rstd = x.new_empty(R)
+    if R == 0:  # nothing to read (an empty ids tensor has no address)
+        return y, mean, rstd
+    c.group_norm_fwd_cpu(
+        x.data_ptr(), x.stride(0), weight.data_ptr(), _ptr(bias), _ptr(ids), _ptr(offsets), heads, R, D, G,
+        float(eps), bool(is_rms), y.data_ptr(), _ptr(None if is_rms else mean), rstd.data_ptr(),
+        _ext.dtype_code(x.dtype),
+    )  # fmt: skip
+    return y, mean, rstd
+
+
+def group_norm_bwd_cpu(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    is_rms: bool,
+    *,
+    ids: torch.Tensor | None = None,
+    heads: int = 1,
+    offsets: torch.Tensor | None = None,
+    need_dx: bool = True,
+    need_dw: bool = True,
+    need_db: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``(dx, dW, db)`` of :func:`group_norm_fwd_cpu` from its ``mean``/``rstd`` (None where not asked for);
+    groups as there. Weight gradients are summed in double over fixed row chunks, so they do not depend on the
+    thread count; a group without rows gets zeros."""
+    c = _ext.require()
+    x, G = _check_norm_operands(x, weight, None, ids, heads, offsets)
+    R, D = x.shape
+    check_tensor(dy, "dy")
+    _check_like(x, "x", dy, "dy")
+    if tuple(dy.shape) != (R, D):
+        raise ValueError(f"`dy` must have x's shape {(R, D)}, got {tuple(dy.shape)}")
+    for t, name, n in ((rstd, "rstd", R), (mean, "mean", 0 if is_rms else R)):
+        _check_like(x, "x", t, name)
+        if tuple(t.shape) != (n,):
+            raise ValueError(f"`{name}` must have shape ({n},), got {tuple(t.shape)}")
+    dy = _unit_col_stride(dy)
+    weight, ids, offsets, mean, rstd = (
+        None if t is None else t.contiguous() for t in (weight, ids, offsets, mean, rstd)
+    )
+    dx = torch.empty(R, D, dtype=x.dtype) if need_dx else None
+    dw = torch.empty(G, D, dtype=x.dtype) if need_dw else None
+    db = torch.empty(G, D, dtype=x.dtype) if need_db else None
+    if R == 0:  # no rows: zero weight gradients (an empty ids tensor has no address)
+        return dx, (dw.zero_() if need_dw else None), (db.zero_() if need_db else None)
+    c.group_norm_bwd_cpu(
+        dy.data_ptr(), dy.stride(0), x.data_ptr(), x.stride(0), weight.data_ptr(), _ptr(ids), _ptr(offsets), heads,
+        R, D, G, bool(is_rms), _ptr(None if is_rms else mean), rstd.data_ptr(), _ptr(dx), _ptr(dw), _ptr(db),
+        _ext.dtype_code(x.dtype),
+    )  # fmt: skip
+    return dx, dw, db
+
+
+def _activation_rows(t: torch.Tensor, name: str, cols: int) -> torch.Tensor:
+    """``t`` as ``(rows, cols)`` with unit column stride (a view when its strides allow)."""
+    check_tensor(t, name)
+    _check_cpu(t, name)
+    if t.dtype not in _GEMM_DTYPES:
+        raise TypeError(f"`{name}` must be float32 or float64 for the C++ SwiGLU, got {t.dtype}")
+    if t.dim() < 1:
+        raise ValueError(f"`{name}` must have at least one dimension")
+    return _unit_col_stride(t.reshape(-1, cols))
+
+
+def _same_shape(ref: torch.Tensor, ref_name: str, t: torch.Tensor, name: str) -> None:
+    _check_like(ref, ref_name, t, name)
+    if t.shape != ref.shape:
+        raise ValueError(f"`{name}` must have `{ref_name}`'s shape {tuple(ref.shape)}, got {tuple(t.shape)}")
+
+
+def silu_mul_fwd_cpu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` (C++, one pass, float32/float64): ``gate``, ``up`` of one shape, any strides; the
+    result contiguous in that shape."""
+    c = _ext.require()
+    _same_shape(gate, "gate", up, "up")
+    H = gate.shape[-1] if gate.dim() else 1
+    h = torch.empty(gate.shape, dtype=gate.dtype)
+    if h.numel() == 0:
+        return h
+    g, u = _activation_rows(gate, "gate", H), _activation_rows(up, "up", H)
+    c.silu_mul_fwd_cpu(g.data_ptr(), g.stride(0), u.data_ptr(), u.stride(0), h.data_ptr(), H, g.shape[0], H,
+                       _ext.dtype_code(gate.dtype))
+    return h
+
+
+def silu_mul_bwd_cpu(gate: torch.Tensor, up: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(d gate, d up) = (dy * up * s * (1 + gate (1 - s)), dy * silu(gate))``, ``s = sigmoid(gate)`` (C++, one
+    pass); contiguous, in ``gate``'s shape."""
+    c = _ext.require()
+    _same_shape(gate, "gate", up, "up")
+    _same_shape(gate, "gate", dy, "dy")
+    H = gate.shape[-1] if gate.dim() else 1
+    dg, du = torch.empty(gate.shape, dtype=gate.dtype), torch.empty(gate.shape, dtype=gate.dtype)
+    if dg.numel() == 0:
+        return dg, du
+    g, u, d = (_activation_rows(t, n, H) for t, n in ((gate, "gate"), (up, "up"), (dy, "dy")))
+    c.silu_mul_bwd_cpu(g.data_ptr(), g.stride(0), u.data_ptr(), u.stride(0), d.data_ptr(), d.stride(0),
+                       dg.data_ptr(), H, du.data_ptr(), H, g.shape[0], H, _ext.dtype_code(gate.dtype))
+    return dg, du
+
+
+def _half_width(gate_up: torch.Tensor) -> int:
+    if gate_up.dim() < 1 or gate_up.shape[-1] % 2:
+        raise ValueError(f"`gate_up` must have an even last dimension, got shape {tuple(gate_up.shape)}")
+    return gate_up.shape[-1] // 2
+
+
+def swiglu_fwd_cpu(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(a) * b`` for ``gate_up = [a | b]`` along the last dim (C++): ``(..., H)`` contiguous."""
+    c = _ext.require()
+    H = _half_width(gate_up)
+    h = torch.empty(*gate_up.shape[:-1], H, dtype=gate_up.dtype)
+    if h.numel() == 0:
+        return h
+    gu = _activation_rows(gate_up, "gate_up", 2 * H)
+    a = gu.data_ptr()
+    c.silu_mul_fwd_cpu(a, gu.stride(0), a + H * gu.element_size(), gu.stride(0), h.data_ptr(), H, gu.shape[0], H,
+                       _ext.dtype_code(gate_up.dtype))
+    return h
+
+
+def swiglu_bwd_cpu(gate_up: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """``d gate_up = [dy * b * s * (1 + a (1 - s)) | dy * silu(a)]`` (C++, one pass); contiguous, gate_up's
+    shape."""
+    c = _ext.require()
+    H = _half_width(gate_up)
+    if tuple(dy.shape) != (*gate_up.shape[:-1], H):
+        raise ValueError(f"`dy` must have shape {(*gate_up.shape[:-1], H)}, got {tuple(dy.shape)}")
+    _check_like(gate_up, "gate_up", dy, "dy")
+    dgu = torch.empty(gate_up.shape, dtype=gate_up.dtype)
+    if dgu.numel() == 0:
+        return dgu
+    gu, d = _activation_rows(gate_up, "gate_up", 2 * H), _activation_rows(dy, "dy", H)
+    a, da, size = gu.data_ptr(), dgu.data_ptr(), gu.element_size()
+    c.silu_mul_bwd_cpu(a, gu.stride(0), a + H * size, gu.stride(0), d.data_ptr(), d.stride(0), da, 2 * H,
+                       da + H * size, 2 * H, gu.shape[0], H, _ext.dtype_code(gate_up.dtype))
+    return dgu
+
+
 def _check_cpu(t: torch.Tensor, name: str) -> None:
     if t.device.type != "cpu":
         raise ValueError(f"`{name}` must be a CPU tensor for the C++ kernels, got device {t.device}")

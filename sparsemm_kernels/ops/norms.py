@@ -6,8 +6,9 @@ per-head QK-norm (``x (..., H, d_h)``, one id per token shared by its ``H`` head
 
 Pipeline: ``sparsemm::modality_norm`` (forward: ``y`` and the float32 row statistics) and
 ``sparsemm::modality_norm_bwd`` (``dx``, ``dW``, ``db`` from the statistics) are ``torch.library`` custom ops
-over the fused Triton kernels, or over the reference for the ``torch`` backend. A second derivative is
-refused with an error (the backward is a fused kernel), never returned wrong.
+over the fused Triton kernels (GPU), the extension's C++ kernels (``cpu`` backend: one pass over each row, in
+float32/float64), or the reference for the ``torch`` backend. A second derivative is refused with an error (the
+backward is a fused kernel), never returned wrong.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsemm_kernels.backend import BackendUnavailableError, check_backend_name, select_backend
+from sparsemm_kernels.kernels.cpu import group_norm_bwd_cpu, group_norm_fwd_cpu
 from sparsemm_kernels.ops.dispatch import Op
 from sparsemm_kernels.reference.norms import modality_layer_norm_ref, modality_norm_bwd_ref, modality_rms_norm_ref
 from sparsemm_kernels.utils.checks import (
@@ -82,9 +84,16 @@ def _modality_norm(
     the float32 row statistics the backward reuses (``(R,)``, R = rows of D; ``mean`` is ``(0,)`` for
     RMSNorm). ``ids`` has shape ``x.shape[:-1]`` or ``x.shape[:-2]`` (per head); checked per ``mode``."""
     check_ids_values(ids, weight.shape[0], "modality_ids", mode)
-    if _select(x, backend) == "torch":
+    name = _select(x, backend)
+    if name == "torch":
         _, mean, rstd = _stats(x.reshape(-1, x.shape[-1]), eps, is_rms)
         return _norm_torch(x, ids, weight, bias, eps, is_rms).contiguous(), mean, rstd
+    if name == "cpu":
+        x3, flat_ids = _rows(x, ids)
+        y, mean, rstd = group_norm_fwd_cpu(
+            x3.reshape(-1, x.shape[-1]), weight, bias, eps, is_rms, ids=flat_ids.to(torch.int64), heads=x3.shape[1]
+        )
+        return y.view(x.shape), mean, rstd
     from sparsemm_kernels.kernels.triton.norms import modality_norm_fwd
 
     x3, flat_ids = _rows(x, ids)
@@ -115,9 +124,17 @@ def _modality_norm_bwd(
     backend: str | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dx, dW, db)`` of :func:`modality_norm_op`; a gradient not asked for is an empty ``(0,)`` tensor."""
-    if _select(x, backend) == "torch":
+    name = _select(x, backend)
+    if name == "torch":
         ids = ids.clamp(0, weight.shape[0] - 1)
         dx, dw, db = modality_norm_bwd_ref(dy, x, ids, weight, eps, is_rms)
+    elif name == "cpu":
+        x3, flat_ids = _rows(x, ids)
+        D = x.shape[-1]
+        dx, dw, db = group_norm_bwd_cpu(
+            dy.reshape(-1, D), x3.reshape(-1, D), weight, mean, rstd, is_rms, ids=flat_ids.to(torch.int64),
+            heads=x3.shape[1], need_dx=need_dx, need_dw=need_dw, need_db=need_db and has_bias,
+        )
     else:
         from sparsemm_kernels.kernels.triton.norms import modality_norm_bwd
 
@@ -188,6 +205,12 @@ def _group_of_rows(offsets: torch.Tensor, num_rows: int) -> torch.Tensor:
     """``(T,)`` group id of every sorted row, from the offsets on the device (no host read)."""
     rows = torch.arange(num_rows, device=offsets.device)
     return torch.searchsorted(offsets[1:].contiguous(), rows, right=True).clamp_(max=offsets.shape[0] - 2)
+
+
+def _cpu_offsets(offsets: torch.Tensor, num_rows: int, mode: str) -> torch.Tensor:
+    """Offsets for the C++ norms, which refuse unsorted ones: sanitized when unchecked (as the torch path reads
+    them)."""
+    return sanitized_offsets(offsets, num_rows) if mode == OFF else offsets
 
 
 def _stats_dtype(x: torch.Tensor) -> torch.dtype:
@@ -267,8 +290,11 @@ def _grouped_norm(
     ``offsets[g]:offsets[g+1]`` scaled by ``weight[g]`` (``+ bias[g]``); statistics as in
     :func:`modality_norm_op`."""
     check_offsets_values(offsets, x.shape[0], "offsets", mode)
-    if _select(x, backend) == "torch":
+    name = _select(x, backend)
+    if name == "torch":
         return _grouped_norm_torch(x, weight, bias, offsets, eps, is_rms, mode)
+    if name == "cpu":
+        return group_norm_fwd_cpu(x, weight, bias, eps, is_rms, offsets=_cpu_offsets(offsets, x.shape[0], mode))
     from sparsemm_kernels.kernels.triton.norms import modality_norm_fwd
 
     ids = _group_of_rows(offsets, x.shape[0])
@@ -300,8 +326,14 @@ def _grouped_norm_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dx, dW, db)`` of :func:`grouped_norm_op`; a gradient not asked for is an empty ``(0,)`` tensor."""
     need_db = need_db and has_bias
-    if _select(x, backend) == "torch":
+    name = _select(x, backend)
+    if name == "torch":
         dx, dw, db = _grouped_norm_bwd_torch(dy, x, weight, offsets, mean, rstd, need_dx, need_dw, need_db, mode)
+    elif name == "cpu":
+        dx, dw, db = group_norm_bwd_cpu(
+            dy, x, weight, mean, rstd, is_rms, offsets=_cpu_offsets(offsets, x.shape[0], mode), need_dx=need_dx,
+            need_dw=need_dw, need_db=need_db,
+        )
     else:
         from sparsemm_kernels.kernels.triton.norms import modality_norm_bwd
 

@@ -3,7 +3,8 @@
 The FFN ``(silu(x W1^T) * (x W3^T)) W2^T`` computes ``gate_up = x [W1; W3]^T`` with one grouped GEMM; this
 op is the activation between that GEMM and the down projection. ``sparsemm::swiglu`` and
 ``sparsemm::swiglu_bwd`` are ``torch.library`` custom ops: on the ``triton`` backend one fused forward kernel
-and one fused backward kernel that writes ``d_gate_up`` directly; on the ``torch`` backend
+and one fused backward kernel that writes ``d_gate_up`` directly; on the ``cpu`` backend the extension's C++
+loops (one pass each way, one exponential per element; float32/float64); on the ``torch`` backend
 :func:`~sparsemm_kernels.reference.swiglu.swiglu_ref` and its autograd. A second derivative is refused.
 """
 
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from sparsemm_kernels.backend import check_backend_name, select_backend
+from sparsemm_kernels.kernels.cpu import silu_mul_bwd_cpu, silu_mul_fwd_cpu, swiglu_bwd_cpu, swiglu_fwd_cpu
 from sparsemm_kernels.ops.dispatch import Op
 from sparsemm_kernels.reference.swiglu import silu_mul_bwd_ref, silu_mul_ref, swiglu_bwd_ref, swiglu_ref
 from sparsemm_kernels.utils.checks import check_float_tensor
@@ -20,8 +22,11 @@ from sparsemm_kernels.utils.checks import check_float_tensor
 
 def _swiglu(gate_up: torch.Tensor, backend: str | None) -> torch.Tensor:
     """``silu(a) * b`` for ``gate_up = [a | b]`` along the last dim; ``(..., H)`` contiguous."""
-    if select_backend("swiglu", gate_up.device, gate_up.dtype, backend) == "torch":
+    name = select_backend("swiglu", gate_up.device, gate_up.dtype, backend)
+    if name == "torch":
         return swiglu_ref(gate_up).contiguous()
+    if name == "cpu":
+        return swiglu_fwd_cpu(gate_up)
     from sparsemm_kernels.kernels.triton.swiglu import swiglu_fwd
 
     return swiglu_fwd(gate_up)
@@ -33,8 +38,11 @@ def _swiglu_fake(gate_up, backend):
 
 def _swiglu_bwd(gate_up: torch.Tensor, dy: torch.Tensor, backend: str | None) -> torch.Tensor:
     """``d gate_up = [dy * b * s * (1 + a (1 - s)) | dy * silu(a)]`` with ``s = sigmoid(a)``."""
-    if select_backend("swiglu", gate_up.device, gate_up.dtype, backend) == "torch":
+    name = select_backend("swiglu", gate_up.device, gate_up.dtype, backend)
+    if name == "torch":
         return swiglu_bwd_ref(gate_up, dy).contiguous()
+    if name == "cpu":
+        return swiglu_bwd_cpu(gate_up, dy)
     from sparsemm_kernels.kernels.triton.swiglu import swiglu_bwd
 
     return swiglu_bwd(gate_up, dy)
@@ -87,8 +95,11 @@ def _silu_mul_bwd_torch(gate: torch.Tensor, up: torch.Tensor, dy: torch.Tensor):
 
 def _silu_mul(gate: torch.Tensor, up: torch.Tensor, backend: str | None) -> torch.Tensor:
     """``silu(gate) * up`` for two tensors of one shape; contiguous output."""
-    if select_backend("swiglu", gate.device, gate.dtype, backend) == "torch":
+    name = select_backend("swiglu", gate.device, gate.dtype, backend)
+    if name == "torch":
         return _silu_mul_torch(gate, up)
+    if name == "cpu":
+        return silu_mul_fwd_cpu(gate, up)
     from sparsemm_kernels.kernels.triton.swiglu import silu_mul_fwd
 
     return silu_mul_fwd(gate, up)
@@ -102,8 +113,11 @@ def _silu_mul_bwd(
     gate: torch.Tensor, up: torch.Tensor, dy: torch.Tensor, backend: str | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(d gate, d up) = (dy * up * s * (1 + gate (1 - s)), dy * silu(gate))`` with ``s = sigmoid(gate)``."""
-    if select_backend("swiglu", gate.device, gate.dtype, backend) == "torch":
+    name = select_backend("swiglu", gate.device, gate.dtype, backend)
+    if name == "torch":
         return _silu_mul_bwd_torch(gate, up, dy)
+    if name == "cpu":
+        return silu_mul_bwd_cpu(gate, up, dy)
     from sparsemm_kernels.kernels.triton.swiglu import silu_mul_bwd
 
     return silu_mul_bwd(gate, up, dy)

@@ -12,7 +12,7 @@ from sparsemm_kernels.ops.attention import hybrid_mask
 from sparsemm_kernels.reference.mot import _allowed, mot_attention_ref, mot_block_ref, mot_feed_forward_ref
 from sparsemm_kernels.utils.testing import EPS32, Tol, assert_close_verbose
 
-BACKENDS = ["triton", "torch"]
+BACKENDS = ["triton", "cpu", "torch"]
 # A block chains a dozen GEMMs, norms, attention and SwiGLU: no per-element scale is tracked through it, so the
 # bound is relative to the root mean square of each compared tensor (utils.testing, scale=None). Measured
 # (SPARSEMM_TOL_LOG, float32, both backends): worst 51 eps32 * rms (d ffn.w3), outputs and dx <= 20 eps32 * rms

@@ -7,7 +7,7 @@ from sparsemm_kernels.backend import unsupported_reasons
 from sparsemm_kernels.nn.norms import MoTLayerNorm, MoTRMSNorm
 from sparsemm_kernels.utils.testing import EPS32, Tol, assert_close_verbose
 
-BACKENDS = ["triton", "torch"]
+BACKENDS = ["triton", "cpu", "torch"]
 # Module-level parity, bounded relative to the root mean square of each compared tensor (the per-element bounds
 # are in tests/ops/test_norms.py). Measured worst (SPARSEMM_TOL_LOG, float32, both backends): 4.7 eps32 * rms
 # (dx) -> atol = 14 eps32.

@@ -41,7 +41,7 @@ CASES = [
     ([40, 0, 60], 96, True),        # 100 rows: 4 forward row tiles (32 rows at D=96), 2 backward steps per program
 ]
 DTYPES = [torch.float32, FP16, BF16]
-BACKENDS = ["triton", "torch"]
+BACKENDS = ["triton", "cpu", "torch"]
 NORMS = ["rms", "layer"]
 EPS_NORM = 1e-5
 

@@ -18,7 +18,7 @@ SHAPES = [  # each row names the edge it crosses (interpreter tiles are 16 wide,
 ]
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "cpu", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_silu_mul_matches_float64(shape, dtype, backend):
@@ -42,7 +42,7 @@ def test_silu_mul_matches_float64(shape, dtype, backend):
         assert_close_verbose(got, want, dtype, name, tol=TOL[dtype], scale=sc)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "cpu", "torch"])
 def test_silu_mul_strided_halves_equal_swiglu(backend):
     buf = torch.randn(9, 2 * 12, requires_grad=True)
     y = smk.silu_mul(buf[:, :12], buf[:, 12:], backend=backend)  # row-strided views, no copy
@@ -62,7 +62,7 @@ def test_silu_mul_bad_input():
         smk.silu_mul(torch.zeros(3, 4, dtype=torch.long), torch.randn(3, 4))
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "cpu", "torch"])
 def test_silu_mul_transposed_operands_give_contiguous_results(backend):
     # Column-major gate and dy: the outputs and gradients are still contiguous and right (the torch backend
     # computes in place into fresh buffers, which must not inherit the operands' layout).

@@ -30,7 +30,7 @@ CASES = [
     (2, 3, 4, 32),       # 4-D, H = 16 exactly one interpreter tile wide
 ]
 DTYPES = [torch.float32, FP16, BF16]
-BACKENDS = ["triton", "torch"]
+BACKENDS = ["triton", "cpu", "torch"]
 
 
 def _subnormal(dtype):
@@ -180,13 +180,14 @@ def test_row_strided_input_is_not_copied():
     assert _rows(big.transpose(0, 1)[:, :, :74], 74).is_contiguous()
 
 
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_output_fully_written(dtype, device):
+def test_output_fully_written(dtype, backend, device):
     """Outputs come from the poisoned (NaN-filled) allocator: every element must be overwritten."""
-    _skip_unless_runs("triton", device, dtype)
+    _skip_unless_runs(backend, device, dtype)
     assert torch.empty(4, device=device).isnan().all(), "conftest's poisoned allocator is off"
     x = torch.randn(37, 2 * 37, device=device).to(dtype).requires_grad_(True)
-    out = swiglu(x, backend="triton")
+    out = swiglu(x, backend=backend)
     (grad,) = torch.autograd.grad(out, [x], torch.randn_like(out))
     assert torch.isfinite(out).all()
     assert torch.isfinite(grad).all()

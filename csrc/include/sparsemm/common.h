@@ -13,7 +13,7 @@ namespace sparsemm {
 
 // Bumped whenever an entry point's signature or meaning changes, so that Python refuses a stale _C left
 // behind by an older editable build instead of calling it with the wrong arguments. Mirrored in _ext.py.
-constexpr int kAbiVersion = 6;
+constexpr int kAbiVersion = 7;
 
 // Dtype codes crossing the boundary. Mirrored in sparsemm_kernels/_ext.py (DTYPE_*); keep both in sync.
 enum DType : int {

@@ -59,6 +59,36 @@ void token_choice_plan_cpu(std::uintptr_t logits, int dtype, int64_t n, int64_t 
                            std::uintptr_t sorted_to_orig, std::uintptr_t slots, std::uintptr_t counts,
                            std::uintptr_t offsets, std::uintptr_t orig_to_sorted);
 
+// Per-group RMSNorm (is_rms) or LayerNorm of num_rows rows of dim values (float32/float64, unit column stride,
+// row stride x_stride_row). Row r's group: ids[r / heads] clamped into [0, num_groups) when ids is given, else
+// the g with offsets[g] <= r < offsets[g + 1] (offsets int64 [G + 1], 0 .. num_rows, non-decreasing); exactly one
+// of ids / offsets is non-null. y[r] = (x[r] - mean_r) * rstd_r * weight[g] (+ bias[g]); y contiguous; mean
+// (LayerNorm only) and rstd [num_rows] in x's dtype. weight, bias contiguous [G, dim].
+void group_norm_fwd_cpu(std::uintptr_t x, int64_t x_stride_row, std::uintptr_t weight, std::uintptr_t bias,
+                        std::uintptr_t ids, std::uintptr_t offsets, int64_t heads, int64_t num_rows, int64_t dim,
+                        int64_t num_groups, double eps, bool is_rms, std::uintptr_t y, std::uintptr_t mean,
+                        std::uintptr_t rstd, int dtype);
+
+// Its backward from the forward's mean/rstd: dx (contiguous, or null to skip), dweight and dbias ([G, dim]
+// contiguous, or null to skip; written, not accumulated; a group without rows gets zeros). Rows and groups as
+// in group_norm_fwd_cpu; dy has unit column stride and row stride dy_stride_row.
+void group_norm_bwd_cpu(std::uintptr_t dy, int64_t dy_stride_row, std::uintptr_t x, int64_t x_stride_row,
+                        std::uintptr_t weight, std::uintptr_t ids, std::uintptr_t offsets, int64_t heads,
+                        int64_t num_rows, int64_t dim, int64_t num_groups, bool is_rms, std::uintptr_t mean,
+                        std::uintptr_t rstd, std::uintptr_t dx, std::uintptr_t dweight, std::uintptr_t dbias,
+                        int dtype);
+
+// SwiGLU activation over a rows x cols block (float32/float64; each operand unit column stride, its own row
+// stride): h = silu(gate) * up.
+void silu_mul_fwd_cpu(std::uintptr_t gate, int64_t gate_stride, std::uintptr_t up, int64_t up_stride,
+                      std::uintptr_t h, int64_t h_stride, int64_t rows, int64_t cols, int dtype);
+
+// Its backward: dgate = dy * up * s * (1 + gate * (1 - s)), dup = dy * silu(gate), s = sigmoid(gate); operands
+// as in silu_mul_fwd_cpu (dgate and dup may interleave in one buffer: gate_up's gradient).
+void silu_mul_bwd_cpu(std::uintptr_t gate, int64_t gate_stride, std::uintptr_t up, int64_t up_stride,
+                      std::uintptr_t dy, int64_t dy_stride, std::uintptr_t dgate, int64_t dgate_stride,
+                      std::uintptr_t dup, int64_t dup_stride, int64_t rows, int64_t cols, int dtype);
+
 #if defined(SPARSEMM_WITH_CUDA)
 // Bytes of device scratch that group_plan_cuda needs for these sizes (a host-side query; launches nothing).
 int64_t group_plan_cuda_workspace_bytes(int64_t n, int64_t num_groups, int ids_dtype);
