@@ -27,11 +27,12 @@ namespace {
 
 constexpr int64_t kChunk = int64_t{1} << 14;  // elements per OpenMP task
 
-// exp(t) for t <= 0 (0 below -87, NaN for NaN), written so the loop around it vectorises: selects, no branches.
+// exp(t) for t <= 0 (NaN for NaN), written so the loop around it vectorises: selects, no branches. Results down
+// into float32's subnormals are kept (2^k applied as two normal halves); below -104 it is 0.
 SPARSEMM_INLINE float exp_nonpositive(float t) {
-  const float lo = -87.0f;
+  const float lo = -104.0f;
   const float tc = t >= lo ? t : lo;  // NaN -> lo: the integer conversion below stays in range
-  const float k = (tc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(tc / ln 2)
+  const float k = (tc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(tc / ln 2), in [-150, 0]
   const float r = tc - k * 0.693359375f - k * -2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -40,10 +41,13 @@ SPARSEMM_INLINE float exp_nonpositive(float t) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;  // 2^k, k in [-126, 0]
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  const float e = t >= lo ? p * scale : 0.0f;
+  const int32_t ki = static_cast<int32_t>(k);
+  const int32_t k1 = ki >> 1, k2 = ki - k1;  // each >= -75: 2^k1 and 2^k2 are normal floats
+  const int32_t bits1 = (k1 + 127) << 23, bits2 = (k2 + 127) << 23;
+  float s1, s2;
+  std::memcpy(&s1, &bits1, sizeof(s1));
+  std::memcpy(&s2, &bits2, sizeof(s2));
+  const float e = t >= lo ? p * s1 * s2 : 0.0f;
   return t == t ? e : t;
 }
 
