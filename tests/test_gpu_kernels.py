@@ -29,12 +29,21 @@ DEV = "cuda"
 gpu = pytest.mark.gpu
 BF16, FP16 = torch.bfloat16, torch.float16
 
+
+def _subnormal(dtype):
+    """Spacing of the subnormals of ``dtype`` (2^-24 for float16)."""
+    return torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
+
+
 # GPU: one float32 accumulation (tensor cores) rounded to nearest once: rtol 1.5 eps (3x the half-ulp bound).
 # atol: the interpreter measures 1.1 eps32 * sum|terms| * sqrt(L); MMA units add products with a truncated
 # alignment, so allow ~2x that before the 3x margin -> 7 eps32. (GPU: to be re-measured.)
+# float16 floor: a result that underflows into fp16's subnormals (below 2^-14) is rounded to their fixed spacing
+# 2^-24, off by up to half of it, which rtol * |want| does not cover there -> 1.5 subnormal spacings
+# (as tests/ops/test_swiglu.py).
 GPU_TOL = {
     BF16: Tol(rtol=1.5 * EPS[BF16], atol=7 * EPS32),
-    FP16: Tol(rtol=1.5 * EPS[FP16], atol=7 * EPS32),
+    FP16: Tol(rtol=1.5 * EPS[FP16], atol=7 * EPS32, floor=1.5 * _subnormal(FP16)),
     torch.float32: Tol(rtol=0.0, atol=7 * EPS32),
 }
 
@@ -175,31 +184,53 @@ def _forced(tuner, config, monkeypatch):
 
 
 def _config_cases(monkeypatch):
+    """(forward/dX config, dW config) pairs: every config of both lists once, the shorter list cycled."""
     fwd_configs, dw_configs = _tuned_configs(monkeypatch)
     n = max(len(fwd_configs), len(dw_configs))
     return [(fwd_configs[i % len(fwd_configs)], dw_configs[i % len(dw_configs)]) for i in range(n)]
 
 
-def _run_configs(monkeypatch, device, dtype, counts, K, N, tol):
+def _collected_config_cases():
+    """:func:`_config_cases` at collection time (its patches undone at once): one test case per pair, so each
+    compiles and checks one forward/dX and one dW config and stays well inside a per-test timeout."""
+    with pytest.MonkeyPatch.context() as mp:
+        return _config_cases(mp)
+
+
+def _config_id(config):
+    """``MxJxK`` (forward/dX) or ``NxKxM`` (dW, the order of configs._dw), warps, stages, register cap."""
+    kw = config.kwargs
+    keys = ("BLOCK_M", "BLOCK_J", "BLOCK_K") if "BLOCK_J" in kw else ("BLOCK_N", "BLOCK_K", "BLOCK_M")
+    tile = "x".join(str(kw[k]) for k in keys)
+    return f"{tile}w{config.num_warps}s{config.num_stages}" + (f"r{config.maxnreg}" if config.maxnreg else "")
+
+
+CONFIG_CASES = _collected_config_cases()
+CONFIG_IDS = [f"{i}-fwd{_config_id(f)}-dw{_config_id(d)}" for i, (f, d) in enumerate(CONFIG_CASES)]
+
+
+def _run_config(monkeypatch, device, dtype, counts, K, N, tol, fwd_cfg, dw_cfg):
+    """grouped_mm forward, dX and dW with the autotuners forced to ``fwd_cfg`` (forward and dX) and ``dw_cfg``."""
     fwd, dw = _autotuners()
     offsets = offsets_from_counts(counts, device)
-    for fwd_cfg, dw_cfg in _config_cases(monkeypatch):
-        _forced(fwd, fwd_cfg, monkeypatch)
-        _forced(dw, dw_cfg, monkeypatch)
-        x = torch.randn(sum(counts), K, device=device).to(dtype).requires_grad_(True)
-        w = (torch.randn(len(counts), N, K, device=device) / K**0.5).to(dtype).requires_grad_(True)
-        b = torch.randn(len(counts), N, device=device).to(dtype).requires_grad_(True)
-        try:
-            check_multilinear(lambda x, w, b: smk.grouped_mm(x, w, offsets, b, backend="triton"),
-                              _truth_mm(offsets), [x, w, b], dtype, tol)
-        except AssertionError as exc:
-            raise AssertionError(f"forward/dX config {fwd_cfg}, dW config {dw_cfg}: {exc}") from None
+    _forced(fwd, fwd_cfg, monkeypatch)
+    _forced(dw, dw_cfg, monkeypatch)
+    x = torch.randn(sum(counts), K, device=device).to(dtype).requires_grad_(True)
+    w = (torch.randn(len(counts), N, K, device=device) / K**0.5).to(dtype).requires_grad_(True)
+    b = torch.randn(len(counts), N, device=device).to(dtype).requires_grad_(True)
+    try:
+        check_multilinear(lambda x, w, b: smk.grouped_mm(x, w, offsets, b, backend="triton"),
+                          _truth_mm(offsets), [x, w, b], dtype, tol)
+    except AssertionError as exc:
+        raise AssertionError(f"forward/dX config {fwd_cfg}, dW config {dw_cfg}: {exc}") from None
 
 
 @gpu
+@pytest.mark.parametrize("configs", CONFIG_CASES, ids=CONFIG_IDS)
 @pytest.mark.parametrize("dtype", [BF16, FP16], ids=str)
-def test_autotuned_configs_on_gpu(monkeypatch, dtype):
-    _run_configs(monkeypatch, DEV, dtype, [1030, 0, 77, 513], 392, 520, GPU_TOL[dtype])
+def test_autotuned_configs_on_gpu(monkeypatch, dtype, configs):
+    fwd_cfg, dw_cfg = configs
+    _run_config(monkeypatch, DEV, dtype, [1030, 0, 77, 513], 392, 520, GPU_TOL[dtype], fwd_cfg, dw_cfg)
 
 
 # ---- int64 indexing ------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import sparsemm_kernels as smk
-from sparsemm_kernels.utils.testing import Tol, assert_close_verbose
+from sparsemm_kernels.utils.testing import EPS, Tol, assert_close_verbose
 
 PKG = pathlib.Path(smk.__file__).parent
 # The hot path, and utils/checks.py which every op calls (its value checks must stay asynchronous on CUDA).
@@ -44,6 +44,9 @@ ALLOWED = {
         "CPU offsets: the C++ kernel needs them sorted",
     ("kernels/cpu.py", "_check_row_range", "int(used.min())"): "CPU rows: range check before the C++ gather",
     ("kernels/cpu.py", "_check_row_range", "int(used.max())"): "CPU rows: range check before the C++ gather",
+    ("kernels/cpu.py", "group_norm_fwd_cpu", "float(eps)"): "a Python float argument, converted for the C++ call",
+    ("kernels/cpu.py", "group_norm_fwd_cpu", "bool(is_rms)"): "a Python bool argument, converted for the C++ call",
+    ("kernels/cpu.py", "group_norm_bwd_cpu", "bool(is_rms)"): "a Python bool argument, converted for the C++ call",
     # plan.py: the cpu backend's error path; the ids are a CPU tensor there.
     ("plan.py", "_group_plan", "int(ids[first_bad])"): "cpu backend only: one CPU id read to word the ValueError",
     # The torch backend loops over groups on the host (documented: the CPU fast path and the correctness fallback
@@ -492,17 +495,33 @@ def _training_model(kind: str, dev):
     return smk.nn.MoMaTransformer(256, 128, 2, 4, 256, (2, 2), mod_capacity=0.25, device=dev, dtype=torch.bfloat16)
 
 
+# Graph replay vs the same step run eagerly on the same inputs and parameters: the same kernels on the same data,
+# so equal up to the run-to-run noise of any kernel that reduces in an unfixed order (e.g. SDPA's backward),
+# which moves a bf16 result by about one rounding: 2 eps(bf16) * |want| per element, plus 4 eps(bf16) times the
+# gradient's root mean square for the small elements that noise carried from other layers lands on. A graph that
+# skipped a kernel or read stale inputs is off by O(1) of that scale. The loss (float32, from bf16 logits) gets
+# the relative part only; parameters after the update 1 eps(bf16) * rms(p) for elements rounded to near zero.
+_GRAPH_LOSS_TOL = Tol(rtol=2 * EPS[torch.bfloat16], atol=0.0)
+_GRAPH_GRAD_TOL = Tol(rtol=2 * EPS[torch.bfloat16], atol=4 * EPS[torch.bfloat16])
+_GRAPH_PARAM_TOL = Tol(rtol=2 * EPS[torch.bfloat16], atol=EPS[torch.bfloat16])
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["mot", "moma", "mod-moma"])
 def test_training_step_captured_in_a_cuda_graph(kind):
-    """A whole training step (loss, backward, SGD update) of a MoT, MoMa and MoD + MoMa model in one CUDA graph,
-    replayed on new tokens: the parameters after the replay equal an eager step from the same start."""
+    """A whole training step (loss, backward, SGD update) of a MoT, MoMa and MoD + MoMa model in one CUDA graph.
+
+    Each replay -- on the tokens it was captured with, then on new ones copied into the same static inputs --
+    must give the loss and gradients (the graph's static outputs) and the updated parameters of an eager step on
+    the same inputs from the same parameters; and the replay on new tokens must give new outputs."""
     dev = torch.device("cuda")
     torch.manual_seed(0)
     model = _training_model(kind, dev)
     params = list(model.parameters())
+    names = [n for n, _ in model.named_parameters()]
     tokens = torch.randint(0, 256, (2, 64), device=dev)
     ids = torch.randint(0, 2, (2, 64), device=dev)
+    lr = 0.1  # big enough that the update moves many bf16 parameters by at least one ulp (checked below)
 
     def step():
         logits = model(tokens, ids)
@@ -510,8 +529,8 @@ def test_training_step_captured_in_a_cuda_graph(kind):
         grads = torch.autograd.grad(loss, params)
         with torch.no_grad():
             for p, g in zip(params, grads):
-                p.sub_(1e-3 * g)
-        return loss
+                p.sub_(lr * g)
+        return [loss.detach(), *grads]
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -521,18 +540,44 @@ def test_training_step_captured_in_a_cuda_graph(kind):
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        step()
-    start = [p.detach().clone() for p in params]
+        static_out = step()  # [loss, *grads]: the graph's static outputs, rewritten by every replay
+
+    def replay_matches_eager(what):
+        """Replay, then rerun the step eagerly from the same parameters on the same inputs; compare. Returns the
+        replay's [loss, *grads] (copies) and leaves the parameters as the eager step left them."""
+        start = [p.detach().clone() for p in params]
+        graph.replay()
+        torch.cuda.synchronize()
+        got = [t.clone() for t in static_out]
+        got_params = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, s in zip(params, start):
+                p.copy_(s)
+        want = step()
+        torch.cuda.synchronize()
+        assert_close_verbose(got[0], want[0].double(), torch.bfloat16, f"graph {kind} loss ({what})",
+                             tol=_GRAPH_LOSS_TOL)
+        for name, g, w in zip(names, got[1:], want[1:]):
+            assert_close_verbose(g, w.double(), torch.bfloat16, f"graph {kind} d{name} ({what})", tol=_GRAPH_GRAD_TOL)
+        moved_graph = moved_eager = 0
+        for name, p, g, s in zip(names, params, got_params, start):
+            assert_close_verbose(g, p.detach().double(), torch.bfloat16,
+                                 f"graph {kind} {name} after the update ({what})", tol=_GRAPH_PARAM_TOL)
+            moved_graph += int((g != s).sum())
+            moved_eager += int((p.detach() != s).sum())
+        # The update is in the graph: it moves the parameters the eager step moves (up to a rare rounding flip).
+        assert moved_eager > 0, f"{kind} ({what}): the eager update moved no parameter; raise lr"
+        assert moved_graph >= 0.9 * moved_eager, (
+            f"{kind} ({what}): the replay moved {moved_graph} parameter elements, the eager step {moved_eager}")
+        return got
+
+    first = replay_matches_eager("capture tokens")
     with torch.no_grad():
         tokens.copy_(torch.randint(0, 256, tokens.shape, device=dev))
         ids.copy_(torch.randint(0, 2, ids.shape, device=dev))
-    graph.replay()
-    torch.cuda.synchronize()
-    replayed = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        for p, s in zip(params, start):
-            p.copy_(s)
-    step()
-    for (name, p), got in zip(model.named_parameters(), replayed):
-        assert_close_verbose(got, p.detach().double(), torch.bfloat16, f"graph {kind} {name}",
-                             tol=Tol(rtol=0.0, atol=1e-2))
+    second = replay_matches_eager("new tokens")
+    # New inputs, new outputs: a replay that read stale inputs (or wrote nothing) would repeat the first ones.
+    assert not torch.equal(first[0], second[0]), f"graph {kind}: the loss did not change with the tokens"
+    for name, a, b in zip(names, first[1:], second[1:]):
+        if a.any() or b.any():
+            assert not torch.equal(a, b), f"graph {kind}: d{name} did not change with the tokens"
