@@ -60,6 +60,7 @@ _ALL_IMPLEMENTED: dict[str, tuple[str, ...]] = {
     "token_choice_route": ("triton", "cpu", "torch"),
     "expert_choice_route": ("triton", "cpu", "torch"),
 }
+_STRICT = frozenset(BACKENDS)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _CPU_GEMM_DTYPES = (torch.float32, torch.float64)
 
@@ -179,8 +180,19 @@ def select_backend(op: str, device: torch.device, dtype: torch.dtype, requested:
     automatic selection.
     """
     # Every op call asks; the answer depends only on these (and on what is installed, fixed per process).
+    if requested in _STRICT:  # a backend named outright: the environment does not enter (and is not read)
+        return _select_cached(op, device.type, dtype, requested, "", requested == "triton" and is_interpreting())
     env = os.environ.get("SPARSEMM_BACKEND", "")
     return _select_cached(op, device.type, dtype, check_backend_name(requested), env, is_interpreting())
+
+
+def resolve_backend(op: str, x: torch.Tensor, requested: str | None) -> str | None:
+    """The backend an eager call of ``op`` on ``x`` runs, as a strict name, for a public function to hand to its
+    op: the op's own selections (forward and backward) then neither re-walk the priorities nor read the
+    environment. Under ``torch.compile`` the request itself, resolved when the op runs."""
+    if torch.compiler.is_compiling():
+        return requested
+    return select_backend(op, x.device, x.dtype, requested)
 
 
 @functools.lru_cache(maxsize=1024)

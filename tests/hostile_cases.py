@@ -155,6 +155,23 @@ def case_norm_ids(name, values, backend, device):
     _finite(w.grad, "dw")
 
 
+def case_norm_offsets(name, values, backend, device):
+    """Grouped LayerNorm over bad offsets: unchecked, rows are grouped as by the sanitized offsets (clamped
+    into [0, T], made non-decreasing), as the documented semantics say."""
+    offsets = torch.tensor(values, device=device)
+    x = torch.randn(T, 8, device=device, requires_grad=True)
+    w = (torch.rand(G, 8, device=device) + 0.5).requires_grad_(True)
+    b = torch.randn(G, 8, device=device, requires_grad=True)
+    _expect_value_error(lambda: smk.grouped_layer_norm(x, w, b, offsets, backend=backend, validate=True), "offsets")
+    y = smk.grouped_layer_norm(x, w, b, offsets, backend=backend, validate=False)
+    want = smk.grouped_layer_norm(x, w, b, sanitized_offsets(offsets, T), backend="torch")
+    _finite(y, "y")
+    _close(y, want.double().detach().cpu(), "y")
+    y.square().sum().backward()
+    for t, n in ((x, "dx"), (w, "dw"), (b, "db")):
+        _finite(t.grad, n)
+
+
 def cases(family):
     if family == "offsets":
         return [(n, case_offsets, (n, v)) for n, v in BAD_OFFSETS.items()]
@@ -166,6 +183,8 @@ def cases(family):
         return [(n, case_ids, (n, v)) for n, v in BAD_IDS.items()]
     if family == "norm-ids":
         return [(n, case_norm_ids, (n, v)) for n, v in BAD_IDS.items()]
+    if family == "norm-offsets":
+        return [(n, case_norm_offsets, (n, v)) for n, v in BAD_OFFSETS.items()]
     raise SystemExit(f"unknown family {family!r}")
 
 

@@ -40,10 +40,14 @@ PLAN = "sparsemm_kernels/kernels/triton/group_plan.py"
 CPU = "sparsemm_kernels/kernels/cpu.py"
 CXX_GEMM = "csrc/cpu/grouped_gemm.cpp"
 CXX_PLAN = "csrc/cpu/group_plan.cpp"
+CXX_NORM = "csrc/cpu/group_norm.cpp"
+CXX_SWIGLU = "csrc/cpu/swiglu.cpp"
 
 T_GEMM = ["tests/ops/test_grouped_mm.py", "tests/nn/test_mot_linear.py"]
 T_CXX_GEMM = ["tests/test_extension.py", "tests/ops/test_grouped_mm.py"]
 T_NORMS = ["tests/ops/test_norms.py", "tests/nn/test_norms.py"]
+T_CXX_NORM = ["tests/test_cpu_kernels.py", "tests/ops/test_norms.py"]
+T_CXX_SWIGLU = ["tests/test_cpu_kernels.py", "tests/ops/test_swiglu.py"]
 T_SWIGLU = ["tests/ops/test_swiglu.py", "tests/ops/test_silu_mul.py"]
 T_PLAN = ["tests/test_plan.py"]
 T_STREAM = ["tests/test_sorted_stream.py"]
@@ -83,7 +87,7 @@ MUTATIONS = [
     ),
     Mutation(
         "torch-gemm-bias-dropped", OPS_GEMM,
-        "torch.addmm(bias[g], a[s:e], w[g].t(), out=out[s:e])", "torch.mm(a[s:e], w[g].t(), out=out[s:e])",
+        "torch.addmm(bias[g], a[s:e], wt[g], out=out[s:e])", "torch.mm(a[s:e], wt[g], out=out[s:e])",
         T_GEMM, "torch backend (the CPU fast path): bias never added",
     ),
     Mutation(
@@ -434,6 +438,50 @@ MUTATIONS = [
         "real = (index >= 0) & (index < min(num_real, num_rows))", "real = (index >= 0) & (index < num_real)",
         ["tests/ops/test_mod_combine.py"],
         "mod_combine (kernel path) writes a slot for an index past the rows",
+    ),
+    Mutation(
+        "cpp-norm-eps-dropped", CXX_NORM,
+        "const T rstd = T(1) / std::sqrt(ss * inv_d + T(eps));", "const T rstd = T(1) / std::sqrt(ss * inv_d);",
+        T_CXX_NORM, "C++ norms: eps left out of the statistics",
+    ),
+    Mutation(
+        "cpp-norm-layer-dx-mean-term-dropped", CXX_NORM,
+        "c2 = p.is_rms ? T(0) : c2 * inv_d;", "c2 = T(0);", T_CXX_NORM,
+        "C++ LayerNorm backward forgets the mean of dy w",
+    ),
+    Mutation(
+        "cpp-norm-last-chunk-dropped", CXX_NORM,
+        "if (touched[c * G + g]) s += part[c * G * D + i];",
+        "if (touched[c * G + g] && c + 1 < chunks) s += part[c * G * D + i];", T_CXX_NORM,
+        "C++ norm weight gradient leaves out the last chunk of rows",
+    ),
+    Mutation(
+        "cpp-norm-boundary-row-to-next-group", CXX_NORM,
+        "std::upper_bound(offsets + 1, offsets + groups + 1, r)",
+        "std::lower_bound(offsets + 1, offsets + groups + 1, r)", T_CXX_NORM,
+        "C++ grouped norm: the last row of a group uses the next group's weights",
+    ),
+    Mutation(
+        "cpp-swiglu-negative-sigmoid", CXX_SWIGLU,
+        "return x >= 0.0f ? r : e * r;", "return r;", T_CXX_SWIGLU,
+        "C++ SwiGLU (float32): sigmoid of a negative gate computed as of its absolute value",
+    ),
+    Mutation(
+        "cpp-swiglu-task-last-row-skipped", CXX_SWIGLU,
+        "for (int64_t r = r0; r < std::min(rows, r0 + rows_per_task); ++r)",
+        "for (int64_t r = r0; r + 1 < std::min(rows, r0 + rows_per_task); ++r)", T_CXX_SWIGLU,
+        "C++ SwiGLU leaves the last row of every task unwritten",
+    ),
+    Mutation(
+        "cpp-swiglu-dgate-derivative-of-sigmoid-dropped", CXX_SWIGLU,
+        "dg[i] = d * u[i] * s * (T(1) + g[i] * (T(1) - s));", "dg[i] = d * u[i] * s;", T_CXX_SWIGLU,
+        "C++ SwiGLU backward treats the sigmoid as a constant",
+    ),
+    Mutation(
+        "cpu-norm-unchecked-offsets-unsanitized", OPS_NORMS,
+        "return group_norm_fwd_cpu(x, weight, bias, eps, is_rms, offsets=_read_offsets(offsets, x.shape[0], mode))",
+        "return group_norm_fwd_cpu(x, weight, bias, eps, is_rms, offsets=offsets)", T_HOSTILE,
+        "cpu grouped norm: unchecked bad offsets reach the C++ kernel as they are (it refuses them)",
     ),
 ]
 

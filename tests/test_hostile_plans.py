@@ -19,6 +19,7 @@ FAMILIES = {  # family -> (op whose backends it covers)
     "plans": "grouped_mm",
     "ids": "group_plan",
     "norm-ids": "modality_norm",
+    "norm-offsets": "modality_norm",
 }
 PARAMS = [
     pytest.param(family, backend, device, marks=[pytest.mark.gpu] if device == "cuda" else [])

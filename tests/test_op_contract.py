@@ -72,7 +72,7 @@ def test_opcheck_grouped_gemm(backend):
         opcheck(op, args)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "cpu", "torch"])
 def test_opcheck_norms_and_swiglu(backend):
     _skip_unless("modality_norm", backend)
     for _name, op, args in _norm_cases(backend):
@@ -292,14 +292,18 @@ def test_module_backend_is_a_preference():
     model = copy.deepcopy(ref)
     for m in model.modules():
         if hasattr(m, "backend"):
-            m.backend = "cpu"  # cpu has the GEMM and the plan, not the norms or SwiGLU
+            m.backend = "cpu"  # cpu has the plan, GEMM, norms and SwiGLU in float32/float64, none in bfloat16
     tokens, ids = torch.randint(0, 30, (B, S)), torch.randint(0, 2, (B, S))
     torch.testing.assert_close(model(tokens, ids), ref(tokens, ids), rtol=1e-5, atol=1e-5)
     built = MoTTransformer(30, D, 1, 4, 48, 2, backend="cpu")
     built(tokens, ids).sum().backward()
+    # In bfloat16 the preference falls back for every op but the plan, where a strict name would raise.
+    bf, ref_bf = copy.deepcopy(model).to(torch.bfloat16), copy.deepcopy(ref).to(torch.bfloat16)
+    torch.testing.assert_close(bf(tokens, ids), ref_bf(tokens, ids))
     # A per-op backend stays strict.
     with pytest.raises(smk.BackendUnavailableError, match="modality_norm"):
-        smk.modality_rms_norm(torch.randn(4, 8), torch.zeros(4, dtype=torch.long), torch.ones(2, 8), backend="cpu")
+        smk.modality_rms_norm(torch.randn(4, 8, dtype=torch.bfloat16), torch.zeros(4, dtype=torch.long),
+                              torch.ones(2, 8, dtype=torch.bfloat16), backend="cpu")
 
 
 def test_environment_backend_is_a_preference(monkeypatch):

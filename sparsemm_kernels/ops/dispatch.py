@@ -99,7 +99,9 @@ class Op:
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         if any(type(t) not in _PLAIN for t in tensors):  # fake, functional or another subclass: the dispatcher
             return self.custom_op(*args)
-        if self.backward is not None and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        if not torch.is_grad_enabled():  # a backward formula's inner ops land here: no context to enter
+            return self.impl(*args)
+        if self.backward is not None and any(t.requires_grad for t in tensors):
             return _EagerAutograd.apply(self, *args)
         with torch.no_grad():  # as under the dispatcher: an op's implementation is never recorded by autograd
             return self.impl(*args)

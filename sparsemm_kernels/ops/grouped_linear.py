@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from sparsemm_kernels.backend import check_backend_name, select_backend
+from sparsemm_kernels.backend import check_backend_name, resolve_backend, select_backend
 from sparsemm_kernels.ops.dispatch import Op
 from sparsemm_kernels.plan import GroupPlan
 from sparsemm_kernels.utils.checks import (
@@ -77,8 +77,8 @@ def _aten_grouped_mm(a: torch.Tensor, b: torch.Tensor, bounds: list[int]) -> tor
     """Every group's ``a[s:e] @ b[g]`` (``b (G, K, N)``, out ``(T, N)``), or with ``a`` of shape ``(K, T)`` every
     ``a[:, s:e] @ b[s:e]`` (out ``(G, K, N)``, zeros for an empty group), by ``torch._grouped_mm`` in one call; None
     where it does not run (not the CPU float32 case with many groups, or strides it refuses): the caller loops."""
-    if (not _HAS_ATEN_GROUPED_MM or a.device.type != "cpu" or a.dtype != torch.float32 or b.dtype != a.dtype
-            or len(bounds) - 1 < ATEN_GROUPED_MM_MIN_GROUPS or min(a.shape) == 0 or min(b.shape) == 0):
+    if (len(bounds) - 1 < ATEN_GROUPED_MM_MIN_GROUPS or not _HAS_ATEN_GROUPED_MM or a.device.type != "cpu"
+            or a.dtype != torch.float32 or b.dtype != a.dtype or min(a.shape) == 0 or min(b.shape) == 0):
         return None
     for t in (a, b):  # its layout rules: one unit stride in the last two dims, the other 16-byte aligned
         if not (t.stride(-1) == 1 or t.stride(-2) == 1) or any(st % 4 for st in t.stride()[-2:] if st != 1):
@@ -99,16 +99,17 @@ def _gemm_torch(x, weight, bias, offsets, rows, gather_a, scatter_c, transpose_w
     bounds = _host_offsets(offsets, T, mode).tolist()  # sync-ok: the torch backend loops on the host
     idx, valid = _valid_rows(rows, T, mode)
     a = x.index_select(0, idx) if gather_a else x
-    out = _aten_grouped_mm(a, w.transpose(1, 2), bounds) if bias is None else None
+    wt = w.transpose(1, 2)  # (G, K, J): each group's right-hand operand
+    out = _aten_grouped_mm(a, wt, bounds) if bias is None else None
     if out is None:
         out = torch.empty(T, w.shape[1], dtype=x.dtype, device=x.device)
         for g in range(w.shape[0]):
             s, e = bounds[g], bounds[g + 1]
             if e > s:
                 if bias is not None:
-                    torch.addmm(bias[g], a[s:e], w[g].t(), out=out[s:e])
+                    torch.addmm(bias[g], a[s:e], wt[g], out=out[s:e])
                 else:
-                    torch.mm(a[s:e], w[g].t(), out=out[s:e])
+                    torch.mm(a[s:e], wt[g], out=out[s:e])
     if valid is not None:  # unchecked plan: a position whose row does not exist writes nothing
         out = out * valid[:, None]
     if not scatter_c:
@@ -377,7 +378,7 @@ def grouped_mm(
     x, weight, bias = autocast_to(x, weight, bias)
     _check_operands(x, weight, bias)
     check_offsets_tensor(offsets, weight.shape[0], x)
-    backend = check_backend_name(backend)
+    backend = resolve_backend("grouped_mm", x, check_backend_name(backend))
     offsets = offsets.to(torch.int64).contiguous()
     mode = validation_mode(validate, x.device)
     return grouped_gemm_op(x, weight, bias, offsets, None, False, False, False, mode, backend)
@@ -426,7 +427,7 @@ def grouped_linear(
     for name, order in (("input_order", input_order), ("output_order", output_order)):
         if order not in _ORDERS:
             raise ValueError(f"`{name}` must be 'token' or 'sorted', got {order!r}")
-    backend = check_backend_name(backend)
+    backend = resolve_backend("grouped_mm", x, check_backend_name(backend))
     mode = TRUSTED if plan.trusted else validation_mode(validate, x.device)
     gather, scatter = input_order == "token", output_order == "token"
     rows = plan.sorted_to_orig.contiguous() if (gather or scatter) else None

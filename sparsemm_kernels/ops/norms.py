@@ -62,6 +62,11 @@ def _select(x: torch.Tensor, backend: str | None) -> str:
     return name
 
 
+def _resolve(x: torch.Tensor, backend: str | None) -> str | None:
+    """The backend an eager call runs, as a strict name for the op (see ``backend.resolve_backend``)."""
+    return backend if torch.compiler.is_compiling() else _select(x, backend)
+
+
 def _norm_torch(x, ids, weight, bias, eps: float, is_rms: bool):
     """The reference, with ids clamped into the weight range (an unchecked bad id reads a valid row)."""
     ids = ids.clamp(0, weight.shape[0] - 1)
@@ -207,9 +212,9 @@ def _group_of_rows(offsets: torch.Tensor, num_rows: int) -> torch.Tensor:
     return torch.searchsorted(offsets[1:].contiguous(), rows, right=True).clamp_(max=offsets.shape[0] - 2)
 
 
-def _cpu_offsets(offsets: torch.Tensor, num_rows: int, mode: str) -> torch.Tensor:
-    """Offsets for the C++ norms, which refuse unsorted ones: sanitized when unchecked (as the torch path reads
-    them)."""
+def _read_offsets(offsets: torch.Tensor, num_rows: int, mode: str) -> torch.Tensor:
+    """Offsets as the kernels read them: sanitized when unchecked (clamped into [0, T], made non-decreasing, on
+    the device), as the torch path and :func:`~sparsemm_kernels.grouped_mm` read them."""
     return sanitized_offsets(offsets, num_rows) if mode == OFF else offsets
 
 
@@ -294,10 +299,10 @@ def _grouped_norm(
     if name == "torch":
         return _grouped_norm_torch(x, weight, bias, offsets, eps, is_rms, mode)
     if name == "cpu":
-        return group_norm_fwd_cpu(x, weight, bias, eps, is_rms, offsets=_cpu_offsets(offsets, x.shape[0], mode))
+        return group_norm_fwd_cpu(x, weight, bias, eps, is_rms, offsets=_read_offsets(offsets, x.shape[0], mode))
     from sparsemm_kernels.kernels.triton.norms import modality_norm_fwd
 
-    ids = _group_of_rows(offsets, x.shape[0])
+    ids = _group_of_rows(_read_offsets(offsets, x.shape[0], mode), x.shape[0])
     bias = bias.contiguous() if bias is not None else None
     y, mean, rstd = modality_norm_fwd(x.unsqueeze(1), ids, weight.contiguous(), bias, eps, is_rms=is_rms)
     return y.view(x.shape), (mean if mean is not None else rstd.new_empty(0)), rstd
@@ -331,13 +336,13 @@ def _grouped_norm_bwd(
         dx, dw, db = _grouped_norm_bwd_torch(dy, x, weight, offsets, mean, rstd, need_dx, need_dw, need_db, mode)
     elif name == "cpu":
         dx, dw, db = group_norm_bwd_cpu(
-            dy, x, weight, mean, rstd, is_rms, offsets=_cpu_offsets(offsets, x.shape[0], mode), need_dx=need_dx,
+            dy, x, weight, mean, rstd, is_rms, offsets=_read_offsets(offsets, x.shape[0], mode), need_dx=need_dx,
             need_dw=need_dw, need_db=need_db,
         )
     else:
         from sparsemm_kernels.kernels.triton.norms import modality_norm_bwd
 
-        ids = _group_of_rows(offsets, x.shape[0])
+        ids = _group_of_rows(_read_offsets(offsets, x.shape[0], mode), x.shape[0])
         dx, dw, db = modality_norm_bwd(
             dy.reshape(x.shape[0], 1, x.shape[1]), x.unsqueeze(1), ids, weight.contiguous(),
             mean if not is_rms else None, rstd, is_rms=is_rms, compute_dx=need_dx, compute_dw=need_dw,
@@ -484,7 +489,7 @@ def _modality_norm_call(x, modality_ids, weight, bias, eps, is_rms: bool, backen
     # Under autocast a norm runs in float32, as torch's own layer_norm does.
     x, weight, bias = autocast_to(x, weight, bias, policy="fp32")
     eps = _check_operands(x, modality_ids, weight, bias, eps)
-    backend = check_backend_name(backend)
+    backend = _resolve(x, check_backend_name(backend))
     mode = validation_mode(validate, modality_ids.device)
     y, _, _ = modality_norm_op(x, modality_ids, weight, bias, eps, is_rms, mode, backend)
     return y
@@ -501,7 +506,7 @@ def _grouped_norm_call(x, weight, bias, offsets, eps, is_rms: bool, backend, val
         _check_param(bias, "bias", x, weight.shape[0])
     check_offsets_tensor(offsets, weight.shape[0], x)
     eps = check_eps(eps)
-    backend = check_backend_name(backend)
+    backend = _resolve(x, check_backend_name(backend))
     mode = TRUSTED if trusted else validation_mode(validate, x.device)
     offsets = offsets.to(torch.int64).contiguous()
     y, _, _ = grouped_norm_op(x, weight, bias, offsets, eps, is_rms, mode, backend)
@@ -526,8 +531,9 @@ def grouped_rms_norm(
     """Per-group RMSNorm of rows already grouped (a plan's sorted stream), the norm beside :func:`grouped_mm`:
     rows ``offsets[g]:offsets[g+1]`` of ``x (T, D)`` get ``x / sqrt(mean_d(x^2) + eps) * weight[g]``.
 
-    On the ``torch`` backend (the CPU default) one fused unweighted norm covers all rows, then each group's
-    slice is scaled by its weights (no ``weight[ids]`` tensor); the weight gradient is a per-slice sum.
+    On the ``cpu`` backend (the CPU default for float32/float64) one C++ pass per row, forward and backward; on the
+    ``torch`` backend one fused unweighted norm covers all rows, then each group's slice is scaled by its weights
+    (no ``weight[ids]`` tensor); the weight gradient is a per-slice sum.
     ``offsets`` as in :func:`grouped_mm` (``validate`` likewise); ``weight (G, D)``. Returns ``x.shape`` in
     ``x``'s dtype (float32 under autocast); differentiable in ``x`` and ``weight`` (first derivatives).
     """

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sparsemm_kernels.backend import check_backend_name, select_backend
+from sparsemm_kernels.backend import check_backend_name, resolve_backend, select_backend
 from sparsemm_kernels.kernels.cpu import silu_mul_bwd_cpu, silu_mul_fwd_cpu, swiglu_bwd_cpu, swiglu_fwd_cpu
 from sparsemm_kernels.ops.dispatch import Op
 from sparsemm_kernels.reference.swiglu import silu_mul_bwd_ref, silu_mul_ref, swiglu_bwd_ref, swiglu_ref
@@ -153,7 +153,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None
     Args:
         gate, up: ``(..., H)`` float16 | bfloat16 | float32 | float64 of one shape, dtype and device; any row
             strides.
-        backend: ``"triton"``, ``"torch"`` or ``"auto"``/None.
+        backend: ``"triton"``, ``"cpu"``, ``"torch"`` or ``"auto"``/None.
 
     Returns:
         ``(..., H)`` in ``gate``'s dtype; differentiable in ``gate`` and ``up`` (first derivatives only).
@@ -168,7 +168,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None
         raise ValueError(f"`up` is on {up.device} but `gate` is on {gate.device}")
     if gate.dim() < 1:
         raise ValueError("`gate` must be at least 1-D (..., H), got a 0-d tensor")
-    return silu_mul_op(gate, up, check_backend_name(backend))
+    return silu_mul_op(gate, up, resolve_backend("swiglu", gate, check_backend_name(backend)))
 
 
 def swiglu(gate_up: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
@@ -183,7 +183,7 @@ def swiglu(gate_up: torch.Tensor, *, backend: str | None = None) -> torch.Tensor
         gate_up: ``(..., 2H)`` float16 | bfloat16 | float32 | float64, at least 1-D with an even last
             dimension; the gate in the first ``H`` columns, the up projection in the last ``H``. May be
             non-contiguous (a row stride costs nothing; a non-unit column stride costs a copy).
-        backend: ``"triton"``, ``"torch"`` or ``"auto"``/None (see :mod:`sparsemm_kernels.backend`).
+        backend: ``"triton"``, ``"cpu"``, ``"torch"`` or ``"auto"``/None (see :mod:`sparsemm_kernels.backend`).
 
     Returns:
         ``(..., H)`` in ``gate_up``'s dtype (autocast leaves it alone, as torch does for ``silu``),
@@ -197,4 +197,4 @@ def swiglu(gate_up: torch.Tensor, *, backend: str | None = None) -> torch.Tensor
         raise ValueError("`gate_up` must be at least 1-D (..., 2H), got a 0-d tensor")
     if gate_up.shape[-1] % 2:
         raise ValueError(f"`gate_up` must have an even last dimension (..., 2H), got shape {tuple(gate_up.shape)}")
-    return swiglu_op(gate_up, check_backend_name(backend))
+    return swiglu_op(gate_up, resolve_backend("swiglu", gate_up, check_backend_name(backend)))
