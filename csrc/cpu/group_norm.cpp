@@ -87,12 +87,12 @@ void backward_rows(const Norm<T>& p, const T* dy, int64_t dy_stride, const T* me
   const int64_t D = p.dim, G = p.groups;
   const T inv_d = T(1) / T(D);
   const bool need_w = dw != nullptr, need_b = db != nullptr;
-  // Fixed chunks of rows, each with its own double partial sums of dW (and db) per group.
-  int64_t chunks = 1;
+  // Fixed chunks of rows, each with its own double partial sums of dW (and db) per group; without weight
+  // gradients nothing is summed across rows and every 256-row block is a chunk of its own.
+  int64_t chunks = std::max<int64_t>(1, (p.rows + kRowsPerChunk - 1) / kRowsPerChunk);
   if (need_w || need_b) {
     const int64_t per_chunk = G * D * int64_t(sizeof(double)) * (need_w + need_b);
-    chunks = std::max<int64_t>(1, std::min({kMaxChunks, (p.rows + kRowsPerChunk - 1) / kRowsPerChunk,
-                                            kPartialBudgetBytes / std::max<int64_t>(per_chunk, 1)}));
+    chunks = std::max<int64_t>(1, std::min({kMaxChunks, chunks, kPartialBudgetBytes / per_chunk}));
   }
   const int64_t rows_per_chunk = (p.rows + chunks - 1) / chunks;
   std::vector<double> part_w(need_w ? chunks * G * D : 0), part_b(need_b ? chunks * G * D : 0);
