@@ -8,11 +8,6 @@ come from the poisoned allocator (conftest), so a value left unwritten shows as 
 backend through the public API.
 """
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,6 +22,7 @@ from sparsemm_kernels.kernels.cpu import (
     swiglu_fwd_cpu,
 )
 from sparsemm_kernels.utils.testing import EPS
+from tests.test_extension import assert_same_on_1_and_3_threads
 
 pytestmark = pytest.mark.skipif(not _ext.is_available(), reason="sparsemm_kernels._C is not built")
 C = _ext.load()
@@ -307,12 +303,4 @@ torch.save([y, rstd, *grads, swiglu_fwd_cpu(gu), swiglu_bwd_cpu(gu, dy[:300, :1]
 
 def test_results_do_not_depend_on_thread_count(tmp_path):
     """The weight gradients are summed over fixed row chunks: bit-identical on 1 and 3 threads."""
-    results = []
-    for threads in ("1", "3"):
-        path = tmp_path / f"t{threads}.pt"
-        pkg_root = str(Path(_ext.__file__).resolve().parents[1])
-        env = dict(os.environ, OMP_NUM_THREADS=threads, PYTHONPATH=pkg_root)
-        subprocess.run([sys.executable, "-c", _THREADS_SCRIPT, str(path)], env=env, check=True, timeout=300)
-        results.append(torch.load(path))
-    for one, many in zip(*results):
-        assert torch.equal(one, many)
+    assert_same_on_1_and_3_threads(_THREADS_SCRIPT, tmp_path)

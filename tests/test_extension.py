@@ -340,17 +340,23 @@ torch.save([y, dx, dw, db], sys.argv[1])
 """
 
 
-def test_cpu_gemm_results_do_not_depend_on_thread_count(tmp_path):
+def assert_same_on_1_and_3_threads(script: str, tmp_path) -> None:
+    """Run ``script`` (it saves a list of tensors to ``sys.argv[1]``) in a child with 1 and with 3 OpenMP threads:
+    every tensor must come out bit for bit the same."""
     results = []
     for threads in ("1", "3"):
         path = tmp_path / f"t{threads}.pt"
         # The child must import the same sparsemm_kernels (source tree or install) as this process.
         pkg_root = str(Path(_ext.__file__).resolve().parents[1])
         env = dict(os.environ, OMP_NUM_THREADS=threads, PYTHONPATH=pkg_root)
-        subprocess.run([sys.executable, "-c", _THREADS_SCRIPT, str(path)], env=env, check=True, timeout=300)
+        subprocess.run([sys.executable, "-c", script, str(path)], env=env, check=True, timeout=300)
         results.append(torch.load(path))
     for one, many in zip(*results):
         assert torch.equal(one, many)
+
+
+def test_cpu_gemm_results_do_not_depend_on_thread_count(tmp_path):
+    assert_same_on_1_and_3_threads(_THREADS_SCRIPT, tmp_path)
 
 
 def _gemm_args(dtype=torch.float32):
