@@ -442,34 +442,40 @@ def _same_shape(ref: torch.Tensor, ref_name: str, t: torch.Tensor, name: str) ->
         raise ValueError(f"`{name}` must have `{ref_name}`'s shape {tuple(ref.shape)}, got {tuple(t.shape)}")
 
 
+def _silu_mul_rows(g: torch.Tensor, u: torch.Tensor, h: torch.Tensor) -> None:
+    """``h = silu(g) * u`` over ``(rows, H)`` views with unit column strides (C++)."""
+    _ext.require().silu_mul_fwd_cpu(g.data_ptr(), g.stride(0), u.data_ptr(), u.stride(0), h.data_ptr(), h.stride(0),
+                                    g.shape[0], g.shape[1], _ext.dtype_code(g.dtype))
+
+
+def _silu_mul_bwd_rows(g, u, d, dg, du) -> None:
+    """``dg, du`` of :func:`_silu_mul_rows` from ``d`` (C++); ``(rows, H)`` views with unit column strides."""
+    _ext.require().silu_mul_bwd_cpu(g.data_ptr(), g.stride(0), u.data_ptr(), u.stride(0), d.data_ptr(), d.stride(0),
+                                    dg.data_ptr(), dg.stride(0), du.data_ptr(), du.stride(0), g.shape[0], g.shape[1],
+                                    _ext.dtype_code(g.dtype))
+
+
 def silu_mul_fwd_cpu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` (C++, one pass, float32/float64): ``gate``, ``up`` of one shape, any strides; the
     result contiguous in that shape."""
-    c = _ext.require()
     _same_shape(gate, "gate", up, "up")
     H = gate.shape[-1] if gate.dim() else 1
     h = torch.empty(gate.shape, dtype=gate.dtype)
-    if h.numel() == 0:
-        return h
-    g, u = _activation_rows(gate, "gate", H), _activation_rows(up, "up", H)
-    c.silu_mul_fwd_cpu(g.data_ptr(), g.stride(0), u.data_ptr(), u.stride(0), h.data_ptr(), H, g.shape[0], H,
-                       _ext.dtype_code(gate.dtype))
+    if h.numel():
+        _silu_mul_rows(_activation_rows(gate, "gate", H), _activation_rows(up, "up", H), h.view(-1, H))
     return h
 
 
 def silu_mul_bwd_cpu(gate: torch.Tensor, up: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(d gate, d up) = (dy * up * s * (1 + gate (1 - s)), dy * silu(gate))``, ``s = sigmoid(gate)`` (C++, one
     pass); contiguous, in ``gate``'s shape."""
-    c = _ext.require()
     _same_shape(gate, "gate", up, "up")
     _same_shape(gate, "gate", dy, "dy")
     H = gate.shape[-1] if gate.dim() else 1
     dg, du = torch.empty(gate.shape, dtype=gate.dtype), torch.empty(gate.shape, dtype=gate.dtype)
-    if dg.numel() == 0:
-        return dg, du
-    g, u, d = (_activation_rows(t, n, H) for t, n in ((gate, "gate"), (up, "up"), (dy, "dy")))
-    c.silu_mul_bwd_cpu(g.data_ptr(), g.stride(0), u.data_ptr(), u.stride(0), d.data_ptr(), d.stride(0),
-                       dg.data_ptr(), H, du.data_ptr(), H, g.shape[0], H, _ext.dtype_code(gate.dtype))
+    if dg.numel():
+        g, u, d = (_activation_rows(t, n, H) for t, n in ((gate, "gate"), (up, "up"), (dy, "dy")))
+        _silu_mul_bwd_rows(g, u, d, dg.view(-1, H), du.view(-1, H))
     return dg, du
 
 
@@ -480,34 +486,27 @@ def _half_width(gate_up: torch.Tensor) -> int:
 
 
 def swiglu_fwd_cpu(gate_up: torch.Tensor) -> torch.Tensor:
-    """``silu(a) * b`` for ``gate_up = [a | b]`` along the last dim (C++): ``(..., H)`` contiguous."""
-    c = _ext.require()
+    """``silu(a) * b`` for ``gate_up = [a | b]`` along the last dim (C++): ``(..., H)`` contiguous; the halves
+    are read in place (row stride 2H)."""
     H = _half_width(gate_up)
     h = torch.empty(*gate_up.shape[:-1], H, dtype=gate_up.dtype)
-    if h.numel() == 0:
-        return h
-    gu = _activation_rows(gate_up, "gate_up", 2 * H)
-    a = gu.data_ptr()
-    c.silu_mul_fwd_cpu(a, gu.stride(0), a + H * gu.element_size(), gu.stride(0), h.data_ptr(), H, gu.shape[0], H,
-                       _ext.dtype_code(gate_up.dtype))
+    if h.numel():
+        gu = _activation_rows(gate_up, "gate_up", 2 * H)
+        _silu_mul_rows(gu[:, :H], gu[:, H:], h.view(-1, H))
     return h
 
 
 def swiglu_bwd_cpu(gate_up: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     """``d gate_up = [dy * b * s * (1 + a (1 - s)) | dy * silu(a)]`` (C++, one pass); contiguous, gate_up's
-    shape."""
-    c = _ext.require()
+    shape, both halves written in place."""
     H = _half_width(gate_up)
     if tuple(dy.shape) != (*gate_up.shape[:-1], H):
         raise ValueError(f"`dy` must have shape {(*gate_up.shape[:-1], H)}, got {tuple(dy.shape)}")
     _check_like(gate_up, "gate_up", dy, "dy")
     dgu = torch.empty(gate_up.shape, dtype=gate_up.dtype)
-    if dgu.numel() == 0:
-        return dgu
-    gu, d = _activation_rows(gate_up, "gate_up", 2 * H), _activation_rows(dy, "dy", H)
-    a, da, size = gu.data_ptr(), dgu.data_ptr(), gu.element_size()
-    c.silu_mul_bwd_cpu(a, gu.stride(0), a + H * size, gu.stride(0), d.data_ptr(), d.stride(0), da, 2 * H,
-                       da + H * size, 2 * H, gu.shape[0], H, _ext.dtype_code(gate_up.dtype))
+    if dgu.numel():
+        gu, d, out = _activation_rows(gate_up, "gate_up", 2 * H), _activation_rows(dy, "dy", H), dgu.view(-1, 2 * H)
+        _silu_mul_bwd_rows(gu[:, :H], gu[:, H:], d, out[:, :H], out[:, H:])
     return dgu
 
 
