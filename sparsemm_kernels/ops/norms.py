@@ -237,7 +237,7 @@ def _stats(x: torch.Tensor, eps: float, is_rms: bool) -> tuple[torch.Tensor, tor
 def _grouped_norm_torch(x, weight, bias, offsets, eps: float, is_rms: bool, mode: str):
     """ATen: one fused unweighted norm over all rows, then each group's slice scaled by its weights (no
     ``weight[ids]`` tensor). Returns ``(y, mean, rstd)`` like the kernels."""
-    bounds = (sanitized_offsets(offsets, x.shape[0]) if mode == OFF else offsets).tolist()  # sync-ok: host backend
+    bounds = _read_offsets(offsets, x.shape[0], mode).tolist()  # sync-ok: host backend
     D = x.shape[-1]
     xf, mean, rstd = _stats(x, eps, is_rms)
     x_hat = F.rms_norm(xf, (D,), None, eps) if is_rms else F.layer_norm(xf, (D,), None, None, eps)
@@ -253,7 +253,7 @@ def _grouped_norm_torch(x, weight, bias, offsets, eps: float, is_rms: bool, mode
 
 
 def _grouped_norm_bwd_torch(dy, x, weight, offsets, mean, rstd, need_dx, need_dw, need_db, mode):
-    bounds = (sanitized_offsets(offsets, x.shape[0]) if mode == OFF else offsets).tolist()  # sync-ok: host backend
+    bounds = _read_offsets(offsets, x.shape[0], mode).tolist()  # sync-ok: host backend
     xf = x.to(_stats_dtype(x))
     r = rstd.to(xf.dtype)[:, None]
     x_hat = (xf if mean.numel() == 0 else xf - mean.to(xf.dtype)[:, None]) * r
