@@ -56,10 +56,10 @@ ALLOWED = {
     ("ops/grouped_linear.py", "_dw_torch", "_host_offsets(offsets, T, mode).tolist()"):
         "torch backend: group bounds for its host loop",
     ("ops/norms.py", "_grouped_norm_torch",
-     "(sanitized_offsets(offsets, x.shape[0]) if mode == OFF else offsets).tolist()"):
+     "_read_offsets(offsets, x.shape[0], mode).tolist()"):
         "torch backend: group bounds for its host loop",
     ("ops/norms.py", "_grouped_norm_bwd_torch",
-     "(sanitized_offsets(offsets, x.shape[0]) if mode == OFF else offsets).tolist()"):
+     "_read_offsets(offsets, x.shape[0], mode).tolist()"):
         "torch backend: group bounds for its host loop",
     # utils/checks.py: the "eager" branches, taken only for CPU tensors or an explicit validate=True (documented
     # to sync); CUDA's default "async" branch uses torch._assert_async and returns before them.
