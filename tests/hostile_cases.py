@@ -128,6 +128,24 @@ def case_plan(name, rows, offsets, backend, device):
     out.square().sum().backward()
     for t, n in ((x, "dx"), (w, "dw"), (b, "dbias")):
         _finite(t.grad, n)
+    _multi_weight_plan(x, w, plan, backend, rows)
+
+
+def _multi_weight_plan(x, w, plan, backend, rows):
+    """grouped_linears over the same plan: the same error, and unchecked, each output that of grouped_linear."""
+    ws = [w.detach().clone().requires_grad_(), w.detach()[:, :2].clone().requires_grad_()]
+    x = x.detach().requires_grad_()
+    _expect_value_error(lambda: smk.grouped_linears(x, ws, plan, backend=backend, validate=True),
+                        "plan.offsets" if rows == list(range(T)) else "plan.sorted_to_orig")
+    outs = smk.grouped_linears(x, ws, plan, backend=backend, validate=False)
+    for j, (out, wj) in enumerate(zip(outs, ws)):
+        _finite(out, f"out{j}")
+        if len(set(rows)) == len(rows):
+            _close(out, _model_forward(x, wj, torch.zeros(G, wj.shape[1], device=x.device), plan.offsets,
+                                       plan.sorted_to_orig), f"out{j}")
+    sum(o.square().sum() for o in outs).backward()
+    for t, n in ((x, "dx"), (ws[0], "dw0"), (ws[1], "dw1")):
+        _finite(t.grad, n)
 
 
 def case_ids(name, values, backend, device):

@@ -55,6 +55,8 @@ ALLOWED = {
         "torch backend: group bounds for its host loop",
     ("ops/grouped_linear.py", "_dw_torch", "_host_offsets(offsets, T, mode).tolist()"):
         "torch backend: group bounds for its host loop",
+    ("ops/grouped_linears.py", "_multi", "offsets.tolist()"): "torch backend: group bounds for its host loop",
+    ("ops/grouped_linears.py", "_multi_bwd", "offsets.tolist()"): "torch backend: group bounds for its host loop",
     ("ops/norms.py", "_grouped_norm_torch",
      "_read_offsets(offsets, x.shape[0], mode).tolist()"):
         "torch backend: group bounds for its host loop",

@@ -43,7 +43,7 @@ def _skip_unless(op, backend, dtype=torch.float32):
 def _gemm_cases(backend):
     off = torch.tensor([0, 3, 3, 10])
     rows = torch.randperm(10)
-    gemm, dw = OPS.grouped_gemm.default, OPS.grouped_gemm_dw.default
+    gemm, dw, multi = OPS.grouped_gemm.default, OPS.grouped_gemm_dw.default, OPS.grouped_gemm_multi.default
     return [
         ("gemm", gemm, (_rg(10, 6), _rg(3, 5, 6), _rg(3, 5), off, None, False, False, False, "eager", backend)),
         ("routed", gemm, (_rg(10, 6), _rg(3, 5, 6), None, off, rows, True, True, False, "off", backend)),
@@ -53,6 +53,12 @@ def _gemm_cases(backend):
         ("dw", dw, (_rg(10, 5), _rg(10, 6), off, rows, True, True, True, "trusted", backend)),
         ("dw-mixed", dw, (_rg(10, 5), _rg(10, 6), off, rows, True, False, True, "eager", backend)),
         ("dw-nobias", dw, (_rg(10, 5), _rg(10, 6), off, None, False, False, False, "eager", backend)),
+        ("multi", multi, (_rg(10, 6), [_rg(3, 5, 6), _rg(3, 2, 6)], off, rows, True, True, "trusted", backend)),
+        ("multi-sorted", multi, (_rg(10, 6), [_rg(3, 5, 6)], off, None, False, False, "eager", backend)),
+        ("multi-off", multi, (_rg(10, 6), [_rg(3, 5, 6), _rg(3, 4, 6)], off, rows, False, True, "off", backend)),
+        ("multi-bwd", OPS.grouped_gemm_multi_bwd.default,
+         (torch.randn(10, 6), [torch.randn(3, 5, 6), torch.randn(3, 2, 6)], [torch.randn(10, 5), torch.randn(10, 2)],
+          off, rows, True, True, True, [True, False], "trusted", backend)),
     ]
 
 
@@ -160,6 +166,7 @@ def test_functional_ops_compile_fullgraph():
         plan = smk.group_plan(ids, 3)
         y = smk.grouped_linear(x, w, plan, b) + smk.grouped_mm(x, w, plan.offsets, b)
         y = y + smk.modality_linear(x, ids, w, b)
+        y = y + sum(smk.grouped_linears(x, (w, 2 * w), plan, input_order="sorted"))
         return y, smk.swiglu(gate_up), smk.modality_layer_norm(x, ids, nw, nw, 1e-5)
 
     args = (torch.randn(9, 6), torch.randn(3, 4, 6), torch.randn(3, 4), torch.randint(0, 3, (9,)),

@@ -28,6 +28,7 @@ from sparsemm_kernels.nn.mot_linear import init_per_modality_
 from sparsemm_kernels.nn.norms import MoTLayerNorm, MoTRMSNorm
 from sparsemm_kernels.ops.attention import apply_rotary, attention_mask, check_position_ids, rotary_cos_sin, sdpa
 from sparsemm_kernels.ops.grouped_linear import grouped_linear
+from sparsemm_kernels.ops.grouped_linears import grouped_linears
 from sparsemm_kernels.ops.permute import sort_rows, unsort_rows
 from sparsemm_kernels.ops.swiglu import silu_mul
 from sparsemm_kernels.plan import GroupPlan, build_plan, check_sorted_rows, checked_ids
@@ -248,12 +249,10 @@ class MoTAttention(nn.Module):
         """``q (T, H d_h)``, ``k, v (T, H_kv d_h)`` in token order."""
         if plan is None:  # one modality: the three dense projections of a plain block
             return F.linear(x2d, _only(self.wq)), F.linear(x2d, _only(self.wk)), F.linear(x2d, _only(self.wv))
-        # Three grouped GEMMs rather than one over [wq; wk; wv]: no weight concatenation per step, and q, k, v
-        # come out as separate contiguous tensors.
-        return tuple(
-            grouped_linear(x2d, w, plan, input_order=input_order, output_order="token", backend=prefer(self.backend))
-            for w in (self.wq, self.wk, self.wv)
-        )
+        # One op over the three weights (no [wq; wk; wv] concatenation per step): one read of the sorted rows, one
+        # autograd node, dX summed in one buffer; q, k, v come out as separate contiguous tensors.
+        return grouped_linears(x2d, (self.wq, self.wk, self.wv), plan, input_order=input_order,
+                               output_order="token", backend=prefer(self.backend))
 
     def _out(self, o: torch.Tensor, plan: GroupPlan | None, output_order: str) -> torch.Tensor:
         if plan is None:
@@ -333,12 +332,10 @@ class MoTFeedForward(nn.Module):
         return self._grouped(x, plan, "sorted")
 
     def _grouped(self, x2d: torch.Tensor, plan: GroupPlan, order: str) -> torch.Tensor:
-        # W1 and W3 as two grouped GEMMs (no concatenated weight per step), then the fused two-tensor SwiGLU.
+        # W1 and W3 as one two-weight op (no concatenated weight per step), then the fused two-tensor SwiGLU.
         backend = prefer(self.backend)
-        gate, up = (
-            grouped_linear(x2d, w, plan, input_order=order, output_order=order, backend=backend)
-            for w in (self.w1, self.w3)
-        )
+        gate, up = grouped_linears(x2d, (self.w1, self.w3), plan, input_order=order, output_order=order,
+                                   backend=backend)
         h = silu_mul(gate, up, backend=backend)
         return grouped_linear(h, self.w2, plan, input_order=order, output_order=order, backend=backend)
 

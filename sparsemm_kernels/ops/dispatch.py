@@ -24,25 +24,54 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 class _EagerAutograd(torch.autograd.Function):
-    """Runs ``op.impl`` with ``op.setup`` / ``op.backward`` as its autograd formula (first argument: the Op)."""
+    """Runs ``op.impl`` with ``op.setup`` / ``op.backward`` as its autograd formula (first argument: the Op, then
+    the layout of any tensor-list arguments, then the op's arguments with those lists spread out: autograd sees
+    only tensors passed directly)."""
 
     @staticmethod
-    def forward(ctx, op, *args):
+    def forward(ctx, op, layout, *flat):
+        args = _regroup(flat, layout)
         out = op.impl(*args)
         op.setup(ctx, args, out)
-        ctx.op = op
-        return out
+        ctx.op, ctx.layout, ctx.list_out = op, layout, isinstance(out, list)
+        return tuple(out) if ctx.list_out else out
 
     @staticmethod
     def backward(ctx, *grads):
-        # The formula sees the op's own inputs, as under the dispatcher: drop the leading Op argument.
+        # The formula sees the op's own inputs, as under the dispatcher: no Op and layout arguments, a list
+        # argument's flags (and gradient) as a list, a list output's gradients as one list.
         full = ctx.needs_input_grad
-        ctx.needs_input_grad = full[1:]
+        ctx.needs_input_grad = tuple(_regroup(full[2:], ctx.layout))
         try:
-            result = ctx.op.backward(ctx, *grads)
+            result = ctx.op.backward(ctx, list(grads)) if ctx.list_out else ctx.op.backward(ctx, *grads)
         finally:
             ctx.needs_input_grad = full
-        return (None, *result) if isinstance(result, tuple) else (None, result)
+        result = result if isinstance(result, tuple) else (result,)
+        return (None, None, *_spread(result, ctx.layout))
+
+
+def _spread(args, layout) -> list:
+    """``args`` with the tensor-list arguments (``layout[i]`` = their length, else None) spread out in place."""
+    flat = []
+    for a, n in zip(args, layout):
+        if n is None:
+            flat.append(a)
+        else:
+            flat.extend(a if a is not None else [None] * n)
+    return flat
+
+
+def _regroup(flat, layout) -> list:
+    """The inverse of :func:`_spread`."""
+    args, i = [], 0
+    for n in layout:
+        if n is None:
+            args.append(flat[i])
+            i += 1
+        else:
+            args.append(list(flat[i:i + n]))
+            i += n
+    return args
 
 
 _AUTOCAST_DEVICES = ("cuda", "cpu")
@@ -87,6 +116,7 @@ class Op:
     ) -> None:
         impl = _without_autocast(impl)
         self.impl, self.setup, self.backward = impl, setup, backward
+        self._list_out = "list" in str(impl.__annotations__.get("return", ""))
         self.custom_op = torch.library.custom_op(name, impl, mutates_args=())
         self.custom_op.register_fake(fake)
         if backward is not None:
@@ -96,12 +126,15 @@ class Op:
     def __call__(self, *args):
         if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
             return self.custom_op(*args)
-        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        layout = tuple(len(a) if isinstance(a, list) else None for a in args)
+        flat = _spread(args, layout) if any(n is not None for n in layout) else args
+        tensors = [a for a in flat if isinstance(a, torch.Tensor)]
         if any(type(t) not in _PLAIN for t in tensors):  # fake, functional or another subclass: the dispatcher
             return self.custom_op(*args)
         if not torch.is_grad_enabled():  # a backward formula's inner ops land here: no context to enter
             return self.impl(*args)
         if self.backward is not None and any(t.requires_grad for t in tensors):
-            return _EagerAutograd.apply(self, *args)
+            out = _EagerAutograd.apply(self, layout, *flat)
+            return list(out) if isinstance(out, tuple) and self._list_out else out
         with torch.no_grad():  # as under the dispatcher: an op's implementation is never recorded by autograd
             return self.impl(*args)

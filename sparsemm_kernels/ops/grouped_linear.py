@@ -91,6 +91,43 @@ def _aten_grouped_mm(a: torch.Tensor, b: torch.Tensor, bounds: list[int]) -> tor
         return None
 
 
+def _sorted_products(a, wt, bias, bounds, out=None):
+    """Every group's ``a[s:e] @ wt[g] (+ bias[g])`` in sorted row order (``wt (G, K, J)``); with ``out`` given,
+    added into it (``out`` must hold every row: a row of an empty group keeps its value)."""
+    if out is None:
+        out = _aten_grouped_mm(a, wt, bounds) if bias is None else None
+        if out is not None:
+            return out
+        out, add = torch.empty(a.shape[0], wt.shape[2], dtype=a.dtype, device=a.device), False
+    else:
+        add = True
+    for g in range(wt.shape[0]):
+        s, e = bounds[g], bounds[g + 1]
+        if e <= s:
+            continue
+        if add:
+            out[s:e].addmm_(a[s:e], wt[g])
+        elif bias is not None:
+            torch.addmm(bias[g], a[s:e], wt[g], out=out[s:e])
+        else:
+            torch.mm(a[s:e], wt[g], out=out[s:e])
+    return out
+
+
+def _inverse(idx: torch.Tensor) -> torch.Tensor:
+    """The inverse of the permutation ``idx``."""
+    return torch.empty_like(idx).scatter_(0, idx, torch.arange(idx.shape[0], device=idx.device, dtype=idx.dtype))
+
+
+def _to_token_order(out, idx, valid, inverse=None):
+    """Sorted rows ``out`` written back to their original rows ``idx`` (``valid``: see :func:`_valid_rows`)."""
+    if valid is not None:  # unchecked plan: a position whose row does not exist writes nothing
+        out = out * valid[:, None]
+        return torch.zeros_like(out).index_put_((idx[valid],), out[valid])  # sync-ok: torch backend, host-side
+    # A permutation: gather through its inverse (index_select is ~2.5x index_copy_ on CPU).
+    return out.index_select(0, _inverse(idx) if inverse is None else inverse)
+
+
 def _gemm_torch(x, weight, bias, offsets, rows, gather_a, scatter_c, transpose_w, mode):
     """ATen per group: ``addmm`` straight into the group's slice of a sorted output (no concatenation, no
     zero-fill), gathering with ``index_select`` and scattering as a gather through the inverse permutation."""
@@ -99,25 +136,10 @@ def _gemm_torch(x, weight, bias, offsets, rows, gather_a, scatter_c, transpose_w
     bounds = _host_offsets(offsets, T, mode).tolist()  # sync-ok: the torch backend loops on the host
     idx, valid = _valid_rows(rows, T, mode)
     a = x.index_select(0, idx) if gather_a else x
-    wt = w.transpose(1, 2)  # (G, K, J): each group's right-hand operand
-    out = _aten_grouped_mm(a, wt, bounds) if bias is None else None
-    if out is None:
-        out = torch.empty(T, w.shape[1], dtype=x.dtype, device=x.device)
-        for g in range(w.shape[0]):
-            s, e = bounds[g], bounds[g + 1]
-            if e > s:
-                if bias is not None:
-                    torch.addmm(bias[g], a[s:e], wt[g], out=out[s:e])
-                else:
-                    torch.mm(a[s:e], wt[g], out=out[s:e])
-    if valid is not None:  # unchecked plan: a position whose row does not exist writes nothing
-        out = out * valid[:, None]
-    if not scatter_c:
-        return out
-    if valid is None:  # a permutation: gather through its inverse (index_select is ~2.5x index_copy_ on CPU)
-        inverse = torch.empty_like(idx).scatter_(0, idx, torch.arange(T, device=idx.device, dtype=idx.dtype))
-        return out.index_select(0, inverse)
-    return torch.zeros_like(out).index_put_((idx[valid],), out[valid])  # sync-ok: torch backend, host-side
+    out = _sorted_products(a, w.transpose(1, 2), bias, bounds)
+    if scatter_c:
+        return _to_token_order(out, idx, valid)
+    return out if valid is None else out * valid[:, None]
 
 
 def _gemm_kernel(name, x, weight, bias, offsets, rows, gather_a, scatter_c, transpose_w, mode):
@@ -179,9 +201,23 @@ def _grouped_gemm_fake(x, weight, bias, offsets, rows, gather_a, scatter_c, tran
     return x.new_empty(x.shape[0], J)
 
 
+def _sorted_dw(d, xs, bounds):
+    """``dW[g] = d_g^T xs_g`` over sorted rows, by ``mm`` straight into ``dW[g]`` (exact zeros for an empty group)."""
+    dw = _aten_grouped_mm(d.t(), xs, bounds)
+    if dw is None:
+        dw = torch.empty(len(bounds) - 1, d.shape[1], xs.shape[1], dtype=d.dtype, device=d.device)
+        for g in range(len(bounds) - 1):
+            s, e = bounds[g], bounds[g + 1]
+            if e > s:
+                torch.mm(d[s:e].t(), xs[s:e], out=dw[g])
+            else:
+                dw[g].zero_()
+    return dw
+
+
 def _dw_torch(dy, x, offsets, rows, gather_dy, gather_x, compute_dbias, mode):
     """ATen per group: ``dW[g] = dY_g^T X_g`` by ``mm`` straight into ``dW[g]``, ``db[g]`` by ``sum``."""
-    T, N, K = dy.shape[0], dy.shape[1], x.shape[1]
+    T, N = dy.shape[0], dy.shape[1]
     G = offsets.shape[0] - 1
     bounds = _host_offsets(offsets, T, mode).tolist()  # sync-ok: the torch backend loops on the host
     idx, valid = _valid_rows(rows, T, mode)
@@ -189,15 +225,7 @@ def _dw_torch(dy, x, offsets, rows, gather_dy, gather_x, compute_dbias, mode):
     xs = x.index_select(0, idx) if gather_x else x
     if valid is not None:  # unchecked plan: a position whose row does not exist adds nothing
         d = d * valid[:, None]
-    dw = _aten_grouped_mm(d.t(), xs, bounds)
-    if dw is None:
-        dw = torch.empty(G, N, K, dtype=dy.dtype, device=dy.device)
-        for g in range(G):
-            s, e = bounds[g], bounds[g + 1]
-            if e > s:
-                torch.mm(d[s:e].t(), xs[s:e], out=dw[g])
-            else:
-                dw[g].zero_()
+    dw = _sorted_dw(d, xs, bounds)
     if not compute_dbias:
         return dw, dy.new_empty(0)
     db = torch.empty(G, N, dtype=dy.dtype, device=dy.device)
@@ -315,16 +343,16 @@ grouped_gemm_op = Op("sparsemm::grouped_gemm", _grouped_gemm, _grouped_gemm_fake
 grouped_gemm_dw_op = Op("sparsemm::grouped_gemm_dw", _grouped_gemm_dw, _grouped_gemm_dw_fake, _dw_setup, _dw_backward)
 
 
-def _check_operands(x, weight, bias):
+def _check_operands(x, weight, bias, weight_name: str = "weight"):
     check_float_tensor(x, "x")
     check_dim(x, 2, "x", "(T, K)")
-    check_float_tensor(weight, "weight")
-    check_dim(weight, 3, "weight", "(G, N, K) with nn.Linear layout per group")
-    check_same_device("x", x, "weight", weight)
-    check_same_dtype("x", x, "weight", weight)
+    check_float_tensor(weight, weight_name)
+    check_dim(weight, 3, weight_name, "(G, N, K) with nn.Linear layout per group")
+    check_same_device("x", x, weight_name, weight)
+    check_same_dtype("x", x, weight_name, weight)
     if weight.shape[2] != x.shape[1]:
         raise ValueError(
-            f"`weight` has in_features {weight.shape[2]} (shape {tuple(weight.shape)}) but `x` has "
+            f"`{weight_name}` has in_features {weight.shape[2]} (shape {tuple(weight.shape)}) but `x` has "
             f"{x.shape[1]} columns"
         )
     if bias is not None:
@@ -435,13 +463,13 @@ def grouped_linear(
     return grouped_gemm_op(x, weight, bias, offsets, rows, gather, scatter, False, mode, backend)
 
 
-def _check_plan(plan, num_rows: int, num_groups: int, x: torch.Tensor) -> None:
+def _check_plan(plan, num_rows: int, num_groups: int, x: torch.Tensor, weight_name: str = "weight") -> None:
     if not isinstance(plan, GroupPlan):
         raise TypeError(f"`plan` must be a GroupPlan (from sparsemm_kernels.group_plan), got {type(plan).__name__}")
     if plan.num_rows != num_rows:
         raise ValueError(f"`plan` covers {plan.num_rows} rows but `x` has {num_rows}")
     if plan.num_groups != num_groups:
-        raise ValueError(f"`plan` has {plan.num_groups} groups but `weight` has {num_groups}")
+        raise ValueError(f"`plan` has {plan.num_groups} groups but `{weight_name}` has {num_groups}")
     for name, t in (("plan.offsets", plan.offsets), ("plan.sorted_to_orig", plan.sorted_to_orig)):
         check_int_tensor(t, name)
         check_same_device("x", x, name, t)
