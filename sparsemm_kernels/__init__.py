@@ -4,7 +4,8 @@ Every routed layer is plan -> one grouped GEMM -> combine:
 
 * :func:`group_plan` sorts rows by group id on the device (no host sync) into a reusable :class:`GroupPlan`;
 * :func:`grouped_mm` / :func:`grouped_linear` / :func:`modality_linear` run one grouped GEMM over all groups
-  (:func:`grouped_linears`: several weights on one input, e.g. Q/K/V, as one op);
+  (:func:`grouped_linears`: several weights on one input, e.g. Q/K/V, as one op; :func:`grouped_swiglu_ffn`:
+  a whole SwiGLU FFN per group as one op);
 * :func:`modality_rms_norm` / :func:`modality_layer_norm` / :func:`swiglu` are the fused per-row pieces of a
   Mixture-of-Transformers block, and :func:`grouped_rms_norm` / :func:`grouped_layer_norm` the norms of rows
   already grouped;
@@ -21,6 +22,7 @@ from sparsemm_kernels import nn
 from sparsemm_kernels.backend import BACKENDS, BackendUnavailableError, available_backends, select_backend
 from sparsemm_kernels.nn.btx import btx_merge
 from sparsemm_kernels.ops.avgk import avgk_ffn, avgk_select
+from sparsemm_kernels.ops.grouped_ffn import grouped_swiglu_ffn
 from sparsemm_kernels.ops.grouped_linear import grouped_linear, grouped_mm
 from sparsemm_kernels.ops.grouped_linears import grouped_linears
 from sparsemm_kernels.ops.mod_routing import mod_route
@@ -50,6 +52,7 @@ __all__ = [
     "grouped_linears",
     "grouped_mm",
     "grouped_rms_norm",
+    "grouped_swiglu_ffn",
     "modality_layer_norm",
     "mod_route",
     "modality_linear",

@@ -107,6 +107,28 @@ def case_offsets(name, values, backend, device):
     out.square().sum().backward()
     for t, n in ((x, "dx"), (w, "dw"), (b, "dbias")):
         _finite(t.grad, n)
+    _ffn_offsets(x, offsets, backend)
+
+
+def _ffn_offsets(x, offsets, backend):
+    """grouped_swiglu_ffn over the same offsets: the same error, and unchecked, the FFN of the sanitized groups."""
+    x = x.detach().requires_grad_()
+    w1, w3 = (torch.randn(G, 6, K, device=x.device, requires_grad=True) for _ in range(2))
+    w2 = torch.randn(G, K, 6, device=x.device, requires_grad=True)
+    _expect_value_error(lambda: smk.grouped_swiglu_ffn(x, w1, w3, w2, offsets, backend=backend, validate=True),
+                        "offsets")
+    out = smk.grouped_swiglu_ffn(x, w1, w3, w2, offsets, backend=backend, validate=False)
+    _finite(out, "ffn out")
+    bounds = sanitized_offsets(offsets.cpu(), T).tolist()
+    want = torch.zeros(T, K, dtype=torch.float64)
+    x64, w164, w364, w264 = (t.detach().double().cpu() for t in (x, w1, w3, w2))
+    for g in range(G):
+        s, e = bounds[g], bounds[g + 1]
+        want[s:e] = (torch.nn.functional.silu(x64[s:e] @ w164[g].t()) * (x64[s:e] @ w364[g].t())) @ w264[g].t()
+    _close(out, want, "ffn out")
+    out.square().sum().backward()
+    for t, n in ((x, "ffn dx"), (w1, "dw1"), (w3, "dw3"), (w2, "dw2")):
+        _finite(t.grad, n)
 
 
 def _plan(rows, offsets, device):

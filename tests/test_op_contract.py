@@ -59,6 +59,12 @@ def _gemm_cases(backend):
         ("multi-bwd", OPS.grouped_gemm_multi_bwd.default,
          (torch.randn(10, 6), [torch.randn(3, 5, 6), torch.randn(3, 2, 6)], [torch.randn(10, 5), torch.randn(10, 2)],
           off, rows, True, True, True, [True, False], "trusted", backend)),
+        ("ffn", OPS.grouped_swiglu_ffn.default,
+         (_rg(10, 6), _rg(3, 5, 6), _rg(3, 5, 6), _rg(3, 6, 5), off, "eager", backend, "torch")),
+        ("ffn-bwd", OPS.grouped_swiglu_ffn_bwd.default,
+         (torch.randn(10, 6), torch.randn(10, 6), torch.randn(3, 5, 6), torch.randn(3, 5, 6), torch.randn(3, 6, 5),
+          torch.randn(10, 5), torch.randn(10, 5), torch.randn(10, 5), off, [True, True, False, True], "trusted",
+          backend, "torch")),
     ]
 
 
@@ -167,6 +173,7 @@ def test_functional_ops_compile_fullgraph():
         y = smk.grouped_linear(x, w, plan, b) + smk.grouped_mm(x, w, plan.offsets, b)
         y = y + smk.modality_linear(x, ids, w, b)
         y = y + sum(smk.grouped_linears(x, (w, 2 * w), plan, input_order="sorted"))
+        y = y + smk.grouped_swiglu_ffn(x, w, w, w.transpose(1, 2), plan)[:, :4]
         return y, smk.swiglu(gate_up), smk.modality_layer_norm(x, ids, nw, nw, 1e-5)
 
     args = (torch.randn(9, 6), torch.randn(3, 4, 6), torch.randn(3, 4), torch.randint(0, 3, (9,)),

@@ -27,10 +27,10 @@ from sparsemm_kernels.backend import prefer
 from sparsemm_kernels.nn.mot_linear import init_per_modality_
 from sparsemm_kernels.nn.norms import MoTLayerNorm, MoTRMSNorm
 from sparsemm_kernels.ops.attention import apply_rotary, attention_mask, check_position_ids, rotary_cos_sin, sdpa
+from sparsemm_kernels.ops.grouped_ffn import grouped_swiglu_ffn
 from sparsemm_kernels.ops.grouped_linear import grouped_linear
 from sparsemm_kernels.ops.grouped_linears import grouped_linears
 from sparsemm_kernels.ops.permute import sort_rows, unsort_rows
-from sparsemm_kernels.ops.swiglu import silu_mul
 from sparsemm_kernels.plan import GroupPlan, build_plan, check_sorted_rows, checked_ids
 from sparsemm_kernels.utils.checks import check_float_tensor, check_int_tensor, check_positive_int
 
@@ -281,9 +281,9 @@ class MoTAttention(nn.Module):
 class MoTFeedForward(nn.Module):
     """Per-modality SwiGLU: ``(silu(x W1^{m}ᵀ) ⊙ x W3^{m}ᵀ) W2^{m}ᵀ``.
 
-    ``W1`` and ``W3`` as two grouped GEMMs, then one fused SwiGLU kernel (:func:`~sparsemm_kernels.silu_mul`,
-    forward and backward), then the ``W2`` grouped GEMM. Parameters: ``w1, w3 (M, hidden, dim)``,
-    ``w2 (M, dim, hidden)``.
+    One op, :func:`~sparsemm_kernels.grouped_swiglu_ffn`, over the modality-sorted rows: the ``W1``/``W3`` grouped
+    GEMMs, the fused SwiGLU kernel, the ``W2`` grouped GEMM, one autograd node (first derivatives, as
+    :func:`~sparsemm_kernels.silu_mul`). Parameters: ``w1, w3 (M, hidden, dim)``, ``w2 (M, dim, hidden)``.
     """
 
     def __init__(
@@ -332,12 +332,11 @@ class MoTFeedForward(nn.Module):
         return self._grouped(x, plan, "sorted")
 
     def _grouped(self, x2d: torch.Tensor, plan: GroupPlan, order: str) -> torch.Tensor:
-        # W1 and W3 as one two-weight op (no concatenated weight per step), then the fused two-tensor SwiGLU.
-        backend = prefer(self.backend)
-        gate, up = grouped_linears(x2d, (self.w1, self.w3), plan, input_order=order, output_order=order,
-                                   backend=backend)
-        h = silu_mul(gate, up, backend=backend)
-        return grouped_linear(h, self.w2, plan, input_order=order, output_order=order, backend=backend)
+        # The whole FFN as one op over the sorted rows (no concatenated weight per step); token-order rows are
+        # sorted in and out around it.
+        if order == "token":
+            return unsort_rows(self._grouped(sort_rows(x2d, plan), plan, "sorted"), plan)
+        return grouped_swiglu_ffn(x2d, self.w1, self.w3, self.w2, plan, backend=prefer(self.backend))
 
     def _dense(self, x2d: torch.Tensor) -> torch.Tensor:
         # One modality: what a plain dense SwiGLU does (no fused weight, so no per-step concatenation).
