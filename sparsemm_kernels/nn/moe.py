@@ -17,10 +17,9 @@ from torch import nn
 
 from sparsemm_kernels.backend import check_backend_name, prefer
 from sparsemm_kernels.nn.mot_linear import init_per_modality_
-from sparsemm_kernels.ops.grouped_linear import grouped_mm
+from sparsemm_kernels.ops.grouped_ffn import grouped_swiglu_ffn
 from sparsemm_kernels.ops.routing import _route, expert_choice_route, gather_gates
 from sparsemm_kernels.ops.slots import pick_rows_op, slot_inverse, sum_rows_op
-from sparsemm_kernels.ops.swiglu import silu_mul
 from sparsemm_kernels.utils.checks import accumulation_dtype, check_float_tensor, check_positive_int
 from sparsemm_kernels.utils.distributed import all_gather_rows, group_size, rank_share
 
@@ -86,9 +85,7 @@ def _experts_swiglu(module: nn.Module, x2d, slots, inverse, gates, offsets) -> t
     added back to its token through ``inverse`` (a fixed order, no atomics)."""
     backend = prefer(module.backend)
     xe = pick_rows_op(x2d, slots, inverse)  # empty slots are zero rows
-    h = silu_mul(grouped_mm(xe, module.w1, offsets, backend=backend),
-                 grouped_mm(xe, module.w3, offsets, backend=backend), backend=backend)
-    ye = grouped_mm(h, module.w2, offsets, backend=backend)  # the autocast dtype under autocast
+    ye = grouped_swiglu_ffn(xe, module.w1, module.w3, module.w2, offsets, backend=backend)  # autocast dtype
     return sum_rows_op(ye * gates.reshape(-1, 1).to(ye.dtype), inverse, slots)
 
 

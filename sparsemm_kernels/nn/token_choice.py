@@ -22,10 +22,9 @@ from sparsemm_kernels.nn.moe import (
     _no_tokens,
     router_logits,
 )
-from sparsemm_kernels.ops.grouped_linear import grouped_mm
+from sparsemm_kernels.ops.grouped_ffn import grouped_swiglu_ffn
 from sparsemm_kernels.ops.permute import sort_rows, unsort_rows
 from sparsemm_kernels.ops.slots import pick_rows_op, sum_rows_op
-from sparsemm_kernels.ops.swiglu import silu_mul
 from sparsemm_kernels.ops.token_routing import check_top_k, token_choice_plan
 from sparsemm_kernels.plan import build_plan
 from sparsemm_kernels.utils.checks import accumulation_dtype, check_positive_int
@@ -142,9 +141,7 @@ class TokenChoiceMoE(nn.Module):
         xr = wait_tensor(all_to_all_single_autograd(xe, recv, send, group))
         mine = build_plan(recv_ids, El, backend=backend, validate=False, name="expert_idx")
         xs = sort_rows(xr, mine)
-        h = silu_mul(grouped_mm(xs, self.w1, mine.offsets, backend=backend),
-                     grouped_mm(xs, self.w3, mine.offsets, backend=backend), backend=backend)
-        yr = unsort_rows(grouped_mm(h, self.w2, mine.offsets, backend=backend), mine)
+        yr = unsort_rows(grouped_swiglu_ffn(xs, self.w1, self.w3, self.w2, mine, backend=backend), mine)
         ye = wait_tensor(all_to_all_single_autograd(yr, send, recv, group))  # back, in the order sent
         slot_gates = gates.reshape(-1).index_select(0, pairs.sorted_to_orig)
         return sum_rows_op(ye * slot_gates.reshape(-1, 1).to(ye.dtype), inverse, slots)
