@@ -21,6 +21,7 @@ from sparsemm_kernels.nn import (
     MoTRMSNorm,
     MoTTransformer,
 )
+from sparsemm_kernels.ops.dispatch import Op
 from sparsemm_kernels.reference import grouped_linear_ref
 from sparsemm_kernels.reference.mot import _norm, mot_block_ref
 
@@ -388,3 +389,54 @@ def test_num_groups_accepts_numpy_ints_and_refuses_absurd_counts():
 def test_norm_eps_checked_at_construction(cls, eps):
     with pytest.raises(ValueError, match="`eps`"):
         cls(8, 2, eps)
+
+
+# ---- the eager path of an op with tensor-list arguments and a tensor-list output ----
+
+def _scale_all(x: torch.Tensor, ws: list[torch.Tensor], k: float) -> list[torch.Tensor]:
+    return [x @ w.t() * k for w in ws]
+
+
+def _scale_all_fake(x, ws, k):
+    return [x.new_empty(x.shape[0], w.shape[0]) for w in ws]
+
+
+def _scale_all_setup(ctx, inputs, output):
+    x, ws, k = inputs
+    ctx.save_for_backward(x, *ws)
+    ctx.k = k
+
+
+def _scale_all_backward(ctx, grads):
+    x, *ws = ctx.saved_tensors
+    need_x, need_ws = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    assert isinstance(need_ws, (list, tuple)) and len(need_ws) == len(ws), need_ws
+    dx = sum(g @ w * ctx.k for g, w in zip(grads, ws)) if need_x else None
+    return dx, [g.t() @ x * ctx.k if n else None for g, n in zip(grads, need_ws)], None
+
+
+_SCALE_ALL = Op("sparsemm_test::scale_all", _scale_all, _scale_all_fake, _scale_all_setup, _scale_all_backward)
+
+
+def test_eager_path_spreads_tensor_lists_for_autograd():
+    """Both paths (the plain autograd Function and the dispatcher) give a list, the same values and the same
+    gradients, with a list argument's gradients and flags passed as lists."""
+    x = torch.randn(5, 3, requires_grad=True)
+    ws = [torch.randn(4, 3, requires_grad=True), torch.randn(2, 3), torch.randn(6, 3, requires_grad=True)]
+    eager = _SCALE_ALL(x, ws, 0.5)
+    via_dispatcher = _SCALE_ALL.custom_op(x, ws, 0.5)
+    assert isinstance(eager, list) and len(eager) == 3
+    dys = [torch.randn_like(o) for o in eager]
+    got = torch.autograd.grad(eager, [x, ws[0], ws[2]], dys)
+    want = torch.autograd.grad(via_dispatcher, [x, ws[0], ws[2]], dys)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    torch.testing.assert_close(got[1], dys[0].t() @ x * 0.5)
+
+
+def test_op_refuses_a_tensor_container_it_cannot_spread():
+    def impl(x: torch.Tensor, ws: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return x
+
+    with pytest.raises(TypeError, match="annotate `ws` as a tensor or list"):
+        Op("sparsemm_test::bad_container", impl, lambda x, ws: x)

@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from collections.abc import Callable
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+_TENSOR_LIST = ("list[torch.Tensor]", "List[torch.Tensor]", "list[Tensor]", "List[Tensor]")
+_ONE_TENSOR = ("torch.Tensor", "torch.Tensor|None", "Optional[torch.Tensor]", "Tensor")
 
 # Tensor types the eager path takes: plain tensors and parameters (a Parameter is a plain tensor to autograd).
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -30,7 +34,7 @@ class _EagerAutograd(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, op, layout, *flat):
-        args = _regroup(flat, layout)
+        args = flat if layout is None else _regroup(flat, layout)
         out = op.impl(*args)
         op.setup(ctx, args, out)
         ctx.op, ctx.layout, ctx.list_out = op, layout, isinstance(out, list)
@@ -41,13 +45,13 @@ class _EagerAutograd(torch.autograd.Function):
         # The formula sees the op's own inputs, as under the dispatcher: no Op and layout arguments, a list
         # argument's flags (and gradient) as a list, a list output's gradients as one list.
         full = ctx.needs_input_grad
-        ctx.needs_input_grad = tuple(_regroup(full[2:], ctx.layout))
+        ctx.needs_input_grad = full[2:] if ctx.layout is None else tuple(_regroup(full[2:], ctx.layout))
         try:
             result = ctx.op.backward(ctx, list(grads)) if ctx.list_out else ctx.op.backward(ctx, *grads)
         finally:
             ctx.needs_input_grad = full
         result = result if isinstance(result, tuple) else (result,)
-        return (None, None, *_spread(result, ctx.layout))
+        return (None, None, *(result if ctx.layout is None else _spread(result, ctx.layout)))
 
 
 def _spread(args, layout) -> list:
@@ -95,6 +99,12 @@ def _without_autocast(impl: Callable) -> Callable:
     return run
 
 
+def _hint_text(hint) -> str:
+    """A parameter annotation as text, whether written as a string (``from __future__ import annotations``) or not."""
+    text = "torch.Tensor" if hint is torch.Tensor else str(hint)
+    return text.replace(" ", "").replace("typing.", "")
+
+
 class Op:
     """A ``sparsemm::`` custom op (``self.custom_op``) that is called like a function.
 
@@ -116,7 +126,14 @@ class Op:
     ) -> None:
         impl = _without_autocast(impl)
         self.impl, self.setup, self.backward = impl, setup, backward
-        self._list_out = "list" in str(impl.__annotations__.get("return", ""))
+        # Tensor-list parameters (spread out for autograd on the eager path) and a tensor-list output.
+        hints = {k: _hint_text(v) for k, v in impl.__annotations__.items()}
+        names = list(inspect.signature(impl).parameters)
+        self._tensor_lists = frozenset(i for i, n in enumerate(names) if hints.get(n, "") in _TENSOR_LIST)
+        for n, h in hints.items():  # a tensor container the eager path would not spread: autograd would miss it
+            if n != "return" and "Tensor" in h and h not in _TENSOR_LIST + _ONE_TENSOR:
+                raise TypeError(f"{name}: annotate `{n}` as a tensor or list[torch.Tensor], got {h}")
+        self._list_out = hints.get("return", "") in _TENSOR_LIST
         self.custom_op = torch.library.custom_op(name, impl, mutates_args=())
         self.custom_op.register_fake(fake)
         if backward is not None:
@@ -126,8 +143,10 @@ class Op:
     def __call__(self, *args):
         if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
             return self.custom_op(*args)
-        layout = tuple(len(a) if isinstance(a, list) else None for a in args)
-        flat = _spread(args, layout) if any(n is not None for n in layout) else args
+        layout, flat = None, args
+        if self._tensor_lists:
+            layout = tuple(len(a) if i in self._tensor_lists else None for i, a in enumerate(args))
+            flat = _spread(args, layout)
         tensors = [a for a in flat if isinstance(a, torch.Tensor)]
         if any(type(t) not in _PLAIN for t in tensors):  # fake, functional or another subclass: the dispatcher
             return self.custom_op(*args)
@@ -135,6 +154,6 @@ class Op:
             return self.impl(*args)
         if self.backward is not None and any(t.requires_grad for t in tensors):
             out = _EagerAutograd.apply(self, layout, *flat)
-            return list(out) if isinstance(out, tuple) and self._list_out else out
+            return list(out) if self._list_out else out
         with torch.no_grad():  # as under the dispatcher: an op's implementation is never recorded by autograd
             return self.impl(*args)
