@@ -55,6 +55,10 @@ T_HOSTILE = ["tests/test_hostile_plans.py"]
 OPS_GEMM = "sparsemm_kernels/ops/grouped_linear.py"
 OPS_NORMS = "sparsemm_kernels/ops/norms.py"
 OPS_PERMUTE = "sparsemm_kernels/ops/permute.py"
+OPS_MULTI = "sparsemm_kernels/ops/grouped_linears.py"
+OPS_FFN = "sparsemm_kernels/ops/grouped_ffn.py"
+T_MULTI = ["tests/ops/test_grouped_linears.py"]
+T_FFN = ["tests/ops/test_grouped_ffn.py"]
 REF_SWIGLU = "sparsemm_kernels/reference/swiglu.py"
 
 
@@ -73,6 +77,47 @@ class Mutation:
 
 
 MUTATIONS = [
+    # ---- several weights as one op (grouped_linears), the FFN as one op, and tensor lists on the eager path ----
+    Mutation(
+        "multi-bwd-dx-second-weight-dropped", OPS_MULTI,
+        "            _sorted_products(d, w, None, bounds, out=dx)", "            pass", T_MULTI,
+        "grouped_linears backward: dX holds the first weight's share only",
+    ),
+    Mutation(
+        "sorted-products-add-overwrites", OPS_GEMM,
+        "out[s:e].addmm_(a[s:e], wt[g])", "torch.mm(a[s:e], wt[g], out=out[s:e])", T_MULTI,
+        "the in-place sum of dX shares overwrites instead of adding",
+    ),
+    Mutation(
+        "multi-scatter-through-the-permutation", OPS_MULTI,
+        "    inverse = _inverse(rows)\n", "    inverse = rows\n", T_MULTI,
+        "grouped_linears writes token order through sorted_to_orig instead of its inverse",
+    ),
+    Mutation(
+        "multi-bwd-dw-reads-x-unsorted", OPS_MULTI,
+        "xs = x.index_select(0, rows) if gather_a and any(need_w) else x", "xs = x", T_MULTI,
+        "grouped_linears weight gradient pairs sorted dY rows with token-order x rows",
+    ),
+    Mutation(
+        "multi-unchecked-plan-on-shared-path", OPS_MULTI,
+        'return name == "torch" and mode != OFF and min(x.shape) > 0', 'return name == "torch" and min(x.shape) > 0',
+        T_HOSTILE, "grouped_linears reads an unchecked plan's rows unbounded on the torch backend",
+    ),
+    Mutation(
+        "ffn-bwd-dw2-from-up", OPS_FFN,
+        "_grouped_gemm_dw(dy, h, offsets,", "_grouped_gemm_dw(dy, up, offsets,", T_FFN,
+        "grouped_swiglu_ffn: dW2 from the up projection instead of the activation",
+    ),
+    Mutation(
+        "ffn-bwd-gate-up-grads-swapped", OPS_FFN,
+        "[w1, w3], [dgate, dup]", "[w1, w3], [dup, dgate]", T_FFN,
+        "grouped_swiglu_ffn: W1 gets the up projection's gradient and W3 the gate's",
+    ),
+    Mutation(
+        "eager-op-tensor-list-not-spread", "sparsemm_kernels/ops/dispatch.py",
+        "        if self._tensor_lists:\n", "        if False:\n", ["tests/test_op_contract.py", *T_MULTI],
+        "the eager path hands autograd a list: tensors inside it get no gradient",
+    ),
     # ---- the op layer of issue 7 and the sorted stream of issue 9: bounds, the torch backend's fast paths ----
     Mutation(
         "triton-gathered-row-unbounded", GEMM,

@@ -126,10 +126,10 @@ def _batch_shape(batch_shape, num_rows: int) -> tuple[int, int]:
 class MoTAttention(nn.Module):
     """Modality-untied attention projections around one global attention.
 
-    ``q, k, v = x W_{Q,K,V}^{m}`` from three grouped GEMMs (no per-step weight concatenation); optional per-head
-    QK RMSNorm per modality; rotary embeddings from ``position_ids`` (default ``0..S-1``; ``rope_theta=None``
-    disables them); ``softmax(q k^T / sqrt(d_h) + mask) v`` over all tokens (grouped-query when
-    ``n_kv_heads < n_heads``); output ``o W_O^{m}``.
+    ``q, k, v = x W_{Q,K,V}^{m}`` from one three-weight grouped op (``grouped_linears``, no weight
+    concatenation); optional per-head QK RMSNorm per modality; rotary embeddings from ``position_ids`` (default
+    ``0..S-1``; ``rope_theta=None`` disables them); ``softmax(q k^T / sqrt(d_h) + mask) v`` over all tokens
+    (grouped-query when ``n_kv_heads < n_heads``); output ``o W_O^{m}``.
 
     Parameters: ``wq (M, H*d_h, dim)``, ``wk, wv (M, H_kv*d_h, dim)``, ``wo (M, dim, H*d_h)``; with
     ``qk_norm``, submodules ``q_norm, k_norm`` (:class:`MoTRMSNorm`, weight ``(M, d_h)``).
