@@ -67,8 +67,8 @@ def _operands(T, K, widths, G, dtype, device):
 @pytest.mark.parametrize("case", CASES, ids=[f"{len(c[0])}g-{sum(c[0])}r-{len(c[2])}w" for c in CASES])
 def test_grouped_linears_match_truth(case, orders, dtype, backend, device):
     _skip_unless_runs(backend, device, dtype)
-    if device == "cuda" and orders[0] != orders[1]:  # keeps gpu_check's test step short
-        pytest.skip("on the GPU the mixed orders run in test_grouped_mm (the same kernel flags)")
+    if device == "cuda" and backend == "torch":  # keeps gpu_check's capped test step short
+        pytest.skip("on the GPU the kernels run every order; the torch fallback's loop is the CPU one")
     counts, K, widths = case
     G = len(counts)
     ids = ids_from_counts(counts, shuffle=True).to(device)
