@@ -452,6 +452,12 @@ def grouped_linear(
     x, weight, bias = autocast_to(x, weight, bias)
     _check_operands(x, weight, bias)
     _check_plan(plan, x.shape[0], weight.shape[0], x)
+    offsets, rows, gather, scatter, mode, backend = _routed_args(x, plan, input_order, output_order, validate, backend)
+    return grouped_gemm_op(x, weight, bias, offsets, rows, gather, scatter, False, mode, backend)
+
+
+def _routed_args(x, plan, input_order, output_order, validate, backend):
+    """``(offsets, rows, gather, scatter, mode, backend)`` for the routed GEMM ops, from a checked ``plan``."""
     for name, order in (("input_order", input_order), ("output_order", output_order)):
         if order not in _ORDERS:
             raise ValueError(f"`{name}` must be 'token' or 'sorted', got {order!r}")
@@ -459,8 +465,7 @@ def grouped_linear(
     mode = TRUSTED if plan.trusted else validation_mode(validate, x.device)
     gather, scatter = input_order == "token", output_order == "token"
     rows = plan.sorted_to_orig.contiguous() if (gather or scatter) else None
-    offsets = plan.offsets.contiguous()
-    return grouped_gemm_op(x, weight, bias, offsets, rows, gather, scatter, False, mode, backend)
+    return plan.offsets.contiguous(), rows, gather, scatter, mode, backend
 
 
 def _check_plan(plan, num_rows: int, num_groups: int, x: torch.Tensor, weight_name: str = "weight") -> None:

@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from sparsemm_kernels.backend import check_backend_name, resolve_backend
 from sparsemm_kernels.ops.dispatch import Op
 from sparsemm_kernels.ops.grouped_linear import (
-    _ORDERS,
     _backend,
     _backward_mode,
     _check_index_values,
@@ -34,6 +32,7 @@ from sparsemm_kernels.ops.grouped_linear import (
     _grouped_gemm,
     _grouped_gemm_dw,
     _inverse,
+    _routed_args,
     _sorted_dw,
     _sorted_products,
     _to_token_order,
@@ -41,7 +40,7 @@ from sparsemm_kernels.ops.grouped_linear import (
     grouped_gemm_op,
 )
 from sparsemm_kernels.plan import GroupPlan
-from sparsemm_kernels.utils.checks import OFF, TRUSTED, autocast_to, validation_mode
+from sparsemm_kernels.utils.checks import OFF, autocast_to
 
 
 def _shared_path(name: str, x: torch.Tensor, weights, mode: str) -> bool:
@@ -208,12 +207,5 @@ def grouped_linears(
         if w.shape[0] != weights[0].shape[0]:
             raise ValueError(f"`weights[{j}]` has {w.shape[0]} groups but `weights[0]` has {weights[0].shape[0]}")
     _check_plan(plan, x.shape[0], weights[0].shape[0], x, "weights[0]")
-    for name, order in (("input_order", input_order), ("output_order", output_order)):
-        if order not in _ORDERS:
-            raise ValueError(f"`{name}` must be 'token' or 'sorted', got {order!r}")
-    backend = resolve_backend("grouped_mm", x, check_backend_name(backend))
-    mode = TRUSTED if plan.trusted else validation_mode(validate, x.device)
-    gather, scatter = input_order == "token", output_order == "token"
-    rows = plan.sorted_to_orig.contiguous() if (gather or scatter) else None
-    outs = grouped_gemm_multi_op(x, weights, plan.offsets.contiguous(), rows, gather, scatter, mode, backend)
-    return tuple(outs)
+    offsets, rows, gather, scatter, mode, backend = _routed_args(x, plan, input_order, output_order, validate, backend)
+    return tuple(grouped_gemm_multi_op(x, weights, offsets, rows, gather, scatter, mode, backend))
