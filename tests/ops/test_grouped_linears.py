@@ -180,3 +180,22 @@ def test_under_autocast_in_its_dtype():
     for o, w in zip(outs, ws):
         want = smk.grouped_linear(x.bfloat16(), w.bfloat16(), plan)
         torch.testing.assert_close(o, want)
+
+
+def test_one_weight_twice_and_views_of_one_parameter():
+    """The same tensor twice gets both shares of its gradient; slices of one fused parameter get theirs."""
+    ids = torch.tensor([1, 0, 1, 1, 0])
+    plan = smk.group_plan(ids, 2)
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    a, b = smk.grouped_linears(x, (w, w), plan)
+    (a.sum() + 2 * b.sum()).backward()
+    want = torch.autograd.grad(3 * smk.grouped_linear(x, w, plan).sum(), [x, w])
+    torch.testing.assert_close(x.grad, want[0])
+    torch.testing.assert_close(w.grad, want[1])
+    fused = torch.randn(2, 7, 4, dtype=torch.float64, requires_grad=True)
+    q, k = smk.grouped_linears(x, (fused[:, :3], fused[:, 3:]), plan)
+    (q.square().sum() + k.sum()).backward()
+    (want_w,) = torch.autograd.grad(smk.grouped_linear(x, fused, plan)[:, :3].square().sum()
+                                    + smk.grouped_linear(x, fused, plan)[:, 3:].sum(), [fused])
+    torch.testing.assert_close(fused.grad, want_w)
