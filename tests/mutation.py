@@ -114,6 +114,16 @@ MUTATIONS = [
         "grouped_swiglu_ffn: W1 gets the up projection's gradient and W3 the gate's",
     ),
     Mutation(
+        "norm-residual-not-added", OPS_NORMS,
+        "        y.add_(residual)\n", "        pass\n", T_STREAM,
+        "grouped norm with a residual returns the norm alone (the post-norm block loses its skip connection)",
+    ),
+    Mutation(
+        "norm-residual-grad-dropped", OPS_NORMS,
+        "(dy if need_dr else None)", "None", T_STREAM,
+        "grouped norm: the residual gets no gradient",
+    ),
+    Mutation(
         "eager-op-tensor-list-not-spread", "sparsemm_kernels/ops/dispatch.py",
         "        if self._tensor_lists:\n", "        if False:\n", ["tests/test_op_contract.py", *T_MULTI],
         "the eager path hands autograd a list: tensors inside it get no gradient",
@@ -164,8 +174,8 @@ MUTATIONS = [
     ),
     Mutation(
         "sorted-stream-bypasses-module-call", "sparsemm_kernels/nn/mot.py",
-        "return h + self.ffn_norm.forward_sorted(self.ffn.forward_sorted(h, plan), plan)",
-        "return h + self.ffn_norm.forward_sorted(self.ffn._sorted(h, plan), plan)",
+        "return self.ffn_norm.forward_sorted(self.ffn.forward_sorted(h, plan), plan, residual=h)",
+        "return self.ffn_norm.forward_sorted(self.ffn._sorted(h, plan), plan, residual=h)",
         ["tests/test_sorted_stream.py"],
         "the block calls the FFN's sorted path as a method: its hooks (profiler ranges, FSDP unshard) never run",
     ),

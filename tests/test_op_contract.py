@@ -99,7 +99,9 @@ def test_opcheck_norms_and_swiglu(backend):
     opcheck(OPS.silu_mul.default, (_rg(4, 3, 5), _rg(4, 3, 5), backend))
     opcheck(OPS.silu_mul_bwd.default, (torch.randn(4, 5), torch.randn(4, 5), torch.randn(4, 5), backend))
     offsets = torch.tensor([0, 4, 4, 10])
-    opcheck(OPS.grouped_norm.default, (_rg(10, 8), _rg(3, 8), _rg(3, 8), offsets, 1e-5, False, "eager", backend))
+    opcheck(OPS.grouped_norm.default,
+            (_rg(10, 8), _rg(3, 8), _rg(3, 8), None, offsets, 1e-5, False, "eager", backend))
+    opcheck(OPS.grouped_norm.default, (_rg(10, 8), _rg(3, 8), None, _rg(10, 8), offsets, 1e-5, True, "eager", backend))
     opcheck(OPS.permute_rows.default, (_rg(10, 3), torch.randperm(10), torch.arange(10), "off"))
 
 

@@ -294,3 +294,52 @@ def test_sorted_stream_runs_every_submodule_through_its_hooks(M):
                                block.forward_sorted(h, plan, (B, S), ids))
     with pytest.raises(TypeError, match="`batch_shape`"):
         block(h, ids, plan, sorted_rows=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("norm", ["rms", "layer"])
+def test_grouped_norm_residual_is_added_in_the_op(norm, backend):
+    """``residual + norm(x)``: the same bits as the add done outside (the norm's output plus the residual, one
+    rounding), the residual's gradient the output's, and ``residual`` may be ``x`` itself or strided."""
+    dtype = _dtype(backend)
+    _skip("modality_norm", backend, dtype)
+    offsets = torch.tensor([0, 5, 5, 12])
+    x = torch.randn(12, 16, dtype=dtype, requires_grad=True)
+    w = (torch.rand(3, 16, dtype=dtype) + 0.5).requires_grad_(True)
+    b = torch.randn(3, 16, dtype=dtype, requires_grad=True)
+    base = torch.randn(12, 40, dtype=dtype)
+    r = base[:, 3:19].requires_grad_(True)  # row stride 40
+
+    def norm_of(x, **kw):
+        if norm == "rms":
+            return smk.grouped_rms_norm(x, w, offsets, backend=backend, **kw)
+        return smk.grouped_layer_norm(x, w, b, offsets, backend=backend, **kw)
+
+    for residual in (r, x):
+        fused = norm_of(x, residual=residual)
+        apart = residual + norm_of(x)
+        assert torch.equal(fused, apart)
+        dy = torch.randn_like(fused)
+        leaves = [x, w, r] if residual is r else [x, w]
+        for got, want in zip(torch.autograd.grad(fused, leaves, dy), torch.autograd.grad(apart, leaves, dy)):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_norm_residual_errors_and_module_paths():
+    offsets = torch.tensor([0, 2, 5])
+    x, w = torch.randn(5, 4), torch.ones(2, 4)
+    with pytest.raises(ValueError, match=r"`residual` must have the shape of `x` \(5, 4\)"):
+        smk.grouped_rms_norm(x, w, offsets, residual=torch.randn(5, 3))
+    with pytest.raises(TypeError, match="`residual`"):
+        smk.grouped_rms_norm(x, w, offsets, residual=torch.randn(5, 4, dtype=torch.float64))
+    ids = torch.tensor([[0, 1, 1, 0, 1]])
+    plan = smk.group_plan(ids, 2)
+    for M in (1, 2):
+        norm = MoTRMSNorm(4, M)
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5)
+        p = plan if M > 1 else None
+        h = torch.randn(5, 4)
+        assert torch.equal(norm.forward_sorted(x, p, residual=h), h + norm.forward_sorted(x, p))
+        with pytest.raises(ValueError, match="`residual` is taken with sorted rows only"):
+            norm(x[None], ids[:, :5] if M > 1 else None, residual=h[None])

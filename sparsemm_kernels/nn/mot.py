@@ -347,7 +347,8 @@ class MoTBlock(nn.Module):
     """A Mixture-of-Transformers block.
 
     ``norm_placement="post"`` (the paper's, as in Chameleon): ``h = x + attn_norm(attn(x))``,
-    ``y = h + ffn_norm(ffn(h))``. ``"pre"``: ``h = x + attn(attn_norm(x))``, ``y = h + ffn(ffn_norm(h))``.
+    ``y = h + ffn_norm(ffn(h))``, each residual add done by the norm in its own output (``residual=``).
+    ``"pre"``: ``h = x + attn(attn_norm(x))``, ``y = h + ffn(ffn_norm(h))``.
     Every norm, projection and FFN is per modality; the plan is shared by all of them.
     Submodules: ``attn`` (:class:`MoTAttention`), ``ffn`` (:class:`MoTFeedForward`), ``attn_norm``,
     ``ffn_norm`` (:class:`MoTRMSNorm` for ``norm="rms"``, :class:`MoTLayerNorm` for ``norm="layer"``).
@@ -436,9 +437,9 @@ class MoTBlock(nn.Module):
         def attn(t):
             return self.attn.forward_sorted(t, plan, batch_shape, ids, **attention_kwargs)
 
-        if self.norm_placement == "post":
-            h = h + self.attn_norm.forward_sorted(attn(h), plan)
-            return h + self.ffn_norm.forward_sorted(self.ffn.forward_sorted(h, plan), plan)
+        if self.norm_placement == "post":  # the residual adds fused into the norms' outputs
+            h = self.attn_norm.forward_sorted(attn(h), plan, residual=h)
+            return self.ffn_norm.forward_sorted(self.ffn.forward_sorted(h, plan), plan, residual=h)
         h = h + attn(self.attn_norm.forward_sorted(h, plan))
         return h + self.ffn.forward_sorted(self.ffn_norm.forward_sorted(h, plan), plan)
 

@@ -36,6 +36,16 @@ def _dense_input(x, dim: int, *params: torch.Tensor | None):
     return x, *params
 
 
+def _no_residual(residual) -> None:
+    if residual is not None:
+        raise ValueError("`residual` is taken with sorted rows only (forward_sorted)")
+
+
+def _plus(residual: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+    """The one-modality path's residual add: as a plain dense block writes it."""
+    return y if residual is None else residual + y
+
+
 def _single_dim(norm: nn.Module, kind: str) -> int:
     """The one normalised dim of a dense ``norm`` with an elementwise affine weight."""
     shape = tuple(norm.normalized_shape)
@@ -93,31 +103,38 @@ class MoTRMSNorm(nn.Module):
         validate: bool | None = None,
         plan: GroupPlan | None = None,
         sorted_rows: bool = False,
+        residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x: ``(..., dim)`` with modality_ids ``x.shape[:-1]``, or ``(..., H, dim)`` with modality_ids
         ``x.shape[:-2]`` (per-head QK-norm); ids in ``[0, M)``. With one modality the ids are not needed and
         the dense ``F.rms_norm`` runs. ``validate``: as in :func:`~sparsemm_kernels.modality_rms_norm`.
-        ``sorted_rows=True``: ``x (T, dim)`` rows in ``plan`` order instead (see :meth:`forward_sorted`).
+        ``sorted_rows=True``: ``x (T, dim)`` rows in ``plan`` order instead, and ``residual`` taken (see
+        :meth:`forward_sorted`).
         Returns ``x.shape`` in x's dtype."""
         if sorted_rows:
-            return self._sorted(x, plan)
+            return self._sorted(x, plan, residual)
+        _no_residual(residual)
         if self.num_modalities == 1:
             x, weight = _dense_input(x, self.dim, self.weight.squeeze(0))  # a view: see nn.mot._only
             return F.rms_norm(x, (self.dim,), weight, self.eps)
         ids = _resolve_ids(x, modality_ids, self.num_modalities)
         return modality_rms_norm(x, ids, self.weight, self.eps, backend=prefer(self.backend), validate=validate)
 
-    def forward_sorted(self, x: torch.Tensor, plan: GroupPlan | None) -> torch.Tensor:
+    def forward_sorted(
+        self, x: torch.Tensor, plan: GroupPlan | None, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The sorted-rows entry point: ``x (T, dim)`` rows in ``plan`` order (``plan=None`` with one
-        modality) -> ``(T, dim)``: :func:`~sparsemm_kernels.grouped_rms_norm` over the plan's offsets. A module
-        call (``self(x, plan=plan, sorted_rows=True)``), so hooks run as for :meth:`forward`."""
-        return self(x, plan=plan, sorted_rows=True)
+        modality) -> ``(T, dim)``: :func:`~sparsemm_kernels.grouped_rms_norm` over the plan's offsets; with
+        ``residual`` (``x``'s shape) ``residual + norm(x)``, the post-norm residual add fused into the norm's
+        output. A module call (``self(x, plan=plan, sorted_rows=True, residual=residual)``), so hooks run as for
+        :meth:`forward`."""
+        return self(x, plan=plan, sorted_rows=True, residual=residual)
 
-    def _sorted(self, x: torch.Tensor, plan: GroupPlan | None) -> torch.Tensor:
+    def _sorted(self, x: torch.Tensor, plan: GroupPlan | None, residual: torch.Tensor | None) -> torch.Tensor:
         if self.num_modalities == 1:
-            return self.forward(x)
+            return _plus(residual, self.forward(x))
         check_sorted_rows(x, plan, self.num_modalities, self.dim, "norm")
-        return plan_norm(x, self.weight, None, plan, self.eps, True, prefer(self.backend))
+        return plan_norm(x, self.weight, None, plan, self.eps, True, prefer(self.backend), residual)
 
     @classmethod
     def from_norm(cls, norm: nn.RMSNorm, num_modalities: int, *, backend: str | None = None) -> MoTRMSNorm:
@@ -185,11 +202,13 @@ class MoTLayerNorm(nn.Module):
         validate: bool | None = None,
         plan: GroupPlan | None = None,
         sorted_rows: bool = False,
+        residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Shapes, the one-modality dense path, ``validate``, ``plan`` and ``sorted_rows`` as
         :meth:`MoTRMSNorm.forward`. Returns ``x.shape`` in x's dtype."""
         if sorted_rows:
-            return self._sorted(x, plan)
+            return self._sorted(x, plan, residual)
+        _no_residual(residual)
         if self.num_modalities == 1:
             bias = self.bias.squeeze(0) if self.bias is not None else None
             x, weight, bias = _dense_input(x, self.dim, self.weight.squeeze(0), bias)
@@ -199,16 +218,18 @@ class MoTLayerNorm(nn.Module):
             x, ids, self.weight, self.bias, self.eps, backend=prefer(self.backend), validate=validate
         )
 
-    def forward_sorted(self, x: torch.Tensor, plan: GroupPlan | None) -> torch.Tensor:
-        """The sorted-rows entry point, as :meth:`MoTRMSNorm.forward_sorted`, with
+    def forward_sorted(
+        self, x: torch.Tensor, plan: GroupPlan | None, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The sorted-rows entry point, as :meth:`MoTRMSNorm.forward_sorted` (``residual`` too), with
         :func:`~sparsemm_kernels.grouped_layer_norm`."""
-        return self(x, plan=plan, sorted_rows=True)
+        return self(x, plan=plan, sorted_rows=True, residual=residual)
 
-    def _sorted(self, x: torch.Tensor, plan: GroupPlan | None) -> torch.Tensor:
+    def _sorted(self, x: torch.Tensor, plan: GroupPlan | None, residual: torch.Tensor | None) -> torch.Tensor:
         if self.num_modalities == 1:
-            return self.forward(x)
+            return _plus(residual, self.forward(x))
         check_sorted_rows(x, plan, self.num_modalities, self.dim, "norm")
-        return plan_norm(x, self.weight, self.bias, plan, self.eps, False, prefer(self.backend))
+        return plan_norm(x, self.weight, self.bias, plan, self.eps, False, prefer(self.backend), residual)
 
     @classmethod
     def from_norm(cls, norm: nn.LayerNorm, num_modalities: int, *, backend: str | None = None) -> MoTLayerNorm:

@@ -285,6 +285,7 @@ def _grouped_norm(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
     offsets: torch.Tensor,
     eps: float,
     is_rms: bool,
@@ -292,8 +293,15 @@ def _grouped_norm(
     backend: str | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(y, mean, rstd)`` of the per-group norm of ``x (T, D)``, rows of group ``g`` at
-    ``offsets[g]:offsets[g+1]`` scaled by ``weight[g]`` (``+ bias[g]``); statistics as in
-    :func:`modality_norm_op`."""
+    ``offsets[g]:offsets[g+1]`` scaled by ``weight[g]`` (``+ bias[g]``), plus ``residual`` (``x``'s shape) when
+    given; statistics as in :func:`modality_norm_op`."""
+    y, mean, rstd = _grouped_norm_rows(x, weight, bias, offsets, eps, is_rms, mode, backend)
+    if residual is not None:  # into the op's own fresh output: a post-norm block's residual add, no new buffer
+        y.add_(residual)
+    return y, mean, rstd
+
+
+def _grouped_norm_rows(x, weight, bias, offsets, eps, is_rms, mode, backend):
     check_offsets_values(offsets, x.shape[0], "offsets", mode)
     name = _select(x, backend)
     if name == "torch":
@@ -308,7 +316,7 @@ def _grouped_norm(
     return y.view(x.shape), (mean if mean is not None else rstd.new_empty(0)), rstd
 
 
-def _grouped_norm_fake(x, weight, bias, offsets, eps, is_rms, mode, backend):
+def _grouped_norm_fake(x, weight, bias, residual, offsets, eps, is_rms, mode, backend):
     stats = x.new_empty(x.shape[0], dtype=_stats_dtype(x))
     return x.new_empty(x.shape), (x.new_empty(0, dtype=stats.dtype) if is_rms else stats), stats.clone()
 
@@ -362,7 +370,7 @@ def _grouped_norm_bwd_fake(
 
 
 def _grouped_setup(ctx, inputs, output):
-    x, weight, bias, offsets, eps, is_rms, mode, backend = inputs
+    x, weight, bias, residual, offsets, eps, is_rms, mode, backend = inputs
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, offsets, mean, rstd)
     ctx.eps, ctx.is_rms, ctx.has_bias, ctx.backend = eps, is_rms, bias is not None, backend
@@ -371,13 +379,16 @@ def _grouped_setup(ctx, inputs, output):
 
 def _grouped_backward(ctx, dy, _dmean, _drstd):
     x, weight, offsets, mean, rstd = ctx.saved_tensors
-    need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+    need_dx, need_dw, need_db, need_dr = ctx.needs_input_grad[:4]
     need_db = need_db and ctx.has_bias
-    dx, dw, db = grouped_norm_bwd_op(
-        dy, x, weight, offsets, mean, rstd, ctx.eps, ctx.is_rms, ctx.has_bias, need_dx, need_dw, need_db,
-        ctx.mode, ctx.backend,
-    )
-    return (dx if need_dx else None), (dw if need_dw else None), (db if need_db else None), None, None, None, None, None
+    dx = dw = db = None
+    if need_dx or need_dw or need_db:
+        dx, dw, db = grouped_norm_bwd_op(
+            dy, x, weight, offsets, mean, rstd, ctx.eps, ctx.is_rms, ctx.has_bias, need_dx, need_dw, need_db,
+            ctx.mode, ctx.backend,
+        )
+    return ((dx if need_dx else None), (dw if need_dw else None), (db if need_db else None),
+            (dy if need_dr else None), None, None, None, None, None)
 
 
 grouped_norm_op = Op("sparsemm::grouped_norm", _grouped_norm, _grouped_norm_fake, _grouped_setup, _grouped_backward)
@@ -495,8 +506,10 @@ def _modality_norm_call(x, modality_ids, weight, bias, eps, is_rms: bool, backen
     return y
 
 
-def _grouped_norm_call(x, weight, bias, offsets, eps, is_rms: bool, backend, validate, trusted=False) -> torch.Tensor:
-    x, weight, bias = autocast_to(x, weight, bias, policy="fp32")
+def _grouped_norm_call(
+    x, weight, bias, offsets, eps, is_rms: bool, backend, validate, trusted=False, residual=None
+) -> torch.Tensor:
+    x, weight, bias, residual = autocast_to(x, weight, bias, residual, policy="fp32")
     check_float_tensor(x, "x")
     check_dim(x, 2, "x", "(T, D), rows grouped by `offsets`")
     if x.shape[-1] == 0:
@@ -504,19 +517,26 @@ def _grouped_norm_call(x, weight, bias, offsets, eps, is_rms: bool, backend, val
     _check_param(weight, "weight", x, None)
     if bias is not None:
         _check_param(bias, "bias", x, weight.shape[0])
+    if residual is not None:
+        check_float_tensor(residual, "residual")
+        check_same_device("x", x, "residual", residual)
+        check_same_dtype("x", x, "residual", residual)
+        if residual.shape != x.shape:
+            raise ValueError(f"`residual` must have the shape of `x` {tuple(x.shape)}, got {tuple(residual.shape)}")
     check_offsets_tensor(offsets, weight.shape[0], x)
     eps = check_eps(eps)
     backend = _resolve(x, check_backend_name(backend))
     mode = TRUSTED if trusted else validation_mode(validate, x.device)
     offsets = offsets.to(torch.int64).contiguous()
-    y, _, _ = grouped_norm_op(x, weight, bias, offsets, eps, is_rms, mode, backend)
+    y, _, _ = grouped_norm_op(x, weight, bias, residual, offsets, eps, is_rms, mode, backend)
     return y
 
 
-def plan_norm(x, weight, bias, plan, eps, is_rms: bool, backend) -> torch.Tensor:
+def plan_norm(x, weight, bias, plan, eps, is_rms: bool, backend, residual=None) -> torch.Tensor:
     """:func:`grouped_rms_norm` (``is_rms``) / :func:`grouped_layer_norm` over ``plan.offsets``, for layers that
     hold a plan: one built by ``group_plan`` (``plan.trusted``) has valid offsets and is not re-checked."""
-    return _grouped_norm_call(x, weight, bias, plan.offsets, eps, is_rms, backend, None, trusted=plan.trusted)
+    return _grouped_norm_call(x, weight, bias, plan.offsets, eps, is_rms, backend, None, trusted=plan.trusted,
+                              residual=residual)
 
 
 def grouped_rms_norm(
@@ -525,11 +545,15 @@ def grouped_rms_norm(
     offsets: torch.Tensor,
     eps: float = 1e-5,
     *,
+    residual: torch.Tensor | None = None,
     backend: str | None = None,
     validate: bool | None = None,
 ) -> torch.Tensor:
     """Per-group RMSNorm of rows already grouped (a plan's sorted stream), the norm beside :func:`grouped_mm`:
     rows ``offsets[g]:offsets[g+1]`` of ``x (T, D)`` get ``x / sqrt(mean_d(x^2) + eps) * weight[g]``.
+    With ``residual`` (``x``'s shape, dtype and device) the result is ``residual + norm(x)``, added in the op's
+    own output buffer (a post-norm block's residual add without a second activation-sized buffer); its gradient
+    is the output's.
 
     On the ``cpu`` backend (the CPU default for float32/float64) one C++ pass per row, forward and backward; on the
     ``torch`` backend one fused unweighted norm covers all rows, then each group's slice is scaled by its weights
@@ -537,7 +561,7 @@ def grouped_rms_norm(
     ``offsets`` as in :func:`grouped_mm` (``validate`` likewise); ``weight (G, D)``. Returns ``x.shape`` in
     ``x``'s dtype (float32 under autocast); differentiable in ``x`` and ``weight`` (first derivatives).
     """
-    return _grouped_norm_call(x, weight, None, offsets, eps, True, backend, validate)
+    return _grouped_norm_call(x, weight, None, offsets, eps, True, backend, validate, residual=residual)
 
 
 def grouped_layer_norm(
@@ -547,10 +571,12 @@ def grouped_layer_norm(
     offsets: torch.Tensor,
     eps: float = 1e-5,
     *,
+    residual: torch.Tensor | None = None,
     backend: str | None = None,
     validate: bool | None = None,
 ) -> torch.Tensor:
     """Per-group LayerNorm of rows already grouped: ``(x - mean) / sqrt(var + eps) * weight[g] + bias[g]`` for
-    the rows ``offsets[g]:offsets[g+1]`` (biased variance). As :func:`grouped_rms_norm`; ``bias (G, D)`` or None.
+    the rows ``offsets[g]:offsets[g+1]`` (biased variance). As :func:`grouped_rms_norm` (``residual`` too);
+    ``bias (G, D)`` or None.
     """
-    return _grouped_norm_call(x, weight, bias, offsets, eps, False, backend, validate)
+    return _grouped_norm_call(x, weight, bias, offsets, eps, False, backend, validate, residual=residual)
