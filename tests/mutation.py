@@ -100,7 +100,7 @@ MUTATIONS = [
     ),
     Mutation(
         "multi-unchecked-plan-on-shared-path", OPS_MULTI,
-        'return name == "torch" and mode != OFF and min(x.shape) > 0', 'return name == "torch" and min(x.shape) > 0',
+        '== "torch" and mode != OFF and min(x.shape) > 0', '== "torch" and min(x.shape) > 0',
         T_HOSTILE, "grouped_linears reads an unchecked plan's rows unbounded on the torch backend",
     ),
     Mutation(

@@ -43,11 +43,15 @@ from sparsemm_kernels.plan import GroupPlan
 from sparsemm_kernels.utils.checks import OFF, autocast_to
 
 
-def _shared_path(name: str, x: torch.Tensor, weights, mode: str) -> bool:
-    """Whether the torch backend's shared gather/offsets/permutation path runs (else one single-weight op per
-    weight): a checked plan (an unchecked one keeps the single-weight op's handling of rows that do not exist)
-    and no empty dimension."""
-    return name == "torch" and mode != OFF and min(x.shape) > 0 and all(min(w.shape) > 0 for w in weights)
+def _shared_path(x, weights, offsets, rows, gather_a: bool, scatter_c: bool, mode: str, backend) -> bool:
+    """Checks the index arguments, then says whether the torch backend's shared gather/offsets/permutation path
+    runs (else one single-weight op per weight): a checked plan (an unchecked one keeps the single-weight op's
+    handling of rows that do not exist) and no empty dimension."""
+    if (gather_a or scatter_c) and rows is None:
+        raise ValueError("`rows` is required to gather or scatter")
+    _check_index_values(offsets, rows, x.shape[0], mode)
+    return (_backend(x, offsets.shape[0] - 1, backend) == "torch" and mode != OFF and min(x.shape) > 0
+            and all(min(w.shape) > 0 for w in weights))
 
 
 def _multi(
@@ -62,10 +66,7 @@ def _multi(
 ) -> list[torch.Tensor]:
     """``C_i[c_r] = x[a_r] @ weights[i][g]^T`` over the sorted positions ``r`` of each group ``g``, for every
     ``i``; ``a_r``, ``c_r`` as in :func:`~sparsemm_kernels.ops.grouped_linear._grouped_gemm`."""
-    if (gather_a or scatter_c) and rows is None:
-        raise ValueError("`rows` is required to gather or scatter")
-    _check_index_values(offsets, rows, x.shape[0], mode)
-    if not _shared_path(_backend(x, offsets.shape[0] - 1, backend), x, weights, mode):
+    if not _shared_path(x, weights, offsets, rows, gather_a, scatter_c, mode, backend):
         return [_grouped_gemm(x, w, None, offsets, rows, gather_a, scatter_c, False, mode, backend) for w in weights]
     bounds = offsets.tolist()  # sync-ok: the torch backend loops on the host
     a = x.index_select(0, rows) if gather_a else x
@@ -95,10 +96,7 @@ def _multi_bwd(
 ) -> list[torch.Tensor]:
     """``[dX, dW_0, dW_1, ...]``: ``dX[a_r] = sum_i dC_i[c_r] @ weights[i][g]`` and ``dW_i[g] = sum_r dC_i[c_r]^T
     x[a_r]``; an input whose flag is False gets an empty ``(0,)`` tensor."""
-    if (gather_a or scatter_c) and rows is None:
-        raise ValueError("`rows` is required to gather or scatter")
-    _check_index_values(offsets, rows, x.shape[0], mode)
-    if not _shared_path(_backend(x, offsets.shape[0] - 1, backend), x, weights, mode):
+    if not _shared_path(x, weights, offsets, rows, gather_a, scatter_c, mode, backend):
         dx = x.new_empty(0)
         if need_x:
             dx = _grouped_gemm(grads[0], weights[0], None, offsets, rows, scatter_c, gather_a, True, mode, backend)
